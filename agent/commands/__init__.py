@@ -1,0 +1,5 @@
+"""CLI subcommands. Each module exposes ``register(subparsers)``; agent.cli discovers them.
+
+Modules must import heavy dependencies (pyroute2, scapy, asyncio machinery) inside
+their run function, so that ``xwamp --help`` stays fast.
+"""

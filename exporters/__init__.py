@@ -1,0 +1,1 @@
+"""Exporters: Prometheus exposition of xwamp measurements and SA state."""
