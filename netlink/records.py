@@ -1,0 +1,157 @@
+"""Typed, immutable records of the kernel's XFRM state (SAs and policies).
+
+These are the contract between netlink/ (which decodes them from NETLINK_XFRM
+messages) and the rest of xwamp (binder, agent, exporter). Key bytes are
+always :class:`netlink.secret.Secret`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+from netlink.secret import Secret
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Proto(enum.IntEnum):
+    ESP = 50
+    AH = 51
+    COMP = 108  # IPcomp SAs show up in dumps; xwamp never binds to them
+
+
+class Mode(enum.IntEnum):
+    TRANSPORT = 0
+    TUNNEL = 1
+    ROUTEOPTIMIZATION = 2
+    IN_TRIGGER = 3
+    BEET = 4
+
+
+class Direction(enum.IntEnum):
+    IN = 0
+    OUT = 1
+    FWD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    family: int
+    saddr: IPAddress
+    daddr: IPAddress
+    prefixlen_s: int
+    prefixlen_d: int
+    sport: int = 0
+    sport_mask: int = 0
+    dport: int = 0
+    dport_mask: int = 0
+    proto: int = 0
+    ifindex: int = 0
+    user: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Algorithm:
+    """One of XFRMA_ALG_CRYPT / ALG_AUTH / ALG_AUTH_TRUNC / ALG_AEAD."""
+
+    name: str  # kernel crypto name, e.g. "cbc(aes)", "hmac(sha256)", "rfc4106(gcm(aes))"
+    key: Secret
+    key_bits: int
+    trunc_bits: int | None = None  # ALG_AUTH_TRUNC only
+    icv_bits: int | None = None  # ALG_AEAD only
+
+
+@dataclass(frozen=True, slots=True)
+class LifetimeConfig:
+    soft_byte_limit: int
+    hard_byte_limit: int
+    soft_packet_limit: int
+    hard_packet_limit: int
+    soft_add_expires_seconds: int
+    hard_add_expires_seconds: int
+    soft_use_expires_seconds: int
+    hard_use_expires_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class LifetimeCurrent:
+    bytes: int
+    packets: int
+    add_time: int  # unix seconds
+    use_time: int  # unix seconds, 0 if never used
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    replay_window: int
+    replay: int
+    integrity_failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    value: int
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class SA:
+    """One XFRM state (struct xfrm_usersa_info plus its attributes)."""
+
+    family: int
+    saddr: IPAddress
+    daddr: IPAddress
+    spi: int  # host order
+    proto: Proto | int
+    mode: Mode | int
+    reqid: int
+    flags: int
+    replay_window: int
+    selector: Selector
+    lifetime: LifetimeConfig
+    current: LifetimeCurrent
+    stats: Stats
+    seq: int = 0
+    crypt: Algorithm | None = None
+    auth: Algorithm | None = None  # ALG_AUTH or ALG_AUTH_TRUNC (trunc_bits set)
+    aead: Algorithm | None = None
+    mark: Mark | None = None
+    if_id: int | None = None
+    encap: tuple[int, int, int] | None = None  # (type, sport, dport) for UDP encapsulation
+    extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key_id(self) -> tuple[int, int, IPAddress]:
+        """(spi, proto, daddr): how the kernel itself identifies an SA."""
+        return (self.spi, int(self.proto), self.daddr)
+
+    @property
+    def keys_redacted(self) -> bool:
+        """True when the kernel zeroed every key (lockdown=confidentiality)."""
+        algs = [a for a in (self.crypt, self.auth, self.aead) if a is not None and len(a.key)]
+        return bool(algs) and all(a.key.is_zero for a in algs)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTemplate:
+    family: int
+    saddr: IPAddress
+    daddr: IPAddress
+    spi: int
+    proto: int
+    mode: int
+    reqid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    selector: Selector
+    direction: Direction | int
+    index: int
+    priority: int
+    action: int  # 0 allow, 1 block
+    templates: tuple[PolicyTemplate, ...] = ()
+    mark: Mark | None = None
+    if_id: int | None = None
