@@ -1,0 +1,1 @@
+"""Shared pytest set-up. Tests marked ``kernel`` need ESP/AH/netem: see tools/run-tests."""
