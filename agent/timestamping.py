@@ -32,6 +32,7 @@ rather than send wrong numbers.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -489,17 +490,37 @@ def decode_tx_message(ancdata: list[tuple[int, int, bytes]], *, config: Timestam
 
 def drain_tx_stamps(sock: socket.socket, *, config: TimestampingConfig | None = None,
                     counters: StampCounters = STAMP_COUNTERS, limit: int = 4096) -> list[tuple[int, Stamp]]:
-    """Read MSG_ERRQUEUE until EAGAIN (non-blocking); returns [(OPT_ID key, stamp)]."""
+    """Read MSG_ERRQUEUE until EAGAIN (non-blocking); returns [(OPT_ID key, stamp)].
+
+    Works on blocking, non-blocking and timeout sockets alike (see :func:`_nonblocking`).
+    """
     out: list[tuple[int, Stamp]] = []
-    for _ in range(limit):
-        try:
-            _data, anc, _flags, _addr = sock.recvmsg(64, ANCILLARY_BUFSIZE, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            break
-        got = decode_tx_message(anc, config=config, counters=counters)
-        if got is not None:
-            out.append(got)
+    with _nonblocking(sock):
+        for _ in range(limit):
+            try:
+                _data, anc, _flags, _addr = sock.recvmsg(64, ANCILLARY_BUFSIZE,
+                                                         socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            got = decode_tx_message(anc, config=config, counters=counters)
+            if got is not None:
+                out.append(got)
     return out
+
+
+@contextlib.contextmanager
+def _nonblocking(sock: socket.socket):
+    """CPython polls *before* recvmsg on a socket with a timeout, so MSG_DONTWAIT alone would
+    wait out the timeout on an empty queue; switch such sockets to timeout 0 meanwhile."""
+    t = sock.gettimeout()
+    if not t:  # None (blocking: MSG_DONTWAIT suffices) or 0 (already non-blocking)
+        yield
+        return
+    sock.settimeout(0)
+    try:
+        yield
+    finally:
+        sock.settimeout(t)
 
 
 def user_stamp(direction: str = "rx", counters: StampCounters = STAMP_COUNTERS) -> Stamp:
@@ -517,9 +538,10 @@ def drain_socket(sock: socket.socket, bufsize: int = 2048, max_packets: int = 25
     Returns (recvmsg results, TX stamps). Decode RX stamps with :func:`rx_stamp`.
     """
     packets = []
-    for _ in range(max_packets):
-        try:
-            packets.append(sock.recvmsg(bufsize, ANCILLARY_BUFSIZE, socket.MSG_DONTWAIT))
-        except (BlockingIOError, InterruptedError):
-            break
+    with _nonblocking(sock):
+        for _ in range(max_packets):
+            try:
+                packets.append(sock.recvmsg(bufsize, ANCILLARY_BUFSIZE, socket.MSG_DONTWAIT))
+            except (BlockingIOError, InterruptedError):
+                break
     return packets, drain_tx_stamps(sock, config=config, counters=counters)

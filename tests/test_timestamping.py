@@ -184,3 +184,21 @@ def test_loopback_rx_tx_kernel_stamps(family, addr):
         for key, st_ in got.items():
             assert st_.ns >= sent[key]
         assert c.tx_sw == 5 and c.rx_sw == 5
+
+
+@pytest.mark.parametrize("timeout", [None, 0.0, 2.0])
+def test_drains_never_block_whatever_the_socket_mode(timeout):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+        a.bind(("127.0.0.1", 0))
+        ts.enable_timestamping(a)
+        a.settimeout(timeout)
+        t0 = time.monotonic()
+        assert ts.drain_tx_stamps(a, counters=StampCounters()) == []
+        a.sendto(b"self", a.getsockname())
+        time.sleep(0.01)
+        packets, tx = ts.drain_socket(a, counters=StampCounters())
+        assert time.monotonic() - t0 < 1.0
+        assert a.gettimeout() == timeout
+        assert len(packets) == 1 and packets[0][0] == b"self"
+        assert ts.rx_stamp(packets[0][1], counters=StampCounters()) is not None
+        assert [k for k, _ in tx] == [0]
