@@ -1,0 +1,109 @@
+"""Machinery shared by the client and server state machines: buffers, streams, failure."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from agent.control import events as ev
+from agent.control.messages import ProtocolError
+from agent.control.security import RecvStream, SendStream, SessionKeys, derive_test_keys
+from agent.keyring import HandshakeContext
+from agent.test.keys import TestKeys
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFER = 1 << 20  # a peer may not make us hold more than this undecoded
+
+
+class UsageError(RuntimeError):
+    """A send_* method was called in a state where it is not allowed (our bug, not the peer's)."""
+
+
+class _Conn:
+    def __init__(self, twamp: bool) -> None:
+        self.twamp = twamp
+        self.owamp = not twamp
+        self._send = SendStream()
+        self._recv = RecvStream()
+        self._out = bytearray()
+        self._keys: SessionKeys | None = None
+        self.mode = 0
+        self.closed = False
+        self.state = "init"
+        self._key_source: object | None = None
+        self._ctx: HandshakeContext | None = None
+        self._test_plane_secure = False
+
+    # --- output ---
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _emit(self, plain: bytes, hmac_offsets: tuple[int, ...] = ()) -> None:
+        self._out += self._send.seal(plain, hmac_offsets)
+
+    # --- input ---
+    def receive_data(self, data: bytes) -> list[ev.Event]:
+        """Feed bytes from the peer; return the events they complete. Never raises:
+        a broken peer yields a ProtocolFailure event and the connection is closed."""
+        if self.closed:
+            return []
+        out: list[ev.Event] = []
+        try:
+            self._recv.feed(bytes(data))
+            if len(self._recv.plain) > MAX_BUFFER:
+                raise ProtocolError("peer sent too much unanswered data")
+            while not self.closed:
+                step = self._step()
+                if step is None:
+                    break
+                out.extend(step)
+        except ProtocolError as e:
+            out.append(self._fail(str(e)))
+        except Exception:  # a bug must not take the server down: close this connection only
+            log.exception("control state machine error (connection closed)")
+            out.append(self._fail("internal error"))
+        return out
+
+    def _step(self) -> list[ev.Event] | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _have(self, n: int) -> bool:
+        return len(self._recv.plain) >= n
+
+    def _switch_recv(self, stream: RecvStream) -> None:
+        """Start decrypting: what is already buffered beyond the handshake is ciphertext."""
+        rest = bytes(self._recv.plain)
+        self._recv = stream
+        if rest:
+            stream.feed(rest)
+
+    def _fail(self, reason: str) -> ev.ProtocolFailure:
+        self.closed = True
+        self.state = "closed"
+        return ev.ProtocolFailure(reason)
+
+    def close(self, reason: str = "closed") -> ev.ConnectionClosed:
+        self.closed = True
+        self.state = "closed"
+        return ev.ConnectionClosed(reason)
+
+    # --- test-plane keys ---
+    def test_keys(self, sid: bytes) -> TestKeys | None:
+        """Keys for the test session ``sid``: from the key source's ``test_keys`` hook if it
+        answers, else derived per RFC 4656 §4.1.2; None when test packets are unauthenticated."""
+        if not self._test_plane_secure:
+            return None
+        hook: Callable | None = getattr(self._key_source, "test_keys", None)
+        if hook is not None and self._ctx is not None:
+            k = hook(sid, self._ctx)
+            if k is not None:
+                return k
+        if self._keys is None:
+            return None
+        return derive_test_keys(self._keys, sid)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {'twamp' if self.twamp else 'owamp'} state={self.state} mode={self.mode}>"

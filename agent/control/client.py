@@ -1,0 +1,309 @@
+"""Sans-IO O/TWAMP-Control client (RFC 4656 §3, RFC 5357 §3, RFC 5938).
+
+    cli = ControlClient(twamp=True, wanted=["auth"], key_id="alice", key_source=keys)
+    for event in cli.receive_data(sock.recv()):   # GreetingReceived (Set-Up-Response queued), Ready
+        ...
+    cli.request_tw_session(req); sock.send(cli.data_to_send())
+    ... SessionAccepted(test_keys=...) ... cli.start_sessions() ... StartAckReceived ...
+    cli.stop_sessions(); sock.send(cli.data_to_send())
+
+Requests may be pipelined: answers come back in order (RFC 4656 §3.4).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Sequence
+
+from agent.control import events as ev
+from agent.control import messages as m
+from agent.control import modes as md
+from agent.control._conn import UsageError, _Conn
+from agent.control.messages import ProtocolError
+from agent.control.security import (
+    DEFAULT_MAX_COUNT,
+    RecvStream,
+    SendStream,
+    SessionKeys,
+    check_count,
+    encrypt_token,
+)
+from agent.keyring import HandshakeContext, IPAddress, resolve_token_key
+
+
+class ControlClient(_Conn):
+    def __init__(
+        self,
+        twamp: bool = True,
+        wanted: Sequence[str] = ("unauth",),
+        key_id: str = "",
+        key_source: object | None = None,
+        max_count: int = DEFAULT_MAX_COUNT,
+        features: int = 0,
+        local: tuple[IPAddress, int] | None = None,
+        peer: tuple[IPAddress, int] | None = None,
+    ) -> None:
+        super().__init__(twamp)
+        self.wanted = list(wanted)
+        self.key_id = key_id
+        self._key_source = key_source
+        self.max_count = max_count
+        self.features = features
+        self.local = local
+        self.peer = peer
+        self.greeting: m.ServerGreeting | None = None
+        self.start_time = 0
+        self.state = "greeting"
+        self._pending: deque[tuple[str, object]] = deque()  # expected answers, in order
+        self._fetch_stage: tuple | None = None
+
+    # ------------------------------------------------------------------ input
+    def _step(self) -> list[ev.Event] | None:
+        if self.state == "greeting":
+            return self._on_greeting()
+        if self.state == "server-start":
+            return self._on_server_start()
+        if self.state in ("ready", "test"):
+            return self._on_answer()
+        return None
+
+    def _on_greeting(self) -> list[ev.Event] | None:
+        if not self._have(m.ServerGreeting.SIZE):
+            return None
+        g = m.ServerGreeting.unpack(self._recv.take(m.ServerGreeting.SIZE))
+        self.greeting = g
+        if g.modes == 0:
+            raise ProtocolError("server offers no modes (it does not wish to talk)")
+        sec_bit = md.choose(g.modes, self.wanted, self.twamp)
+        if sec_bit is None:
+            raise ProtocolError(f"server offers modes {g.modes:#x}, none of {self.wanted}")
+        sec = md.security_modes()[sec_bit]
+        mode = sec_bit | (self.features & g.modes & md.TWAMP_FEATURES if self.twamp else 0)
+        self.mode = mode
+        client_iv = os.urandom(16)
+        ctx = HandshakeContext("client", "twamp" if self.twamp else "owamp", self.local, self.peer, mode,
+                               g.salt, g.count, g.unused)
+        self._ctx = ctx
+        if sec.control_crypto:
+            if self._key_source is None:
+                raise ProtocolError("an authenticated mode needs a key source")
+            if getattr(self._key_source, "token_key", None) is None:
+                check_count(g.count, self.max_count)  # before spending PBKDF2 time on it
+            key = resolve_token_key(self._key_source, self.key_id, ctx)
+            if key is None:
+                raise ProtocolError(f"no key for identity {self.key_id!r}")
+            keys = SessionKeys.random()
+            token = encrypt_token(key, g.challenge, keys)
+            self._out += m.SetUpResponse(mode, self.key_id, token, client_iv).pack()
+            self._keys = keys
+            self._test_plane_secure = sec.test_auth
+            self._send = SendStream(keys, client_iv)
+        else:
+            self._out += m.SetUpResponse(mode).pack()
+        self.state = "server-start"
+        return [ev.GreetingReceived(g, mode)]
+
+    def _on_server_start(self) -> list[ev.Event] | None:
+        if not self._have(m.ServerStart.SIZE if self._keys is None else m.ServerStart.CLEAR):
+            return None
+        head = self._recv.take(32)
+        accept = head[15]
+        if accept not in m.ACCEPT_NAMES:
+            raise ProtocolError(f"invalid Server-Start Accept {accept}")
+        if accept != m.ACCEPT_OK:
+            self.close(f"server refused: {m.ACCEPT_NAMES[accept]}")
+            return [ev.SetupRefused(accept)]
+        if self._keys is not None:
+            self._switch_recv(RecvStream(self._keys, head[16:32]))
+        self.state = "server-start-tail"
+        return self._on_server_start_tail()
+
+    def _on_server_start_tail(self) -> list[ev.Event] | None:
+        if not self._have(16):
+            self.state = "server-start-tail"
+            return None
+        tail = self._recv.take(16)
+        self._recv.verify(tail, ())  # Start-Time joins the server's HMAC chain
+        self.start_time = int.from_bytes(tail[:8], "big")
+        self.state = "ready"
+        return [ev.Ready(self.start_time)]
+
+    def _on_answer(self) -> list[ev.Event] | None:
+        if self.state == "server-start-tail":  # pragma: no cover - handled in _step
+            return self._on_server_start_tail()
+        buf = self._recv.plain
+        if not self._pending:
+            # Unsolicited: only a server Stop-Sessions is allowed (RFC 4656 §3.8, RFC 5357 §3.8).
+            if not self._have(16):
+                return None
+            if buf[0] != m.CMD_STOP_SESSIONS:
+                raise ProtocolError("unsolicited message from server")
+            return self._read_stop()
+        kind, ctx = self._pending[0]
+        if kind == "accept":
+            msg = self._take(m.AcceptSession.SIZE, m.AcceptSession.hmac_offsets())
+            if msg is None:
+                return None
+            self._pending.popleft()
+            acc = m.AcceptSession.unpack(msg)
+            keys = self.test_keys(acc.sid) if acc.accept == m.ACCEPT_OK else None
+            return [ev.SessionAccepted(ctx, acc, keys)]  # type: ignore[arg-type]
+        if kind == "start-ack":
+            if self.state == "test" and self._have(16) and buf[0] == m.CMD_STOP_SESSIONS and self.owamp:
+                return self._read_stop()
+            msg = self._take(32, m.StartAck.hmac_offsets())
+            if msg is None:
+                return None
+            self._pending.popleft()
+            a = m.StartAck.unpack(msg).accept
+            self.state = "test" if a == m.ACCEPT_OK else "ready"
+            return [ev.StartAckReceived(a)]
+        if kind == "stop":
+            return self._read_stop()
+        if kind == "fetch":
+            return self._on_fetch()
+        if kind in ("start-n", "stop-n"):
+            cls = m.StartNAck if kind == "start-n" else m.StopNAck
+            n = cls.needed_length(bytes(buf))
+            if n is None:
+                return None
+            msg = self._take(n, (n - 16,))
+            assert msg is not None
+            self._pending.popleft()
+            parsed = cls.unpack(msg)
+            if kind == "start-n":
+                if parsed.accept == m.ACCEPT_OK:
+                    self.state = "test"
+                return [ev.StartNAckReceived(parsed)]
+            return [ev.StopNAckReceived(parsed)]
+        raise ProtocolError("internal: unknown pending answer")  # pragma: no cover
+
+    def _read_stop(self) -> list[ev.Event] | None:
+        n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
+        if n is None:
+            return None
+        plain = self._recv.take(n)
+        self._recv.verify(plain, (n - 16,))
+        stop = m.StopSessions.unpack(plain, owamp=self.owamp)
+        if self._pending and self._pending[0][0] == "stop":
+            self._pending.popleft()
+        self.state = "ready"
+        return [ev.StopSessionsReceived(stop)]
+
+    def _on_fetch(self) -> list[ev.Event] | None:
+        # Stages: Fetch-Ack, then Request-Session, skip ranges, records (RFC 4656 §3.8).
+        stage = self._fetch_stage
+        if stage is None:
+            msg = self._take(32, m.FetchAck.hmac_offsets())
+            if msg is None:
+                return None
+            ack = m.FetchAck.unpack(msg)
+            if ack.accept != m.ACCEPT_OK:
+                self._pending.popleft()
+                return [ev.FetchResult(ack)]
+            if ack.num_records > 1 << 24 or ack.num_skip_ranges > 1 << 20:
+                raise ProtocolError("Fetch-Ack announces too much data")
+            self._fetch_stage = (ack,)
+            return []
+        if len(stage) == 1:
+            if not self._have(16):
+                return None
+            n = m.RequestSession.length_from_first_block(bytes(self._recv.plain[:16]))
+            msg = self._take(n, (96, n - 16))
+            if msg is None:
+                return None
+            self._fetch_stage = (stage[0], m.RequestSession.unpack(msg))
+            return []
+        ack = stage[0]
+        if len(stage) == 2:
+            n = m.FetchSkipRanges.size_for(ack.num_skip_ranges)
+            msg = self._take(n, (n - 16,))
+            if msg is None:
+                return None
+            self._fetch_stage = (*stage, m.FetchSkipRanges.unpack(msg, ack.num_skip_ranges).ranges)
+            return []
+        n = m.FetchRecords.size_for(ack.num_records)
+        msg = self._take(n, (n - 16,))
+        if msg is None:
+            return None
+        recs = m.FetchRecords.unpack(msg, ack.num_records).records
+        self._fetch_stage = None
+        self._pending.popleft()
+        return [ev.FetchResult(ack, stage[1], stage[2], recs)]
+
+    def _take(self, n: int, hmac_offsets: tuple[int, ...]) -> bytes | None:
+        if not self._have(n):
+            return None
+        plain = self._recv.take(n)
+        self._recv.verify(plain, hmac_offsets)
+        return plain
+
+    # ------------------------------------------------------------------ requests
+    def _ready(self, *states: str) -> None:
+        if self.closed:
+            raise UsageError("connection closed")
+        if self.state not in states:
+            raise UsageError(f"not allowed in state {self.state}")
+
+    def request_tw_session(self, req: m.RequestTWSession) -> None:
+        if not self.twamp:
+            raise UsageError("Request-TW-Session is TWAMP only")
+        isc = bool(self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL)
+        self._ready("ready", *(("test",) if isc else ()))
+        self._emit(req.pack(), req.hmac_offsets())
+        self._pending.append(("accept", req))
+
+    def request_session(self, req: m.RequestSession) -> None:
+        if self.twamp:
+            raise UsageError("Request-Session is OWAMP only")
+        self._ready("ready")
+        self._emit(req.pack(), req.hmac_offsets())
+        self._pending.append(("accept", req))
+
+    def start_sessions(self) -> None:
+        self._ready("ready")
+        self._emit(m.StartSessions().pack(), m.StartSessions.hmac_offsets())
+        self._pending.append(("start-ack", None))
+
+    def stop_sessions(self, num_sessions: int, accept: int = m.ACCEPT_OK,
+                      descriptions: tuple[m.SessionDescription, ...] = ()) -> None:
+        """TWAMP: num_sessions = the sessions being stopped (never 0 when some run:
+        perfSONAR aborts). OWAMP: one description per session we sent; the server answers
+        with its own Stop-Sessions (StopSessionsReceived)."""
+        self._ready("test")
+        msg = m.StopSessions(accept, len(descriptions) if self.owamp else num_sessions, tuple(descriptions))
+        self._emit(msg.pack(), msg.hmac_offsets())
+        if self.owamp:
+            self._pending.append(("stop", None))
+        else:
+            self.state = "ready"
+
+    def fetch_session(self, sid: bytes, begin: int = 0, end: int = 0xFFFFFFFF) -> None:
+        if self.twamp:
+            raise UsageError("Fetch-Session is OWAMP only")
+        self._ready("ready")
+        msg = m.FetchSession(sid, begin, end)
+        self._emit(msg.pack(), msg.hmac_offsets())
+        self._pending.append(("fetch", None))
+
+    def start_n_sessions(self, sids: tuple[bytes, ...]) -> None:
+        self._isc()
+        msg = m.StartNSessions(tuple(sids))
+        self._emit(msg.pack(), msg.hmac_offsets())
+        self._pending.append(("start-n", None))
+
+    def stop_n_sessions(self, sids: tuple[bytes, ...]) -> None:
+        self._isc()
+        msg = m.StopNSessions(tuple(sids))
+        self._emit(msg.pack(), msg.hmac_offsets())
+        self._pending.append(("stop-n", None))
+
+    def _isc(self) -> None:
+        if not (self.twamp and self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL):
+            raise UsageError("individual session control was not negotiated (RFC 5938)")
+        self._ready("ready", "test")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

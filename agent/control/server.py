@@ -1,0 +1,354 @@
+"""Sans-IO O/TWAMP-Control server (RFC 4656 §3, RFC 5357 §3, RFC 5938).
+
+    srv = ControlServer(twamp=True, config=ServerConfig(...), key_source=..., local=..., peer=...)
+    sock.send(srv.data_to_send())                # the Server-Greeting
+    for event in srv.receive_data(sock.recv()):  # SessionRequested, StartRequested, ...
+        ... srv.accept_session(...) / srv.start_ack(...) ...
+    sock.send(srv.data_to_send())
+    if srv.closed: sock.close()
+
+The state machine answers by itself whatever needs no application decision:
+bad passphrases and modes not offered (Server-Start Accept != 0, then close),
+requests over the per-connection session cap, malformed input (close).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from agent.control import events as ev
+from agent.control import messages as m
+from agent.control import modes as md
+from agent.control._conn import UsageError, _Conn
+from agent.control.messages import ProtocolError
+from agent.control.security import (
+    DEFAULT_SERVER_COUNT,
+    MIN_COUNT,
+    RecvStream,
+    SendStream,
+    decrypt_token,
+)
+from agent.keyring import HandshakeContext, IPAddress, resolve_token_key
+from agent.timefmt import ntp_from_unix_ns
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    modes: int = md.Mode.UNAUTHENTICATED | md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED
+    count: int = DEFAULT_SERVER_COUNT  # PBKDF2 iterations we ask clients to spend (and spend ourselves)
+    max_sessions: int = 16  # per control connection
+    max_packets: int = 1 << 20  # OWAMP Number of Packets we accept in one session
+    max_padding: int = 65000
+    max_slots: int = 1 << 12
+
+    def __post_init__(self) -> None:
+        if self.count < MIN_COUNT or self.count & (self.count - 1):
+            raise ValueError("count must be a power of two >= 1024")
+
+
+@dataclass
+class ServerSession:
+    sid: bytes
+    request: m.RequestSession | m.RequestTWSession
+    port: int
+
+
+class ControlServer(_Conn):
+    def __init__(
+        self,
+        twamp: bool = True,
+        config: ServerConfig = ServerConfig(),
+        key_source: object | None = None,
+        local: tuple[IPAddress, int] | None = None,
+        peer: tuple[IPAddress, int] | None = None,
+        refuse: bool = False,
+        now_ntp: Callable[[], int] | None = None,
+        uptime_ntp: int | None = None,
+    ) -> None:
+        super().__init__(twamp)
+        self.config = config
+        self._key_source = key_source
+        self.local = local
+        self.peer = peer
+        self._now = now_ntp or (lambda: ntp_from_unix_ns(time.time_ns()))
+        self._uptime = uptime_ntp if uptime_ntp is not None else self._now()
+        self.sessions: dict[bytes, ServerSession] = {}
+        self._pending: tuple[m.RequestSession | m.RequestTWSession, bytes] | None = None
+        self._awaiting: str | None = None  # which application answer we wait for
+        self.key_id = ""
+        self._resume_state = "request"
+        offered = md.offerable(config.modes, twamp)
+        if key_source is None:  # without keys only unauthenticated mode can work
+            offered &= ~(md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED)
+        if refuse:
+            offered = 0  # Modes = 0: "server does not wish to talk" (RFC 4656 §3.1)
+        self.offered = offered
+        challenge, salt = os.urandom(16), os.urandom(16)
+        ctx = HandshakeContext("server", "twamp" if twamp else "owamp", local, peer, 0, salt, config.count)
+        extra = None
+        hook = getattr(key_source, "greeting_extra", None)
+        if hook is not None:
+            extra = hook(ctx)
+        unused = bytes(extra) if extra else bytes(12)
+        if len(unused) != 12:
+            raise ValueError("greeting_extra must return 12 octets")
+        self._ctx = HandshakeContext(ctx.role, ctx.protocol, local, peer, 0, salt, config.count, unused)
+        self.greeting = m.ServerGreeting(offered, challenge, salt, config.count, unused)
+        self._out += self.greeting.pack()
+        if refuse:
+            self.close("refused: server busy")
+        else:
+            self.state = "setup"
+
+    # ------------------------------------------------------------------ input
+    def _step(self) -> list[ev.Event] | None:
+        if self.state == "setup":
+            return self._on_setup()
+        if self.state in ("request", "test"):
+            return self._on_command()
+        if self.state == "wait-app":
+            return None  # pipelined input waits until the application answered
+        return None
+
+    def _on_setup(self) -> list[ev.Event] | None:
+        if not self._have(m.SetUpResponse.SIZE):
+            return None
+        resp = m.SetUpResponse.unpack(self._recv.take(m.SetUpResponse.SIZE))
+        if resp.mode == 0:
+            return [self.close("client declined all offered modes")]
+        try:
+            sec, features = md.split_mode(resp.mode)
+        except ValueError:
+            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, "mode names no single security mode")
+        if resp.mode & ~self.offered:
+            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"mode {resp.mode} not offered")
+        self.mode = resp.mode
+        self.key_id = resp.key_id
+        ctx = HandshakeContext(self._ctx.role, self._ctx.protocol, self.local, self.peer, resp.mode,
+                               self.greeting.salt, self.greeting.count, self.greeting.unused)
+        self._ctx = ctx
+        server_iv = os.urandom(16)
+        if sec.control_crypto:
+            try:
+                key = resolve_token_key(self._key_source, resp.key_id, ctx)
+            except Exception:
+                return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
+            if key is None:
+                return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
+            try:
+                keys = decrypt_token(key, resp.token, self.greeting.challenge)
+            except ProtocolError:
+                return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+            self._keys = keys
+            self._test_plane_secure = sec.test_auth
+            self._send = SendStream(keys, server_iv)
+            self._switch_recv(RecvStream(keys, resp.client_iv))
+        start = m.ServerStart(m.ACCEPT_OK, server_iv, self._uptime).pack()
+        self._out += start[:32]  # clear part; Start-Time opens our stream and our HMAC chain
+        self._emit(start[32:])
+        self.state = "request"
+        return [ev.SetupComplete(self.mode, self.key_id)]
+
+    def _reject_setup(self, accept: int, reason: str) -> list[ev.Event]:
+        self._out += m.ServerStart(accept, os.urandom(16), 0).pack()  # all clear: no keys agreed
+        self.close(reason)
+        return [ev.SetupRejected(accept, reason)]
+
+    def _allowed(self, cmd: int) -> bool:
+        isc = bool(self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL)
+        if self.state == "test":
+            return cmd == m.CMD_STOP_SESSIONS or (isc and cmd in (m.CMD_START_N_SESSIONS, m.CMD_STOP_N_SESSIONS,
+                                                                   m.CMD_REQUEST_TW_SESSION))
+        if self.twamp:
+            ok = {m.CMD_REQUEST_TW_SESSION, m.CMD_START_SESSIONS}
+            if isc:
+                ok |= {m.CMD_START_N_SESSIONS, m.CMD_STOP_N_SESSIONS}
+        else:
+            ok = {m.CMD_REQUEST_SESSION, m.CMD_START_SESSIONS, m.CMD_FETCH_SESSION}
+        return cmd in ok
+
+    def _on_command(self) -> list[ev.Event] | None:
+        if not self._have(16):
+            return None
+        first = bytes(self._recv.plain[:16])
+        cmd = first[0]
+        if not self._allowed(cmd):
+            raise ProtocolError(f"command {cmd} not allowed in state {self.state}")
+        if cmd == m.CMD_REQUEST_TW_SESSION:
+            msg = self._take(m.RequestTWSession.SIZE, m.RequestTWSession.hmac_offsets())
+            return None if msg is None else self._on_request(m.RequestTWSession.unpack(msg))
+        if cmd == m.CMD_REQUEST_SESSION:
+            n = m.RequestSession.length_from_first_block(first)
+            nslots = (n - 128) // 16
+            if nslots > self.config.max_slots:
+                raise ProtocolError("too many schedule slots")
+            msg = self._take(n, (96, n - 16))
+            return None if msg is None else self._on_request(m.RequestSession.unpack(msg))
+        if cmd == m.CMD_START_SESSIONS:
+            msg = self._take(32, m.StartSessions.hmac_offsets())
+            if msg is None:
+                return None
+            m.StartSessions.unpack(msg)
+            self._awaiting, self.state = "start", "wait-app"
+            return [ev.StartRequested()]
+        if cmd == m.CMD_STOP_SESSIONS:
+            n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
+            if n is None:
+                return None
+            plain = self._recv.take(n)
+            self._recv.verify(plain, (n - 16,))
+            stop = m.StopSessions.unpack(plain, owamp=self.owamp)
+            if self.twamp:
+                self.sessions.clear()
+                self.state = "request"
+            else:
+                self._awaiting, self.state = "stop", "wait-app"
+            return [ev.StopRequested(stop)]
+        if cmd == m.CMD_FETCH_SESSION:
+            msg = self._take(48, m.FetchSession.hmac_offsets())
+            if msg is None:
+                return None
+            self._awaiting, self.state = "fetch", "wait-app"
+            return [ev.FetchRequested(m.FetchSession.unpack(msg))]
+        if cmd in (m.CMD_START_N_SESSIONS, m.CMD_STOP_N_SESSIONS):
+            cls = m.StartNSessions if cmd == m.CMD_START_N_SESSIONS else m.StopNSessions
+            n = cls.needed_length(bytes(self._recv.plain))
+            if n is None:
+                return None
+            msg = self._take(n, (n - 16,))
+            assert msg is not None
+            parsed = cls.unpack(msg)
+            self._resume_state = self.state
+            if cmd == m.CMD_START_N_SESSIONS:
+                self._awaiting, self.state = "start-n", "wait-app"
+                return [ev.StartNRequested(parsed)]
+            self._awaiting, self.state = "stop-n", "wait-app"
+            return [ev.StopNRequested(parsed)]
+        raise ProtocolError(f"unknown command {cmd}")  # pragma: no cover - _allowed filters
+
+    def _take(self, n: int, hmac_offsets: tuple[int, ...]) -> bytes | None:
+        if not self._have(n):
+            return None
+        plain = self._recv.take(n)
+        self._recv.verify(plain, hmac_offsets)
+        return plain
+
+    def _on_request(self, req: m.RequestSession | m.RequestTWSession) -> list[ev.Event]:
+        self._resume_state = self.state
+        refuse: tuple[int, str] | None = None
+        if len(self.sessions) >= self.config.max_sessions:
+            refuse = (m.ACCEPT_PERMANENT_LIMIT, "session limit for this connection reached")
+        elif req.padding_length > self.config.max_padding:
+            refuse = (m.ACCEPT_NOT_SUPPORTED, "padding too large")
+        elif req.dscp is None:
+            refuse = (m.ACCEPT_NOT_SUPPORTED, "Type-P descriptor is not a DSCP")
+        elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
+            refuse = (m.ACCEPT_NOT_SUPPORTED, "too many packets")
+        if refuse is not None:
+            self._emit(m.AcceptSession(refuse[0]).pack(), m.AcceptSession.hmac_offsets())
+            return [ev.SessionRefused(req, refuse[0], refuse[1])]
+        # The receiver of the test packets makes the SID (RFC 4656 §3.5): the server when it
+        # reflects (TWAMP) or receives (OWAMP Conf-Receiver), else the client sent its own.
+        if isinstance(req, m.RequestSession) and req.conf_sender:
+            sid = req.sid
+        else:
+            recv = req.receiver_address
+            if recv.is_unspecified and self.local is not None:
+                recv = self.local[0]
+            sid = m.make_sid(recv, self._now())
+        self._pending = (req, sid)
+        self._awaiting, self.state = "accept", "wait-app"
+        return [ev.SessionRequested(req, sid)]
+
+    # ------------------------------------------------------------------ application answers
+    def _answer(self, what: str) -> None:
+        if self.closed:
+            raise UsageError("connection closed")
+        if self._awaiting != what:
+            raise UsageError(f"not waiting for {what} (waiting for {self._awaiting})")
+        self._awaiting = None
+
+    def accept_session(self, accept: int, port: int = 0, sid: bytes | None = None) -> ServerSession | None:
+        """Answer the pending SessionRequested. Returns the session record if accepted."""
+        self._answer("accept")
+        assert self._pending is not None
+        req, default_sid = self._pending
+        self._pending = None
+        use_sid = sid if sid is not None else default_sid
+        msg = m.AcceptSession(accept, port if accept == m.ACCEPT_OK else 0, use_sid if accept == m.ACCEPT_OK else bytes(16))
+        self._emit(msg.pack(), msg.hmac_offsets())
+        self.state = self._resume_state
+        if accept != m.ACCEPT_OK:
+            return None
+        s = ServerSession(use_sid, req, port)
+        self.sessions[use_sid] = s
+        return s
+
+    def start_ack(self, accept: int = m.ACCEPT_OK) -> None:
+        self._answer("start")
+        self._emit(m.StartAck(accept).pack(), m.StartAck.hmac_offsets())
+        self.state = "test" if accept == m.ACCEPT_OK else "request"
+
+    def send_stop_sessions(self, accept: int = m.ACCEPT_OK,
+                           descriptions: tuple[m.SessionDescription, ...] = ()) -> None:
+        """OWAMP answer to the client's Stop-Sessions (our sent sessions), or a server-
+        initiated stop. TWAMP servers use it only to abort (RFC 5357 §3.8)."""
+        if self._awaiting == "stop":
+            self._awaiting = None
+        elif self.state != "test":
+            raise UsageError("no sessions to stop")
+        n = len(descriptions) if self.owamp else len(self.sessions)
+        msg = m.StopSessions(accept, n, tuple(descriptions))
+        self._emit(msg.pack(), msg.hmac_offsets())
+        self.sessions.clear()
+        self.state = "request"
+
+    def send_fetch_response(self, ack: m.FetchAck, request: m.RequestSession | None = None,
+                            skip_ranges: tuple[tuple[int, int], ...] = (),
+                            records: tuple[m.DataRecord, ...] = ()) -> None:
+        """Fetch-Ack, then (if accepted) the original Request-Session, skip ranges and records."""
+        self._answer("fetch")
+        self._emit(ack.pack(), ack.hmac_offsets())
+        if ack.accept == m.ACCEPT_OK:
+            if request is None or len(skip_ranges) != ack.num_skip_ranges or len(records) != ack.num_records:
+                raise UsageError("fetch response does not match its Fetch-Ack")
+            self._emit(request.pack(), request.hmac_offsets())
+            sk = m.FetchSkipRanges(tuple(skip_ranges))
+            self._emit(sk.pack(), sk.hmac_offsets())
+            rec = m.FetchRecords(tuple(records))
+            self._emit(rec.pack(), rec.hmac_offsets())
+        self.state = "request"
+
+    def reject_fetch(self, accept: int = m.ACCEPT_FAILURE) -> None:
+        self.send_fetch_response(m.FetchAck(accept))
+
+    def start_n_ack(self, accept: int, sids: tuple[bytes, ...]) -> None:
+        self._answer("start-n")
+        msg = m.StartNAck(tuple(sids), accept)
+        self._emit(msg.pack(), msg.hmac_offsets())
+        self.state = "test" if accept == m.ACCEPT_OK else self._resume_state
+
+    def stop_n_ack(self, accept: int, sids: tuple[bytes, ...]) -> None:
+        self._answer("stop-n")
+        msg = m.StopNAck(tuple(sids), accept)
+        self._emit(msg.pack(), msg.hmac_offsets())
+        if accept == m.ACCEPT_OK:
+            for s in sids:
+                self.sessions.pop(s, None)
+        self.state = self._resume_state
+
+    def resume(self) -> list[ev.Event]:
+        """Process input that arrived while we waited for the application."""
+        return self.receive_data(b"")
+
+    @property
+    def awaiting(self) -> str | None:
+        return self._awaiting
+
+
+def local_address(addr: str) -> IPAddress:
+    return ipaddress.ip_address(addr.split("%", 1)[0])

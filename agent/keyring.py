@@ -1,0 +1,205 @@
+"""Where O/TWAMP shared secrets come from: the key seam.
+
+The control plane never reads key files or the kernel itself. It asks a
+:class:`KeySource`, passing a :class:`HandshakeContext` that describes the
+connection being set up:
+
+    class KeySource(Protocol):
+        def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None
+
+``shared_secret`` returns the *passphrase* for ``key_id`` (None = unknown
+identity, which the server answers with Server-Start Accept=1). The control
+layer then derives the 16-octet Token key with PBKDF2(passphrase, Salt, Count)
+as RFC 4656 §3.1 says.
+
+Optional hooks, discovered with ``getattr`` so a plain passphrase source needs none:
+
+``token_key(key_id, ctx) -> Secret | None``
+    Return the 16-octet Token key directly; PBKDF2 is then skipped entirely.
+    This is how IPsec-derived keys plug in: the binder looks at
+    ``ctx.ipsec_hint`` (SPI, protocol carried in the Server-Greeting's Unused
+    field) and ``ctx.local`` / ``ctx.peer`` (the control connection's
+    addresses), finds the SA pair and derives the key from it.
+
+``greeting_extra(ctx) -> bytes | None``    (server side)
+    12 octets for the Server-Greeting's Unused field (e.g. SPI(4) proto(1) MBZ(7)),
+    chosen once the server knows the connection's addresses.
+
+``test_keys(sid, ctx) -> TestKeys | None``
+    Per-session test keys, replacing the RFC 4656 §4.1.2 derivation from the
+    control session keys and SID (for modes whose test keys come from the SA).
+
+Sources are composed with :class:`ChainedKeySource` (first answer wins).
+
+Key files
+---------
+* xwamp format: one ``identity passphrase`` per line; ``#`` starts a comment;
+  the passphrase is the rest of the line after the first run of white space.
+* perfSONAR pfstore (``pfstore -f FILE user``): ``identity hex-passphrase`` per
+  line; select with ``fmt="pfs"`` or a ``.pfs`` file name.
+
+Passphrases are held in :class:`Secret` from the moment they are read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, Union, runtime_checkable
+
+from agent.test.keys import TestKeys
+from netlink.secret import Secret
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeContext:
+    """What a key source may look at when asked for a key."""
+
+    role: Literal["client", "server"]
+    protocol: Literal["owamp", "twamp"]
+    local: tuple[IPAddress, int] | None = None
+    peer: tuple[IPAddress, int] | None = None
+    mode: int = 0  # the selected Mode (0 while the server builds its greeting)
+    salt: bytes = b""
+    count: int = 0
+    greeting_unused: bytes = bytes(12)  # the Server-Greeting's Unused field as sent/received
+
+    @property
+    def ipsec_hint(self) -> tuple[int, int] | None:
+        """(SPI, IP protocol) from the greeting's Unused field, if any."""
+        u = self.greeting_unused
+        if len(u) < 5 or not any(u):
+            return None
+        return int.from_bytes(u[:4], "big"), u[4]
+
+
+@runtime_checkable
+class KeySource(Protocol):
+    def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None: ...
+
+
+class KeyFileError(ValueError):
+    """A key file could not be parsed. Messages name the line, never its content."""
+
+
+@dataclass
+class StaticKeySource:
+    """An in-memory identity -> passphrase map (tests, --passphrase-from-env)."""
+
+    entries: dict[str, Secret] = field(default_factory=dict)
+
+    def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
+        return self.entries.get(key_id)
+
+    def __repr__(self) -> str:
+        return f"<StaticKeySource {len(self.entries)} identities>"
+
+
+class PassphraseFile:
+    """A key file (see module doc). Re-read when its mtime changes, so operators can
+    add identities without restarting the server."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: Literal["auto", "xwamp", "pfs"] = "auto") -> None:
+        self.path = Path(path)
+        if fmt == "auto":
+            fmt = "pfs" if self.path.suffix == ".pfs" else "xwamp"
+        self.fmt = fmt
+        self._mtime: float | None = None
+        self._entries: dict[str, Secret] = {}
+        self._load()
+
+    def _load(self) -> None:
+        st = self.path.stat()
+        if self._mtime == st.st_mtime:
+            return
+        entries: dict[str, Secret] = {}
+        for n, raw in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(None, 1)
+            if len(parts) != 2:
+                raise KeyFileError(f"{self.path}:{n}: expected 'identity passphrase'")
+            ident, pw = parts
+            if len(ident.encode("utf-8")) > 80:
+                raise KeyFileError(f"{self.path}:{n}: identity longer than 80 octets")
+            if self.fmt == "pfs":
+                try:
+                    secret = Secret(bytes.fromhex(pw.strip()))
+                except ValueError:
+                    raise KeyFileError(f"{self.path}:{n}: passphrase is not hex") from None
+            else:
+                secret = Secret(pw.encode("utf-8"))
+            entries[ident] = secret
+        self._entries = entries
+        self._mtime = st.st_mtime
+
+    def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
+        try:
+            self._load()
+        except OSError:
+            pass  # keep serving with what we had
+        return self._entries.get(key_id)
+
+    def identities(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<PassphraseFile {self.path} ({self.fmt}, {len(self._entries)} identities)>"
+
+
+class ChainedKeySource:
+    """Ask several sources in order; the first non-None answer wins, hook by hook."""
+
+    def __init__(self, *sources: object) -> None:
+        self.sources = sources
+
+    def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
+        for s in self.sources:
+            f = getattr(s, "shared_secret", None)
+            if f is not None and (v := f(key_id, ctx)) is not None:
+                return v
+        return None
+
+    def token_key(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
+        for s in self.sources:
+            f = getattr(s, "token_key", None)
+            if f is not None and (v := f(key_id, ctx)) is not None:
+                return v
+        return None
+
+    def greeting_extra(self, ctx: HandshakeContext) -> bytes | None:
+        for s in self.sources:
+            f = getattr(s, "greeting_extra", None)
+            if f is not None and (v := f(ctx)) is not None:
+                return v
+        return None
+
+    def test_keys(self, sid: bytes, ctx: HandshakeContext) -> TestKeys | None:
+        for s in self.sources:
+            f = getattr(s, "test_keys", None)
+            if f is not None and (v := f(sid, ctx)) is not None:
+                return v
+        return None
+
+
+def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext) -> Secret | None:
+    """The 16-octet Token key for ``key_id``: the source's own ``token_key`` if it has one
+    and answers, else PBKDF2 of its passphrase with the greeting's Salt and Count."""
+    direct = getattr(source, "token_key", None)
+    if direct is not None:
+        k = direct(key_id, ctx)
+        if k is not None:
+            if len(k) != 16:
+                raise ValueError("token_key must return 16 octets")
+            return k
+    pw = source.shared_secret(key_id, ctx)  # type: ignore[attr-defined]
+    if pw is None:
+        return None
+    from agent.control.security import pbkdf2_key  # local: keeps keyring free of crypto imports
+
+    return pbkdf2_key(pw, ctx.salt, ctx.count)
