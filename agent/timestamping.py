@@ -242,7 +242,8 @@ class PhcClock:
     read window (or 0 for a precise cross-timestamp).
     """
 
-    def __init__(self, index: int, refresh_ns: int = _NS, samples: int = 5) -> None:
+    def __init__(self, index: int, refresh_ns: int = _NS, samples: int = 5, *,
+                 fd: int | None = None, ioctl=fcntl.ioctl) -> None:
         if not _ioc_ok():
             raise UnsupportedArchitecture(f"PTP ioctl encoding differs on {_machine()}")
         self.index = index
@@ -250,7 +251,8 @@ class PhcClock:
         self.samples = max(1, min(samples, PTP_MAX_SAMPLES))
         self.method = ""
         self.uncertainty_ns = 0
-        self._fd = os.open(f"/dev/ptp{index}", os.O_RDONLY | os.O_CLOEXEC)
+        self._ioctl = ioctl  # injectable for tests: no PHC on a CI host
+        self._fd = os.open(f"/dev/ptp{index}", os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
         self._lock = threading.Lock()
         self._prev: tuple[int, int] | None = None  # (phc ns, offset ns)
         self._last: tuple[int, int] = self._measure()
@@ -263,7 +265,7 @@ class PhcClock:
         """-> (phc ns, offset = phc - realtime ns)."""
         try:
             buf = bytearray(PTP_SYS_OFFSET_PRECISE >> 16 & 0x3FFF)
-            fcntl.ioctl(self._fd, PTP_SYS_OFFSET_PRECISE, buf)
+            self._ioctl(self._fd, PTP_SYS_OFFSET_PRECISE, buf)
             dev, rt = _ptp_ns(buf, 0), _ptp_ns(buf, 16)
             self.method, self.uncertainty_ns = "precise", 0
             return dev, dev - rt
@@ -272,14 +274,14 @@ class PhcClock:
         try:
             buf = bytearray(PTP_SYS_OFFSET_EXTENDED >> 16 & 0x3FFF)
             struct.pack_into("=I", buf, 0, self.samples)  # clockid 0 = CLOCK_REALTIME
-            fcntl.ioctl(self._fd, PTP_SYS_OFFSET_EXTENDED, buf)
+            self._ioctl(self._fd, PTP_SYS_OFFSET_EXTENDED, buf)
             triples = [(_ptp_ns(buf, 16 + i * 48), _ptp_ns(buf, 32 + i * 48), _ptp_ns(buf, 48 + i * 48))
                        for i in range(self.samples)]
             self.method = "extended"
         except OSError:
             buf = bytearray(PTP_SYS_OFFSET >> 16 & 0x3FFF)
             struct.pack_into("=I", buf, 0, self.samples)
-            fcntl.ioctl(self._fd, PTP_SYS_OFFSET, buf)
+            self._ioctl(self._fd, PTP_SYS_OFFSET, buf)
             ts = [_ptp_ns(buf, 16 + i * 16) for i in range(2 * self.samples + 1)]
             triples = [(ts[2 * i], ts[2 * i + 1], ts[2 * i + 2]) for i in range(self.samples)]
             self.method = "sys_offset"
