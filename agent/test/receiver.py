@@ -1,0 +1,130 @@
+"""Sans-IO OWAMP-Test receiver (RFC 4656 §4.2) and the Fetch-Session data records (§3.8).
+
+The receiver checks each sender packet (length, HMAC in authenticated/encrypted
+modes), and records Seq, the sender's Timestamp + Error Estimate, our receive time
+(kernel RX stamp) + Error Estimate, and the received TTL. ``fetch_records`` encodes
+them as the 25-octet records a Fetch-Session answer carries, with lost packets
+(no arrival) as records whose Receive Timestamp is 0.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+
+from agent.test.clockerr import ErrSource, PackedErrorEstimate
+from agent.test.crypto import TwampTestCrypto
+from agent.test.keys import TestKeys
+from agent.test.packets import TTL_UNKNOWN, HmacError, PacketError, Proto, Security, decode_sender
+from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
+
+# RFC 4656 §3.8 data record: Seq(4) Send-ErrEst(2) Send-Timestamp(8) Recv-ErrEst(2) Recv-Timestamp(8) TTL(1)
+FETCH_RECORD = struct.Struct("!IHQHQB")
+assert FETCH_RECORD.size == 25
+
+
+@dataclass(slots=True)
+class ArrivalRecord:
+    seq: int
+    send_timestamp: int  # raw 64-bit, as the sender wrote it
+    send_error: int  # packed
+    recv_ns: int
+    recv_timestamp: int  # raw 64-bit (NTP or PTP, like the sender's)
+    recv_error: int  # packed
+    ttl: int
+    size: int
+    recv_source: str = "sw"
+
+
+@dataclass(slots=True)
+class ReceiverCounters:
+    received: int = 0
+    recorded: int = 0
+    short: int = 0
+    bad_hmac: int = 0
+    duplicates: int = 0
+    out_of_range: int = 0  # seq >= expected count
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class OwampReceiver:
+    """Receiver state of one OWAMP-Test session."""
+
+    def __init__(
+        self,
+        security: Security = Security.UNAUTH,
+        *,
+        keys: TestKeys | None = None,
+        ptp: bool = False,
+        error_estimate: ErrSource = None,
+        expected: int | None = None,
+    ) -> None:
+        self.security = security
+        self.expected = expected
+        self.counters = ReceiverCounters()
+        self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
+        self._err = PackedErrorEstimate(error_estimate, ptp)
+        self.crypto: TwampTestCrypto | None = None
+        if security is not Security.UNAUTH:
+            if keys is None:
+                raise ValueError("authenticated/encrypted OWAMP needs TestKeys")
+            self.crypto = TwampTestCrypto(keys, security is Security.ENCRYPTED)
+        self.records: list[ArrivalRecord] = []
+        self._seen: set[int] = set()
+
+    def on_packet(self, data: bytes, rx_ns: int, ttl: int | None, rx_source: str = "sw") -> ArrivalRecord | None:
+        c = self.counters
+        c.received += 1
+        try:
+            p = decode_sender(data, Proto.OWAMP, self.security, self.crypto)
+        except HmacError:
+            c.bad_hmac += 1
+            return None
+        except PacketError:
+            c.short += 1
+            return None
+        if self.expected is not None and p.seq >= self.expected:
+            c.out_of_range += 1
+            return None
+        if p.seq in self._seen:
+            c.duplicates += 1  # RFC 4656 keeps duplicates as records too
+        self._seen.add(p.seq)
+        rec = ArrivalRecord(
+            p.seq,
+            p.timestamp,
+            p.error_estimate,
+            rx_ns,
+            self._ts(rx_ns),
+            self._err.get(rx_ns),
+            TTL_UNKNOWN if ttl is None else ttl,
+            len(data),
+            rx_source,
+        )
+        self.records.append(rec)
+        c.recorded += 1
+        return rec
+
+    def fetch_records(self, begin: int = 0, end: int = 0xFFFFFFFF, next_seqno: int | None = None) -> bytes:
+        """Fetch-Session data records for begin <= seq <= end, in arrival order.
+
+        With ``next_seqno`` (from Stop-Sessions) every seq < next_seqno that never
+        arrived is appended as a lost record (Receive Timestamp 0, TTL 255).
+        """
+        out = [
+            FETCH_RECORD.pack(r.seq, r.send_error, r.send_timestamp, r.recv_error, r.recv_timestamp, r.ttl)
+            for r in self.records
+            if begin <= r.seq <= end
+        ]
+        if next_seqno is not None:
+            for s in range(begin, min(end + 1, next_seqno)):
+                if s not in self._seen:
+                    out.append(FETCH_RECORD.pack(s, 0, 0, 0, 0, TTL_UNKNOWN))
+        return b"".join(out)
+
+
+def decode_fetch_records(data: bytes) -> list[tuple[int, int, int, int, int, int]]:
+    if len(data) % FETCH_RECORD.size:
+        raise PacketError("fetch data is not a whole number of 25-octet records")
+    return [FETCH_RECORD.unpack_from(data, o) for o in range(0, len(data), FETCH_RECORD.size)]

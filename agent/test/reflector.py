@@ -1,0 +1,291 @@
+"""Sans-IO Session-Reflector for TWAMP (RFC 5357), TWAMP-Light and STAMP (RFC 8762/8972).
+
+One :class:`ReflectorSession` holds a session's state: its own sequence counter
+(per peer and SSID for a stateful STAMP reflector, RFC 8762 §4.3.1), the keys and
+cached cipher/HMAC contexts, the Error Estimate, and counters of dropped packets.
+
+``reflect(data, rx_ns, ttl, now_ns)`` returns the answer, or ``None`` (and counts
+why) for short, malformed or unauthentic input; it never raises on packet content.
+
+* T2 (Receive Timestamp) is ``rx_ns``: the kernel RX stamp where the adapter had one.
+* T3 (Timestamp) is read from ``now_ns()`` as late as possible, after everything
+  else is computed, just before the HMAC/encryption that must cover it.
+  T2 and T3 are never copied into one another.
+* Sender TTL is ``ttl``, the real received TTL / Hop Limit (255 when unknown).
+* The sender's Timestamp and Error Estimate go into the Sender Timestamp /
+  Sender Error Estimate fields unchanged (never swapped with ours).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Hashable
+
+from agent.test.clockerr import ErrSource, PackedErrorEstimate
+from agent.test.crypto import REFLECTOR_AUTH_SPAN, StampCrypto, TwampTestCrypto
+from agent.test.keys import TestKeys
+from agent.test.packets import (
+    AUTH_REFLECTOR_BASE,
+    AUTH_SENDER_BASE,
+    S_REFL_AUTH,
+    S_REFL_UNAUTH,
+    S_SENDER_AUTH,
+    S_SENDER_UNAUTH,
+    S_STAMP_REFL_UNAUTH,
+    S_STAMP_SENDER_AUTH,
+    S_STAMP_SENDER_UNAUTH,
+    STAMP_AUTH_BASE,
+    STAMP_BASE,
+    TTL_UNKNOWN,
+    TWAMP_REFLECTOR_BASE,
+    TWAMP_SENDER_MIN,
+    PacketError,
+    Proto,
+    Security,
+)
+from agent.test import tlv as _tlv
+from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
+from netlink.secret import Secret
+
+NowNs = Callable[[], int]
+
+
+@dataclass(slots=True)
+class ReflectorCounters:
+    received: int = 0
+    reflected: int = 0
+    short: int = 0  # shorter than the mode's sender format
+    bad_hmac: int = 0  # failed authentication (tampered or wrong key)
+    malformed_tlv: int = 0  # STAMP TLV block that did not parse (reflected as padding)
+    tlv_hmac_failed: int = 0  # RFC 8972 HMAC TLV present and wrong (I flag set)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def dropped(self) -> int:
+        return self.short + self.bad_hmac
+
+
+class ReflectorSession:
+    """Reflector state of one test session (classic TWAMP) or one STAMP/TWAMP-Light listener."""
+
+    def __init__(
+        self,
+        proto: Proto = Proto.TWAMP,
+        security: Security = Security.UNAUTH,
+        *,
+        keys: TestKeys | None = None,
+        stamp_key: Secret | None = None,
+        stateful: bool = True,
+        ptp: bool = False,
+        error_estimate: ErrSource = None,
+        reflector_auth_span: int = REFLECTOR_AUTH_SPAN,
+        twamp_light_fallback: bool = True,
+    ) -> None:
+        if proto is Proto.OWAMP:
+            raise ValueError("OWAMP has no reflector; use agent.test.receiver.OwampReceiver")
+        self.proto = proto
+        self.security = security
+        self.stateful = stateful
+        self.ptp = ptp
+        self.counters = ReflectorCounters()
+        self.reply_dscp: int | None = None  # set per packet when a CoS TLV asks for a reverse DSCP
+        self.seq = 0
+        self._seqs: dict[Hashable, int] = {}
+        self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
+        self._err = PackedErrorEstimate(error_estimate, ptp)
+        # STAMP listeners also answer TWAMP-Light senders that send fewer than 44 octets.
+        self._light_fallback = twamp_light_fallback and proto is Proto.STAMP and security is Security.UNAUTH
+        self._tcrypto: TwampTestCrypto | None = None
+        self._scrypto: StampCrypto | None = None
+        if security is not Security.UNAUTH:
+            if proto is Proto.STAMP:
+                if security is Security.ENCRYPTED:
+                    raise ValueError("STAMP has no encrypted mode")
+                if stamp_key is None:
+                    raise ValueError("STAMP authenticated mode needs stamp_key")
+                self._scrypto = StampCrypto(stamp_key)
+            else:
+                if keys is None:
+                    raise ValueError("authenticated/encrypted TWAMP needs TestKeys")
+                self._tcrypto = TwampTestCrypto(keys, security is Security.ENCRYPTED, reflector_auth_span)
+        elif stamp_key is not None and proto is Proto.STAMP:
+            self._scrypto = StampCrypto(stamp_key)  # unauthenticated base, HMAC TLV still checked
+        if proto is Proto.TWAMP:
+            self.reflect = self._twamp_unauth if security is Security.UNAUTH else self._twamp_auth  # type: ignore[method-assign]
+        else:
+            self.reflect = self._stamp  # type: ignore[method-assign]
+
+    def __repr__(self) -> str:
+        return f"<ReflectorSession {self.proto.value} {self.security.value} seq={self.seq}>"
+
+    # The public entry point; bound per mode in __init__ to keep branches off the hot path.
+    def reflect(
+        self,
+        data: bytes,
+        rx_ns: int,
+        ttl: int | None,
+        now_ns: NowNs,
+        *,
+        tos: int | None = None,
+        peer: Hashable = None,
+        rx_source: str = "sw",
+    ) -> bytes | None:  # pragma: no cover - replaced per instance
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ TWAMP
+
+    def _twamp_unauth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, *, tos: int | None = None,
+                      peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+        c = self.counters
+        c.received += 1
+        n = len(data)
+        if n < TWAMP_SENDER_MIN:
+            c.short += 1
+            return None
+        sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
+        seq = self.seq
+        self.seq = (seq + 1) & 0xFFFFFFFF
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        if ttl is None:
+            ttl = TTL_UNKNOWN
+        t3 = ts(now_ns())
+        head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
+        c.reflected += 1
+        if n <= TWAMP_REFLECTOR_BASE:
+            return head
+        # Answer at the sender's size: its padding minus the 27 highest-numbered octets.
+        return head + data[TWAMP_SENDER_MIN : n - (TWAMP_REFLECTOR_BASE - TWAMP_SENDER_MIN)]
+
+    def _twamp_auth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, *, tos: int | None = None,
+                    peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+        c = self.counters
+        c.received += 1
+        n = len(data)
+        if n < AUTH_SENDER_BASE:
+            c.short += 1
+            return None
+        cr = self._tcrypto
+        assert cr is not None
+        sspan = cr.sender_cipher_span
+        plain = cr.decrypt(data, sspan) + data[sspan:32]
+        if not cr.verify(plain[: cr.sender_span], data[32:48]):
+            c.bad_hmac += 1
+            return None
+        sseq, sts, serr = S_SENDER_AUTH.unpack_from(plain)
+        seq = self.seq
+        self.seq = (seq + 1) & 0xFFFFFFFF
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        if ttl is None:
+            ttl = TTL_UNKNOWN
+        pad = data[AUTH_SENDER_BASE : n - (AUTH_REFLECTOR_BASE - AUTH_SENDER_BASE)] if n > AUTH_REFLECTOR_BASE else b""
+        rspan = cr.reflector_cipher_span
+        t3 = ts(now_ns())
+        body = S_REFL_AUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
+        tag = cr.mac(body[: cr.reflector_span])
+        c.reflected += 1
+        return cr.encrypt(body, rspan) + body[rspan:] + tag + pad
+
+    # ------------------------------------------------------------------ STAMP
+
+    def _next_seq(self, sseq: int, peer: Hashable, ssid: int) -> int:
+        if not self.stateful:
+            return sseq  # RFC 8762 §4.3.1 stateless: copy the sender's sequence number
+        key = (peer, ssid)
+        seq = self._seqs.get(key, 0)
+        self._seqs[key] = (seq + 1) & 0xFFFFFFFF
+        return seq
+
+    def _stamp(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, *, tos: int | None = None,
+               peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+        c = self.counters
+        c.received += 1
+        n = len(data)
+        auth = self.security is Security.AUTH
+        base = STAMP_AUTH_BASE if auth else STAMP_BASE
+        if n < base:
+            if self._light_fallback and n >= TWAMP_SENDER_MIN:
+                return self._light(data, rx_ns, ttl, now_ns, peer)
+            c.short += 1
+            return None
+        if auth:
+            sc = self._scrypto
+            assert sc is not None
+            if not sc.verify(data[96:112], data[:96]):
+                c.bad_hmac += 1
+                return None
+            sseq, sts, serr, ssid = S_STAMP_SENDER_AUTH.unpack_from(data)
+        else:
+            sseq, sts, serr, ssid = S_STAMP_SENDER_UNAUTH.unpack_from(data)
+        seq = self._next_seq(sseq, peer, ssid)
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        if ttl is None:
+            ttl = TTL_UNKNOWN
+        extra = data[base:]
+        self.reply_dscp = None
+        if extra and extra.count(0) != len(extra):
+            extra = self._stamp_tlvs(extra, data, seq, rx_source, tos, err)
+        t3 = ts(now_ns())
+        c.reflected += 1
+        if auth:
+            body = S_REFL_AUTH.pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl)
+            sc = self._scrypto
+            assert sc is not None
+            return body + sc.mac(body) + extra
+        return S_STAMP_REFL_UNAUTH.pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl) + extra
+
+    def _stamp_tlvs(self, extra: bytes, data: bytes, seq: int, rx_source: str, tos: int | None, err: int) -> bytes:
+        sync = _tlv.SYNC_NTP if err & 0x8000 else _tlv.SYNC_FREE_RUNNING
+        if err & 0x4000 and err & 0x8000:
+            sync = _tlv.SYNC_PTP
+        method_in = _tlv.METHOD_HW if rx_source == "hw" else _tlv.METHOD_SW
+        try:
+            r = _tlv.reflect_tlvs(
+                extra,
+                rx_seq_bytes=data[:4],
+                reply_seq_bytes=seq.to_bytes(4, "big"),
+                crypto=self._scrypto,
+                ts_info=(sync, method_in, sync, _tlv.METHOD_SW),
+                rx_tos=tos,
+            )
+        except PacketError:
+            self.counters.malformed_tlv += 1
+            return extra  # not TLVs after all: TWAMP-Light style padding, reflected as is
+        if r.hmac_ok is False:
+            self.counters.tlv_hmac_failed += 1
+        self.reply_dscp = r.reply_dscp
+        return r.data
+
+    def _light(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, peer: Hashable) -> bytes:
+        """A TWAMP-Light sender (14..43 octets) talking to our STAMP port: answer in TWAMP format."""
+        n = len(data)
+        sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
+        seq = self._next_seq(sseq, peer, -1)
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        t3 = ts(now_ns())
+        head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, TTL_UNKNOWN if ttl is None else ttl)
+        self.counters.reflected += 1
+        if n <= TWAMP_REFLECTOR_BASE:
+            return head
+        return head + data[TWAMP_SENDER_MIN : n - (TWAMP_REFLECTOR_BASE - TWAMP_SENDER_MIN)]
+
+    def forget_peer(self, peer: Hashable) -> None:
+        """Drop a stateful STAMP peer's counters (SSID state, RFC 8762 §4.3.1)."""
+        for k in [k for k in self._seqs if k[0] == peer]:
+            del self._seqs[k]
+
+    @property
+    def peers(self) -> int:
+        return len(self._seqs)
+
+
+__all__ = ["ReflectorSession", "ReflectorCounters", "NowNs"]
