@@ -1,0 +1,32 @@
+# make demo   - the main job: an ESP tunnel between two namespaces, and what xwamp sees
+# make test   - install what the tests need, run host tests and real-kernel tests
+# Both run as root on Debian 12 / Ubuntu 24.04 (Python >= 3.11).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+APT_PKGS := iproute2 iputils-ping kmod busybox-static qemu-system-x86 procps
+
+.PHONY: demo test deps venv clean
+demo: deps venv
+	tools/demo
+
+test: deps venv
+	tools/run-tests
+
+deps:
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .cache results
