@@ -1,0 +1,116 @@
+"""The key seam: key files, chaining, and the hooks an IPsec binder plugs in."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from agent.control import events as ev
+from agent.control import messages as m
+from agent.control.client import ControlClient
+from agent.control.server import ControlServer, ServerConfig
+from agent.keyring import (
+    ChainedKeySource,
+    HandshakeContext,
+    KeyFileError,
+    KeySource,
+    PassphraseFile,
+    StaticKeySource,
+    resolve_token_key,
+)
+from agent.test.keys import TestKeys
+from netlink.secret import Secret
+
+CTX = HandshakeContext("server", "twamp", salt=b"s" * 16, count=1024)
+
+
+def test_xwamp_keyfile(tmp_path) -> None:
+    p = tmp_path / "keys"
+    p.write_text("# comment\n\nalice  pass phrase with spaces\nbob\tx\n")
+    kf = PassphraseFile(p)
+    assert isinstance(kf, KeySource)
+    assert kf.shared_secret("alice", CTX) == Secret(b"pass phrase with spaces")
+    assert kf.shared_secret("bob", CTX) == Secret(b"x")
+    assert kf.shared_secret("carol", CTX) is None
+    assert "pass phrase" not in repr(kf)
+    p.write_text("carol new\n")
+    os.utime(p, (1, 1))  # force an mtime change even within the same second
+    assert kf.shared_secret("carol", CTX) == Secret(b"new") and kf.shared_secret("alice", CTX) is None
+
+
+def test_pfs_keyfile(tmp_path) -> None:
+    p = tmp_path / "owamp-server.pfs"
+    p.write_text("alice 736563726574\n")
+    assert PassphraseFile(p).shared_secret("alice", CTX) == Secret(b"secret")
+    p.write_text("alice nothex\n")
+    with pytest.raises(KeyFileError) as e:
+        PassphraseFile(p)
+    assert "nothex" not in str(e.value)
+
+
+def test_keyfile_errors_do_not_leak(tmp_path) -> None:
+    p = tmp_path / "k"
+    p.write_text("lonelysecretword\n")
+    with pytest.raises(KeyFileError) as e:
+        PassphraseFile(p)
+    assert "lonelysecretword" not in str(e.value)
+
+
+def test_resolve_token_key_pbkdf2() -> None:
+    src = StaticKeySource({"a": Secret(b"pw")})
+    k = resolve_token_key(src, "a", CTX)
+    assert k is not None and k.reveal() == PBKDF2HMAC(hashes.SHA1(), 16, b"s" * 16, 1024).derive(b"pw")
+    assert resolve_token_key(src, "b", CTX) is None
+
+
+class FakeIPsecBinder:
+    """What the IPsec engineer's binder looks like from here: keys from (SPI, proto, addresses)."""
+
+    def __init__(self) -> None:
+        self.seen: list[HandshakeContext] = []
+
+    def greeting_extra(self, ctx: HandshakeContext) -> bytes:
+        return (0x01020304).to_bytes(4, "big") + bytes([50]) + bytes(7)
+
+    def token_key(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
+        self.seen.append(ctx)
+        if ctx.ipsec_hint != (0x01020304, 50):
+            return None
+        return Secret(b"K" * 16)
+
+    def test_keys(self, sid: bytes, ctx: HandshakeContext) -> TestKeys:
+        return TestKeys(Secret(sid), Secret(sid * 2))
+
+    def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
+        return None
+
+
+def test_ipsec_binder_replaces_pbkdf2_and_test_keys() -> None:
+    lo = ipaddress.IPv4Address("127.0.0.1")
+    sb, cb = FakeIPsecBinder(), FakeIPsecBinder()
+    srv = ControlServer(True, ServerConfig(count=1024), ChainedKeySource(sb), local=(lo, 862), peer=(lo, 5555))
+    cli = ControlClient(True, ["auth"], "", ChainedKeySource(cb), local=(lo, 5555), peer=(lo, 862),
+                        max_count=1024)
+    greet = srv.data_to_send()
+    assert greet[:5] == bytes([1, 2, 3, 4, 50])
+    cli.receive_data(greet)
+    assert srv.receive_data(cli.data_to_send()) == [ev.SetupComplete(2, "")]
+    assert isinstance(cli.receive_data(srv.data_to_send())[0], ev.Ready)
+    assert sb.seen[0].peer == (lo, 5555) and cb.seen[0].ipsec_hint == (0x01020304, 50)
+    cli.request_tw_session(m.RequestTWSession(lo, lo))
+    sid = srv.receive_data(cli.data_to_send())[0].sid
+    srv.accept_session(0, 1000)
+    acc = cli.receive_data(srv.data_to_send())[0]
+    assert acc.test_keys == TestKeys(Secret(sid), Secret(sid * 2)) == srv.test_keys(sid)
+
+
+def test_chained_first_answer_wins() -> None:
+    a = StaticKeySource({"x": Secret(b"1")})
+    b = StaticKeySource({"x": Secret(b"2"), "y": Secret(b"3")})
+    c = ChainedKeySource(a, b)
+    assert c.shared_secret("x", CTX) == Secret(b"1") and c.shared_secret("y", CTX) == Secret(b"3")
+    assert c.token_key("x", CTX) is None and c.test_keys(bytes(16), CTX) is None
