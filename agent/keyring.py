@@ -29,6 +29,19 @@ Optional hooks, discovered with ``getattr`` so a plain passphrase source needs n
     Per-session test keys, replacing the RFC 4656 §4.1.2 derivation from the
     control session keys and SID (for modes whose test keys come from the SA).
 
+``make_token(key_id, ctx, challenge) -> (token, keys) | None``    (client side)
+``open_token(key_id, ctx, challenge, token) -> keys | None``      (server side)
+    Replace the whole Token exchange, for modes where the control session keys
+    are derived rather than carried (docs/wire-format.md §4.2 ALT1 / §4.3 ALT2).
+    ``keys`` is any object with ``aes_key`` (16) and ``hmac_key`` (32) Secrets,
+    e.g. agent.ipsec_keys.ControlKeys. ``open_token`` raises
+    :class:`TokenRejected` to refuse (Accept=1); None means "not mine, use
+    the RFC 4656 Token".
+
+``ctx.mode`` is the selected Mode, so a source sees which key mode
+(RFC 7717, IPSEC_BOUND, ALT1, ALT2: agent.control.modes.register_key_mode)
+the client picked and answers only for that.
+
 Sources are composed with :class:`ChainedKeySource` (first answer wins).
 
 Key files
@@ -49,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, Union, runtime_checkable
 
+from agent.control.messages import ProtocolError
+from agent.control.security import SessionKeys, check_count, decrypt_token, encrypt_token, pbkdf2_key
 from agent.test.keys import TestKeys
 from netlink.secret import Secret
 
@@ -80,6 +95,10 @@ class HandshakeContext:
 @runtime_checkable
 class KeySource(Protocol):
     def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None: ...
+
+
+class TokenRejected(Exception):
+    """Raised by an ``open_token`` hook: the Token does not prove key possession."""
 
 
 class KeyFileError(ValueError):
@@ -186,8 +205,23 @@ class ChainedKeySource:
                 return v
         return None
 
+    def make_token(self, key_id: str, ctx: HandshakeContext, challenge: bytes):
+        for s in self.sources:
+            f = getattr(s, "make_token", None)
+            if f is not None and (v := f(key_id, ctx, challenge)) is not None:
+                return v
+        return None
 
-def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext) -> Secret | None:
+    def open_token(self, key_id: str, ctx: HandshakeContext, challenge: bytes, token: bytes):
+        for s in self.sources:
+            f = getattr(s, "open_token", None)
+            if f is not None and (v := f(key_id, ctx, challenge, token)) is not None:
+                return v
+        return None
+
+
+def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext,
+                      max_count: int | None = None) -> Secret | None:
     """The 16-octet Token key for ``key_id``: the source's own ``token_key`` if it has one
     and answers, else PBKDF2 of its passphrase with the greeting's Salt and Count."""
     direct = getattr(source, "token_key", None)
@@ -200,6 +234,50 @@ def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext) -> Sec
     pw = source.shared_secret(key_id, ctx)  # type: ignore[attr-defined]
     if pw is None:
         return None
-    from agent.control.security import pbkdf2_key  # local: keeps keyring free of crypto imports
-
+    if max_count is not None:
+        check_count(ctx.count, max_count)  # before spending PBKDF2 time on it
     return pbkdf2_key(pw, ctx.salt, ctx.count)
+
+
+def _as_session_keys(k: object) -> SessionKeys:
+    aes, hk = getattr(k, "aes_key"), getattr(k, "hmac_key")
+    if len(aes) != 16 or len(hk) != 32:
+        raise ValueError("control keys must be 16 + 32 octets")
+    return SessionKeys(aes, hk)
+
+
+def client_token(source: object, key_id: str, ctx: HandshakeContext, challenge: bytes,
+                 max_count: int) -> tuple[bytes, SessionKeys] | None:
+    """Client side of RFC 4656 §3.1: (Token, session keys), or None if no key for key_id.
+    Raises ProtocolError if the server's Count exceeds ``max_count``."""
+    hook = getattr(source, "make_token", None)
+    if hook is not None:
+        made = hook(key_id, ctx, challenge)
+        if made is not None:
+            token, keys = made
+            if len(token) != 64:
+                raise ValueError("make_token must return a 64-octet token")
+            return bytes(token), _as_session_keys(keys)
+    key = resolve_token_key(source, key_id, ctx, max_count)
+    if key is None:
+        return None
+    keys = SessionKeys.random()
+    return encrypt_token(key, challenge, keys), keys
+
+
+def server_open_token(source: object, key_id: str, ctx: HandshakeContext, challenge: bytes,
+                      token: bytes) -> SessionKeys | None:
+    """Server side: the client's session keys, None for an unknown identity; raises
+    TokenRejected when the Token does not prove possession of the key."""
+    hook = getattr(source, "open_token", None)
+    if hook is not None:
+        keys = hook(key_id, ctx, challenge, token)
+        if keys is not None:
+            return _as_session_keys(keys)
+    key = resolve_token_key(source, key_id, ctx)
+    if key is None:
+        return None
+    try:
+        return decrypt_token(key, token, challenge)
+    except ProtocolError:
+        raise TokenRejected("token does not decrypt to the challenge") from None

@@ -114,3 +114,74 @@ def test_chained_first_answer_wins() -> None:
     c = ChainedKeySource(a, b)
     assert c.shared_secret("x", CTX) == Secret(b"1") and c.shared_secret("y", CTX) == Secret(b"3")
     assert c.token_key("x", CTX) is None and c.test_keys(bytes(16), CTX) is None
+
+
+class FakeAlt1:
+    """Derived control keys, Token = Enc(Challenge | 0^48) (wire-format §4.2 shape)."""
+
+    BIT = 0x40000000
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+
+    def _keys(self):
+        from agent.control.security import SessionKeys
+
+        return SessionKeys(Secret(self.root[:16]), Secret(self.root[:16] * 2))
+
+    def _enc(self, data: bytes, decrypt: bool = False) -> bytes:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        c = Cipher(algorithms.AES(self.root[16:32]), modes.CBC(bytes(16)))
+        op = c.decryptor() if decrypt else c.encryptor()
+        return op.update(data) + op.finalize()
+
+    def make_token(self, key_id, ctx, challenge):
+        if not ctx.mode & self.BIT:
+            return None
+        return self._enc(challenge + bytes(48)), self._keys()
+
+    def open_token(self, key_id, ctx, challenge, token):
+        from agent.keyring import TokenRejected
+
+        if not ctx.mode & self.BIT:
+            return None
+        if self._enc(token, decrypt=True) != challenge + bytes(48):
+            raise TokenRejected("bad")
+        return self._keys()
+
+    def test_keys(self, sid, ctx):
+        k = self._keys()
+        return TestKeys(k.aes_key, k.hmac_key) if ctx.mode & self.BIT else None
+
+    def shared_secret(self, key_id, ctx):
+        return None
+
+
+def test_key_mode_with_derived_session_keys() -> None:
+    from agent.control import modes as md
+
+    md.register_key_mode(md.KeyMode(FakeAlt1.BIT, "test-alt1", with_unauth=False))
+    lo = ipaddress.IPv4Address("127.0.0.1")
+    for cli_root, ok in ((b"r" * 32, True), (b"q" * 32, False)):
+        srv = ControlServer(True, ServerConfig(count=1024, modes=2 | FakeAlt1.BIT), FakeAlt1(b"r" * 32))
+        cli = ControlClient(True, ["auth+test-alt1"], "xwamp-ipsec", FakeAlt1(cli_root), max_count=1024)
+        g = srv.data_to_send()
+        assert m.ServerGreeting.unpack(g).modes == 2 | FakeAlt1.BIT
+        cli.receive_data(g)
+        assert cli.mode == 2 | FakeAlt1.BIT
+        evs = srv.receive_data(cli.data_to_send())
+        if not ok:
+            assert isinstance(evs[0], ev.SetupRejected) and evs[0].accept == m.ACCEPT_FAILURE
+            continue
+        assert isinstance(cli.receive_data(srv.data_to_send())[0], ev.Ready)
+        cli.request_tw_session(m.RequestTWSession(lo, lo))
+        sid = srv.receive_data(cli.data_to_send())[0].sid
+        srv.accept_session(0, 1)
+        acc = cli.receive_data(srv.data_to_send())[0]
+        assert acc.test_keys == TestKeys(Secret(b"r" * 16), Secret(b"r" * 32)) == srv.test_keys(sid)
+    # an unauthenticated mode with a key bit that needs keys: Accept=3
+    srv = ControlServer(True, ServerConfig(count=1024, modes=1 | FakeAlt1.BIT), FakeAlt1(b"r" * 32))
+    srv.data_to_send()
+    evs = srv.receive_data(m.SetUpResponse(1 | FakeAlt1.BIT).pack())
+    assert evs[0].accept == m.ACCEPT_NOT_SUPPORTED

@@ -21,15 +21,8 @@ from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import UsageError, _Conn
 from agent.control.messages import ProtocolError
-from agent.control.security import (
-    DEFAULT_MAX_COUNT,
-    RecvStream,
-    SendStream,
-    SessionKeys,
-    check_count,
-    encrypt_token,
-)
-from agent.keyring import HandshakeContext, IPAddress, resolve_token_key
+from agent.control.security import DEFAULT_MAX_COUNT, RecvStream, SendStream
+from agent.keyring import HandshakeContext, IPAddress, client_token
 
 
 class ControlClient(_Conn):
@@ -78,7 +71,7 @@ class ControlClient(_Conn):
         sec_bit = md.choose(g.modes, self.wanted, self.twamp)
         if sec_bit is None:
             raise ProtocolError(f"server offers modes {g.modes:#x}, none of {self.wanted}")
-        sec = md.security_modes()[sec_bit]
+        sec, _key, _ = md.split_mode(sec_bit, self.twamp)
         mode = sec_bit | (self.features & g.modes & md.TWAMP_FEATURES if self.twamp else 0)
         self.mode = mode
         client_iv = os.urandom(16)
@@ -88,13 +81,10 @@ class ControlClient(_Conn):
         if sec.control_crypto:
             if self._key_source is None:
                 raise ProtocolError("an authenticated mode needs a key source")
-            if getattr(self._key_source, "token_key", None) is None:
-                check_count(g.count, self.max_count)  # before spending PBKDF2 time on it
-            key = resolve_token_key(self._key_source, self.key_id, ctx)
-            if key is None:
+            made = client_token(self._key_source, self.key_id, ctx, g.challenge, self.max_count)
+            if made is None:
                 raise ProtocolError(f"no key for identity {self.key_id!r}")
-            keys = SessionKeys.random()
-            token = encrypt_token(key, g.challenge, keys)
+            token, keys = made
             self._out += m.SetUpResponse(mode, self.key_id, token, client_iv).pack()
             self._keys = keys
             self._test_plane_secure = sec.test_auth

@@ -12,13 +12,15 @@ TWAMP-Modes (checked against the IANA registry):
   bit 8 (256) DSCP and ECN monitoring                  RFC 7750
   bit 9 (512) PTPv2 timestamp capability               RFC 8186
 
-OWAMP-Modes is a separate registry: only bits 0-2 are shared with TWAMP. Bits
-3.. have no OWAMP meaning here except RFC 7717's IKEv2-derived bit, which we
-treat as 128 in both (the RFC 7717 assignment was not re-verified for OWAMP:
-see the report), so OWAMP never offers or accepts the TWAMP-only bits.
+OWAMP-Modes is a separate registry: bits 0-2 as above, bit 3 reserved, bit 4
+(16) IKEv2-derived (RFC 7717) -- so RFC 7717's bit differs between the two
+protocols (IANA registries, checked in docs/wire-format.md §7). OWAMP never
+offers or accepts the TWAMP-only capability bits.
 
-xwamp's IPsec-bound modes (docs/wire-format.md, defined by another engineer)
-plug in through :func:`register_security_mode` without touching this module.
+A selected Mode (Set-Up-Response) is: exactly one *security* bit (1, 2, 4, 8),
+plus at most one *key* bit (RFC 7717, or xwamp's IPsec-bound modes of
+docs/wire-format.md, which plug in through :func:`register_key_mode` without
+touching this module), plus TWAMP capability bits.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Mode(enum.IntFlag):
     INDIVIDUAL_SESSION_CONTROL = 16  # RFC 5938
     REFLECT_OCTETS = 32  # RFC 6038
     SYMMETRICAL_SIZE = 64  # RFC 6038
-    IKEV2_DERIVED = 128  # RFC 7717
+    IKEV2_DERIVED = 128  # RFC 7717, TWAMP-Modes bit 7
     DSCP_ECN_MONITORING = 256  # RFC 7750
     PTP_TIMESTAMPS = 512  # RFC 8186
 
@@ -79,6 +81,36 @@ for _m in (
 ):
     register_security_mode(_m)
 
+OWAMP_IKEV2_DERIVED = 16  # RFC 7717, OWAMP-Modes bit 4 (not the TWAMP value)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMode:
+    """A bit saying where the shared secret comes from (RFC 7717, xwamp IPsec modes).
+    ``with_unauth``: may be combined with the unauthenticated security bit."""
+
+    bit: int
+    name: str
+    owamp: bool = True
+    twamp: bool = True
+    with_unauth: bool = False
+
+
+_KEY: dict[int, KeyMode] = {}
+
+
+def register_key_mode(k: KeyMode) -> None:
+    if k.bit <= 0 or k.bit & (k.bit - 1):
+        raise ValueError("a key mode is a single bit")
+    if k.bit in _SECURITY:
+        raise ValueError("bit already used by a security mode")
+    _KEY[k.bit] = k
+
+
+def key_modes(twamp: bool) -> dict[int, KeyMode]:
+    return {b: k for b, k in _KEY.items() if (k.twamp if twamp else k.owamp)}
+
+
 # Capability bits that may be OR-ed into the selected Mode alongside one security bit.
 TWAMP_FEATURES = (Mode.INDIVIDUAL_SESSION_CONTROL | Mode.REFLECT_OCTETS | Mode.SYMMETRICAL_SIZE
                   | Mode.DSCP_ECN_MONITORING | Mode.PTP_TIMESTAMPS)
@@ -102,15 +134,22 @@ def security_bits(modes: int) -> list[SecurityMode]:
     return [m for b, m in sorted(_SECURITY.items()) if modes & b]
 
 
-def split_mode(mode: int) -> tuple[SecurityMode, int]:
-    """Split a selected Mode (Set-Up-Response) into its one security bit and feature bits.
+def split_mode(mode: int, twamp: bool = True) -> tuple[SecurityMode, KeyMode | None, int]:
+    """Split a selected Mode (Set-Up-Response) into its security mode, its key mode (if
+    any) and the remaining feature bits.
 
-    Raises ValueError if it does not name exactly one known security mode.
+    Raises ValueError unless it names exactly one security mode and at most one key mode
+    valid for the protocol (docs/wire-format.md §1.2).
     """
     sec = [m for b, m in _SECURITY.items() if mode & b]
     if len(sec) != 1:
         raise ValueError("the selected mode must contain exactly one security mode")
-    return sec[0], mode & ~sec[0].bit
+    keys = [k for b, k in key_modes(twamp).items() if mode & b]
+    if len(keys) > 1:
+        raise ValueError("at most one key mode may be selected")
+    key = keys[0] if keys else None
+    rest = mode & ~sec[0].bit & ~(key.bit if key else 0)
+    return sec[0], key, rest
 
 
 def offerable(modes: int, twamp: bool) -> int:
@@ -119,18 +158,34 @@ def offerable(modes: int, twamp: bool) -> int:
     for b, m in _SECURITY.items():
         if modes & b and (m.twamp if twamp else m.owamp):
             out |= b
+    for b in key_modes(twamp):
+        out |= modes & b
     if twamp:
         out |= modes & TWAMP_FEATURES
     return out
 
 
 def choose(offered: int, wanted: list[str], twamp: bool) -> int | None:
-    """The client's pick: first of ``wanted`` that the server offers, or None."""
+    """The client's pick: first of ``wanted`` that the server offers, or None.
+
+    A wanted entry is a security mode name ("auth") or "security+key" ("auth+ipsec-alt1")
+    naming a registered key mode as well.
+    """
     for name in wanted:
+        sname, _, kname = name.partition("+")
         try:
-            m = by_name(name)
+            m = by_name(sname)
         except KeyError:
             continue
-        if offered & m.bit and (m.twamp if twamp else m.owamp):
+        if not (offered & m.bit and (m.twamp if twamp else m.owamp)):
+            continue
+        if not kname:
             return m.bit
+        for b, k in key_modes(twamp).items():
+            if k.name == kname and offered & b and (m.bit != Mode.UNAUTHENTICATED or k.with_unauth):
+                return m.bit | b
     return None
+
+
+register_key_mode(KeyMode(Mode.IKEV2_DERIVED, "rfc7717", owamp=False, twamp=True))
+register_key_mode(KeyMode(OWAMP_IKEV2_DERIVED, "rfc7717", owamp=True, twamp=False))

@@ -15,6 +15,7 @@ requests over the per-connection session cap, malformed input (close).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -25,15 +26,11 @@ from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import UsageError, _Conn
 from agent.control.messages import ProtocolError
-from agent.control.security import (
-    DEFAULT_SERVER_COUNT,
-    MIN_COUNT,
-    RecvStream,
-    SendStream,
-    decrypt_token,
-)
-from agent.keyring import HandshakeContext, IPAddress, resolve_token_key
+from agent.control.security import DEFAULT_SERVER_COUNT, MIN_COUNT, RecvStream, SendStream
+from agent.keyring import HandshakeContext, IPAddress, TokenRejected, server_open_token
 from agent.timefmt import ntp_from_unix_ns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +118,13 @@ class ControlServer(_Conn):
         if resp.mode == 0:
             return [self.close("client declined all offered modes")]
         try:
-            sec, features = md.split_mode(resp.mode)
-        except ValueError:
-            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, "mode names no single security mode")
+            sec, keymode, features = md.split_mode(resp.mode, self.twamp)
+        except ValueError as e:
+            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, str(e))
         if resp.mode & ~self.offered:
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"mode {resp.mode} not offered")
+        if keymode is not None and not sec.control_crypto and not keymode.with_unauth:
+            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"{keymode.name} needs a keyed mode")
         self.mode = resp.mode
         self.key_id = resp.key_id
         ctx = HandshakeContext(self._ctx.role, self._ctx.protocol, self.local, self.peer, resp.mode,
@@ -134,15 +133,14 @@ class ControlServer(_Conn):
         server_iv = os.urandom(16)
         if sec.control_crypto:
             try:
-                key = resolve_token_key(self._key_source, resp.key_id, ctx)
-            except Exception:
-                return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
-            if key is None:
-                return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
-            try:
-                keys = decrypt_token(key, resp.token, self.greeting.challenge)
-            except ProtocolError:
+                keys = server_open_token(self._key_source, resp.key_id, ctx, self.greeting.challenge, resp.token)
+            except TokenRejected:
                 return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+            except Exception:
+                log.exception("key source failed")
+                return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
+            if keys is None:
+                return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
             self._keys = keys
             self._test_plane_secure = sec.test_auth
             self._send = SendStream(keys, server_iv)
