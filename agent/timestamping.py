@@ -32,7 +32,6 @@ rather than send wrong numbers.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import fcntl
@@ -173,6 +172,7 @@ _SCM_TS64 = struct.Struct("=qqqqqq")  # 3 x struct timespec, 64-bit
 _SCM_TS32 = struct.Struct("=iiiiii")  # 3 x struct old_timespec32 (32-bit ABIs, SO_TIMESTAMPING_OLD)
 _EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err, 16 bytes
 _INT = struct.Struct("=i")
+_LP64 = struct.calcsize("l") == 8  # 64-bit ABI: SO_TIMESTAMPING_OLD carries 64-bit timespecs
 
 ANCILLARY_BUFSIZE: int = (
     socket.CMSG_SPACE(_SCM_TS64.size)      # SCM_TIMESTAMPING
@@ -201,7 +201,7 @@ def decode_scm_timestamping(data: bytes, cmsg_type: int = SCM_TIMESTAMPING) -> t
         if len(data) < _SCM_TS64.size:
             return None, None
         s0, n0, _s1, _n1, s2, n2 = _SCM_TS64.unpack_from(data)
-    elif len(data) >= _SCM_TS32.size and struct.calcsize("l") == 4:
+    elif len(data) >= _SCM_TS32.size and not _LP64:
         s0, n0, _s1, _n1, s2, n2 = _SCM_TS32.unpack_from(data)
     else:
         return None, None
@@ -421,22 +421,89 @@ def rx_ttl(ancdata: list[tuple[int, int, bytes]]) -> int | None:
 # ---- decoding ------------------------------------------------------------------------------
 
 
+def _hw_wanted(direction: str, config: TimestampingConfig | None) -> bool:
+    if config is None:
+        return bool(_PHCS)
+    return config.hardware_rx if direction == "rx" else config.hardware_tx
+
+
 def _choose(sw: int | None, hw: int | None, direction: str, config: TimestampingConfig | None,
             counters: StampCounters) -> Stamp | None:
-    hw_wanted = config.hardware_rx if (config is not None and direction == "rx") else (
-        config.hardware_tx if config is not None else bool(_PHCS))
+    # Counters are bumped directly (no lock, no getattr): this runs per packet.
+    rx = direction == "rx"
     if hw is not None:
         phc = _phc_for(config)
         if phc is not None:
-            counters.add(direction, "hw")
-            return Stamp(phc.to_realtime(hw), StampSource.HW)
+            if rx:
+                counters.rx_hw += 1
+            else:
+                counters.tx_hw += 1
+            return Stamp(phc.to_realtime(hw), _HW)
         counters.phc_unconverted += 1
     if sw is not None:
-        if hw_wanted:
-            counters.add_fallback()
-        counters.add(direction, "sw")
-        return Stamp(sw, StampSource.SW)
+        if (config is not None or _PHCS) and _hw_wanted(direction, config):
+            counters.hw_fallback += 1
+        if rx:
+            counters.rx_sw += 1
+        else:
+            counters.tx_sw += 1
+        return Stamp(sw, _SW)
     return None
+
+
+_SOL_SOCKET = socket.SOL_SOCKET
+_HW, _SW = StampSource.HW, StampSource.SW  # enum attribute lookups cost ~0.5 µs each
+_TS_TYPES = (SCM_TIMESTAMPING, SCM_TIMESTAMPING_NEW)
+_RECVERR = ((SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR))
+_unpack_ts64 = _SCM_TS64.unpack_from
+_unpack_ext_err = _EXT_ERR.unpack_from
+
+
+def _rx_fast(ancdata: list) -> tuple[int | None, int | None]:
+    """The common case: a list of (int, int, bytes) straight from recvmsg on a 64-bit ABI.
+    Anything unexpected raises, and the caller redoes the work carefully."""
+    sw = hw = None
+    for level, ctype, data in ancdata:
+        if level == _SOL_SOCKET and (ctype == SCM_TIMESTAMPING or ctype == SCM_TIMESTAMPING_NEW):
+            if type(data) is not bytes or len(data) < 48:
+                raise ValueError
+            s0, n0, _s1, _n1, s2, n2 = _unpack_ts64(data)
+            # inlined _timespec_ns: a set slot has sec > 0 and a valid nsec
+            if s0 > 0 and 0 <= n0 < _NS:
+                sw = s0 * _NS + n0
+            elif s0 or n0:
+                raise ValueError  # odd values: the careful path decides
+            if s2 > 0 and 0 <= n2 < _NS:
+                hw = s2 * _NS + n2
+            elif s2 or n2:
+                raise ValueError
+        elif level == _SOL_SOCKET and ctype == SCM_TIMESTAMPNS:
+            raise ValueError  # rare: let the careful path handle it
+    return sw, hw
+
+
+def _rx_careful(ancdata: object) -> tuple[int | None, int | None]:
+    sw = hw = None
+    try:
+        items = list(ancdata)  # type: ignore[call-overload]
+    except TypeError:
+        return None, None
+    for item in items:
+        try:
+            level, ctype, data = item
+        except (TypeError, ValueError):
+            continue
+        if level != _SOL_SOCKET:
+            continue
+        raw = _bytes(data)
+        if raw is None:
+            continue
+        if ctype in _TS_TYPES:
+            s, h = decode_scm_timestamping(raw, ctype)
+            sw, hw = s if s is not None else sw, h if h is not None else hw
+        elif ctype == SCM_TIMESTAMPNS and sw is None and len(raw) >= 16:
+            sw = _timespec_ns(*struct.unpack_from("=qq", raw))
+    return sw, hw
 
 
 def rx_stamp(ancdata: list[tuple[int, int, bytes]], *, config: TimestampingConfig | None = None,
@@ -446,22 +513,13 @@ def rx_stamp(ancdata: list[tuple[int, int, bytes]], *, config: TimestampingConfi
     None when there is none (the caller stamps in user space: :func:`user_stamp`).
     Never raises on malformed ancillary data.
     """
-    sw = hw = None
-    for item in ancdata:
+    if _LP64:
         try:
-            level, ctype, data = item
+            sw, hw = _rx_fast(ancdata)
         except (TypeError, ValueError):
-            continue
-        if level != socket.SOL_SOCKET:
-            continue
-        raw = _bytes(data)
-        if raw is None:
-            continue
-        if ctype in (SCM_TIMESTAMPING, SCM_TIMESTAMPING_NEW):
-            s, h = decode_scm_timestamping(raw, ctype)
-            sw, hw = s if s is not None else sw, h if h is not None else hw
-        elif ctype == SCM_TIMESTAMPNS and sw is None and len(raw) >= 16:
-            sw = _timespec_ns(*struct.unpack_from("=qq", raw))
+            sw, hw = _rx_careful(ancdata)
+    else:
+        sw, hw = _rx_careful(ancdata)
     return _choose(sw, hw, "rx", config, counters)
 
 
@@ -470,19 +528,28 @@ def decode_tx_message(ancdata: list[tuple[int, int, bytes]], *, config: Timestam
     """One MSG_ERRQUEUE message -> (OPT_ID key, stamp); None if it is not a TX send stamp."""
     key: int | None = None
     sw = hw = None
-    for item in ancdata:
+    try:
+        items = list(ancdata)
+    except TypeError:
+        return None
+    for item in items:
         try:
             level, ctype, data = item
         except (TypeError, ValueError):
             continue
-        raw = _bytes(data)
+        raw = data if type(data) is bytes else _bytes(data)
         if raw is None:
             continue
-        if (level, ctype) in ((SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)) and len(raw) >= _EXT_ERR.size:
-            ee_errno, origin, _type, _code, _pad, info, data_ = _EXT_ERR.unpack_from(raw)
-            if ee_errno == errno.ENOMSG and origin == SO_EE_ORIGIN_TIMESTAMPING and info == SCM_TSTAMP_SND:
-                key = data_
-        elif level == socket.SOL_SOCKET and ctype in (SCM_TIMESTAMPING, SCM_TIMESTAMPING_NEW):
+        try:
+            is_err = (level, ctype) in _RECVERR
+        except TypeError:
+            continue
+        if is_err:
+            if len(raw) >= _EXT_ERR.size:
+                ee_errno, origin, _type, _code, _pad, info, data_ = _unpack_ext_err(raw)
+                if ee_errno == errno.ENOMSG and origin == SO_EE_ORIGIN_TIMESTAMPING and info == SCM_TSTAMP_SND:
+                    key = data_
+        elif level == _SOL_SOCKET and ctype in _TS_TYPES:
             sw, hw = decode_scm_timestamping(raw, ctype)
     if key is None:
         return None
@@ -490,39 +557,36 @@ def decode_tx_message(ancdata: list[tuple[int, int, bytes]], *, config: Timestam
     return None if stamp is None else (key, stamp)
 
 
+_ERRQ_FLAGS = socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT
+
+
 def drain_tx_stamps(sock: socket.socket, *, config: TimestampingConfig | None = None,
                     counters: StampCounters = STAMP_COUNTERS, limit: int = 4096) -> list[tuple[int, Stamp]]:
     """Read MSG_ERRQUEUE until EAGAIN (non-blocking); returns [(OPT_ID key, stamp)].
 
-    Works on blocking, non-blocking and timeout sockets alike (see :func:`_nonblocking`).
+    Works on blocking, non-blocking and timeout sockets alike: CPython polls *before*
+    recvmsg on a socket with a timeout, so MSG_DONTWAIT alone would wait out the
+    timeout on an empty queue; such sockets are switched to timeout 0 meanwhile.
+    Not for a socket another thread is using at the same moment.
     """
     out: list[tuple[int, Stamp]] = []
-    with _nonblocking(sock):
+    t = sock.gettimeout()
+    if t:
+        sock.settimeout(0)
+    try:
+        recvmsg = sock.recvmsg
         for _ in range(limit):
             try:
-                _data, anc, _flags, _addr = sock.recvmsg(64, ANCILLARY_BUFSIZE,
-                                                         socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+                _data, anc, _flags, _addr = recvmsg(64, ANCILLARY_BUFSIZE, _ERRQ_FLAGS)
             except (BlockingIOError, InterruptedError):
                 break
             got = decode_tx_message(anc, config=config, counters=counters)
             if got is not None:
                 out.append(got)
-    return out
-
-
-@contextlib.contextmanager
-def _nonblocking(sock: socket.socket):
-    """CPython polls *before* recvmsg on a socket with a timeout, so MSG_DONTWAIT alone would
-    wait out the timeout on an empty queue; switch such sockets to timeout 0 meanwhile."""
-    t = sock.gettimeout()
-    if not t:  # None (blocking: MSG_DONTWAIT suffices) or 0 (already non-blocking)
-        yield
-        return
-    sock.settimeout(0)
-    try:
-        yield
     finally:
-        sock.settimeout(t)
+        if t:
+            sock.settimeout(t)
+    return out
 
 
 def user_stamp(direction: str = "rx", counters: StampCounters = STAMP_COUNTERS) -> Stamp:
@@ -540,10 +604,16 @@ def drain_socket(sock: socket.socket, bufsize: int = 2048, max_packets: int = 25
     Returns (recvmsg results, TX stamps). Decode RX stamps with :func:`rx_stamp`.
     """
     packets = []
-    with _nonblocking(sock):
+    t = sock.gettimeout()
+    if t:
+        sock.settimeout(0)  # see drain_tx_stamps
+    try:
         for _ in range(max_packets):
             try:
                 packets.append(sock.recvmsg(bufsize, ANCILLARY_BUFSIZE, socket.MSG_DONTWAIT))
             except (BlockingIOError, InterruptedError):
                 break
+    finally:
+        if t:
+            sock.settimeout(t)
     return packets, drain_tx_stamps(sock, config=config, counters=counters)

@@ -202,3 +202,16 @@ def test_drains_never_block_whatever_the_socket_mode(timeout):
         assert len(packets) == 1 and packets[0][0] == b"self"
         assert ts.rx_stamp(packets[0][1], counters=StampCounters()) is not None
         assert [k for k, _ in tx] == [0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([socket.SOL_SOCKET, ts.SOL_IP]),
+                          st.sampled_from([ts.SCM_TIMESTAMPING, ts.SCM_TIMESTAMPING_NEW, ts.IP_TTL]),
+                          st.tuples(*[st.integers(-2, 2**40) | st.sampled_from([NS - 1, NS, 0])] * 6)
+                          .map(lambda v: struct.pack("=qqqqqq", *v))), max_size=3))
+def test_fast_path_agrees_with_careful_path(anc):
+    try:
+        fast = ts._rx_fast(anc)
+    except (TypeError, ValueError):
+        return  # the careful path takes over; covered by the garbage test
+    assert fast == ts._rx_careful(anc)
