@@ -10,6 +10,7 @@ them as the 25-octet records a Fetch-Session answer carries, with lost packets
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, fields
 
 from agent.test.clockerr import ErrSource, PackedErrorEstimate
@@ -66,6 +67,7 @@ class OwampReceiver:
         self.counters = ReceiverCounters()
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._err = PackedErrorEstimate(error_estimate, ptp)
+        self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | None = None
         if security is not Security.UNAUTH:
             if keys is None:

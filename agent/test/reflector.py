@@ -18,6 +18,7 @@ why) for short, malformed or unauthentic input; it never raises on packet conten
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from typing import Callable, Hashable
 
@@ -95,6 +96,7 @@ class ReflectorSession:
         self._seqs: dict[Hashable, int] = {}
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._err = PackedErrorEstimate(error_estimate, ptp)
+        self._err.get(time.time_ns())  # first read loads libc/adjtimex: not on the first packet
         # STAMP listeners also answer TWAMP-Light senders that send fewer than 44 octets.
         self._light_fallback = twamp_light_fallback and proto is Proto.STAMP and security is Security.UNAUTH
         self._tcrypto: TwampTestCrypto | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, field, fields
 from typing import Iterable
 
@@ -168,6 +169,7 @@ class TestSender:
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._from_ts = unix_ns_from_ptp if ptp else unix_ns_from_ntp
         self._err = PackedErrorEstimate(error_estimate, ptp)
+        self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | StampCrypto | None = None
         if security is not Security.UNAUTH:
             if proto is Proto.STAMP:
