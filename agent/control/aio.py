@@ -1,0 +1,305 @@
+"""asyncio adapters for the sans-IO control state machines: a TCP control server and a client.
+
+The server isolates connections: each runs in its own task; a protocol error,
+a slow client (idle timeout) or a handler exception closes that connection only.
+Limits: total connections, connections per client address, sessions per
+connection (ServerConfig.max_sessions), idle time outside running tests, and
+the longest a test may keep a connection open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol, Sequence
+
+from agent.control import events as ev
+from agent.control import messages as m
+from agent.control.client import ControlClient
+from agent.control.security import DEFAULT_MAX_COUNT
+from agent.control.server import ControlServer, ServerConfig
+
+log = logging.getLogger(__name__)
+
+TWAMP_PORT = 862
+OWAMP_PORT = 861
+READ_CHUNK = 65536
+
+
+class ControlError(Exception):
+    """A control conversation failed (refused, peer error, timeout). Safe to print."""
+
+
+def _addr(info: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    if not isinstance(info, tuple) or len(info) < 2:
+        return None
+    try:
+        a = ipaddress.ip_address(str(info[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped  # dual-stack socket: speak IPv4 to IPv4 peers
+    return a, int(info[1])
+
+
+# ------------------------------------------------------------------------------ server
+
+
+class ConnectionHandler(Protocol):
+    """What the control server asks of the application for one connection."""
+
+    async def on_event(self, srv: ControlServer, event: ev.Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+HandlerFactory = Callable[[ControlServer], ConnectionHandler]
+
+
+@dataclass
+class ListenerLimits:
+    max_connections: int = 64
+    max_per_client: int = 8
+    idle_timeout: float = 30.0  # seconds without a complete exchange outside a running test
+    max_test_time: float = 3600.0  # a running test may keep a connection this long
+
+
+class ControlListener:
+    def __init__(
+        self,
+        handler_factory: HandlerFactory,
+        *,
+        twamp: bool = True,
+        hosts: Sequence[str] | None = None,
+        port: int | None = None,
+        config: ServerConfig = ServerConfig(),
+        key_source: object | None = None,
+        limits: ListenerLimits = ListenerLimits(),
+    ) -> None:
+        self.twamp = twamp
+        self.hosts = list(hosts) if hosts else None  # None: every address, IPv4 and IPv6
+        self.port = (TWAMP_PORT if twamp else OWAMP_PORT) if port is None else port
+        self.config = config
+        self.key_source = key_source
+        self.limits = limits
+        self.handler_factory = handler_factory
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._per_client: dict[str, int] = {}
+        self.stats = {"accepted": 0, "refused": 0, "protocol_errors": 0, "timeouts": 0}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connect, self.hosts, self.port, reuse_address=True)
+
+    @property
+    def addresses(self) -> list[tuple]:
+        return [s.getsockname() for s in self._server.sockets] if self._server else []
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t = asyncio.get_running_loop().create_task(self._run(reader, writer))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _addr(writer.get_extra_info("peername"))
+        local = _addr(writer.get_extra_info("sockname"))
+        key = str(peer[0]) if peer else "?"
+        busy = (len(self._tasks) > self.limits.max_connections
+                or self._per_client.get(key, 0) >= self.limits.max_per_client)
+        self._per_client[key] = self._per_client.get(key, 0) + 1
+        handler: ConnectionHandler | None = None
+        try:
+            srv = ControlServer(self.twamp, self.config, self.key_source, local=local, peer=peer, refuse=busy)
+            if busy:
+                self.stats["refused"] += 1
+                writer.write(srv.data_to_send())
+                await asyncio.wait_for(writer.drain(), 5)
+                return
+            self.stats["accepted"] += 1
+            handler = self.handler_factory(srv)
+            await self._converse(srv, handler, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+            log.debug("control connection from %s: %s", key, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # handler bug: close this connection, keep the server
+            log.exception("control connection from %s failed", key)
+        finally:
+            self._per_client[key] -= 1
+            if not self._per_client[key]:
+                del self._per_client[key]
+            if handler is not None:
+                with contextlib.suppress(Exception):
+                    handler.close()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _converse(self, srv: ControlServer, handler: ConnectionHandler,
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pending: list[ev.Event] = []
+        while True:
+            out = srv.data_to_send()
+            if out:
+                writer.write(out)
+                await writer.drain()
+            if srv.closed:
+                return
+            if pending:
+                e = pending.pop(0)
+                if isinstance(e, ev.ProtocolFailure):
+                    self.stats["protocol_errors"] += 1
+                    log.info("control peer %s: %s", srv.peer, e.reason)
+                elif isinstance(e, ev.SetupRejected):
+                    log.info("control peer %s refused: %s", srv.peer, e.reason)
+                await handler.on_event(srv, e)
+                if srv.awaiting is None and not pending:
+                    pending.extend(srv.resume())  # input that queued behind the answer
+                continue
+            if srv.awaiting is not None:
+                raise RuntimeError(f"handler did not answer {srv.awaiting}")
+            timeout = self.limits.max_test_time if srv.state == "test" else self.limits.idle_timeout
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+            except asyncio.TimeoutError:
+                self.stats["timeouts"] += 1
+                log.info("control peer %s idle for %.0fs: closing", srv.peer, timeout)
+                return
+            if not data:
+                return
+            pending.extend(srv.receive_data(data))
+
+
+# ------------------------------------------------------------------------------ client
+
+
+class AsyncControlClient:
+    """Request/answer helpers over one control connection."""
+
+    def __init__(self, cli: ControlClient, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float) -> None:
+        self.cli = cli
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self._events: list[ev.Event] = []
+        self.greeting: m.ServerGreeting | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int | None = None, *, twamp: bool = True,
+                      wanted: Sequence[str] = ("unauth",), key_id: str = "", key_source: object | None = None,
+                      max_count: int = DEFAULT_MAX_COUNT, features: int = 0, timeout: float = 10.0,
+                      family: int = 0) -> "AsyncControlClient":
+        port = (TWAMP_PORT if twamp else OWAMP_PORT) if port is None else port
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, family=family), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ControlError(f"cannot connect to {host} port {port}: {e or 'timeout'}") from None
+        cli = ControlClient(twamp, wanted, key_id, key_source, max_count, features,
+                            local=_addr(writer.get_extra_info("sockname")), peer=_addr(writer.get_extra_info("peername")))
+        self = cls(cli, reader, writer, timeout)
+        try:
+            g = await self._wait(ev.GreetingReceived)
+            self.greeting = g.greeting  # type: ignore[attr-defined]
+            await self._wait(ev.Ready)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    @property
+    def local(self):
+        return self.cli.local
+
+    @property
+    def peer(self):
+        return self.cli.peer
+
+    async def _flush(self) -> None:
+        out = self.cli.data_to_send()
+        if out:
+            self.writer.write(out)
+            await self.writer.drain()
+
+    async def _wait(self, kind: type, timeout: float | None = None) -> ev.Event:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        while True:
+            await self._flush()
+            for i, e in enumerate(self._events):
+                if isinstance(e, kind):
+                    return self._events.pop(i)
+                if isinstance(e, ev.ProtocolFailure):
+                    raise ControlError(f"protocol error: {e.reason}")
+                if isinstance(e, ev.SetupRefused):
+                    raise ControlError(f"server refused the connection: {m.ACCEPT_NAMES[e.accept]}")
+            if self.cli.closed:
+                raise ControlError("connection closed")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ControlError(f"timed out waiting for {kind.__name__}")
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK), left)
+            except asyncio.TimeoutError:
+                raise ControlError(f"timed out waiting for {kind.__name__}") from None
+            except OSError as e:
+                raise ControlError(f"connection error: {e}") from None
+            if not data:
+                raise ControlError("server closed the connection")
+            self._events.extend(self.cli.receive_data(data))
+
+    async def request_tw_session(self, req: m.RequestTWSession) -> ev.SessionAccepted:
+        self.cli.request_tw_session(req)
+        return await self._wait(ev.SessionAccepted)  # type: ignore[return-value]
+
+    async def request_session(self, req: m.RequestSession) -> ev.SessionAccepted:
+        self.cli.request_session(req)
+        return await self._wait(ev.SessionAccepted)  # type: ignore[return-value]
+
+    async def start_sessions(self) -> int:
+        self.cli.start_sessions()
+        return (await self._wait(ev.StartAckReceived)).accept  # type: ignore[attr-defined]
+
+    async def stop_sessions(self, num_sessions: int, accept: int = m.ACCEPT_OK,
+                            descriptions: tuple[m.SessionDescription, ...] = ()) -> m.StopSessions | None:
+        self.cli.stop_sessions(num_sessions, accept, descriptions)
+        if self.cli.twamp:
+            await self._flush()
+            return None
+        return (await self._wait(ev.StopSessionsReceived)).stop  # type: ignore[attr-defined]
+
+    async def fetch_session(self, sid: bytes, begin: int = 0, end: int = 0xFFFFFFFF,
+                            timeout: float | None = None) -> ev.FetchResult:
+        self.cli.fetch_session(sid, begin, end)
+        return await self._wait(ev.FetchResult, timeout)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._flush()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def family_of(host: str) -> int:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host.split("%", 1)[0]).version == 6 else socket.AF_INET
+    except ValueError:
+        return 0
