@@ -346,7 +346,9 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
         want_rx = ethtool.HWTSTAMP_FILTER_ALL if info.rx_filters & (1 << ethtool.HWTSTAMP_FILTER_ALL) else 0
         want_tx = ethtool.HWTSTAMP_TX_ON if info.tx_types & (1 << ethtool.HWTSTAMP_TX_ON) else 0
         if want_rx or want_tx:
+            before = cur
             cur = ethtool.set_hwtstamp(iface, ethtool.HwTstampConfig(0, want_tx, want_rx))
+            _NIC_CHANGED.setdefault(iface, before)
             log.info("%s: hardware stamping enabled: %s", iface, cur.to_dict())
     elif not cur.is_off:
         log.info("%s: keeping the existing hwtstamp config %s (ptp4l/chrony?)", iface, cur.to_dict())
@@ -362,6 +364,28 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
                     "CLOCK_REALTIME; using software stamps", iface, info.phc_index, e)
         return False, False, None
     return hw_rx, hw_tx, info.phc_index
+
+
+_NIC_CHANGED: dict[str, object] = {}  # iface -> the hwtstamp_config we found (always "off")
+
+
+def restore_nic_configs() -> list[str]:
+    """Put back the hwtstamp configs enable_timestamping(configure_nic=True) changed, unless
+    someone (ptp4l) has changed them since; call at agent shutdown. Returns the ifaces restored."""
+    from agent import ethtool
+
+    done = []
+    for iface, before in list(_NIC_CHANGED.items()):
+        try:
+            cur = ethtool.get_hwtstamp(iface)
+            if cur is not None and cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME) \
+                    and cur.tx_type in (ethtool.HWTSTAMP_TX_OFF, ethtool.HWTSTAMP_TX_ON):
+                ethtool.set_hwtstamp(iface, before)  # type: ignore[arg-type]
+                done.append(iface)
+        except (OSError, ValueError) as e:
+            log.warning("%s: could not restore hwtstamp config: %s", iface, e)
+        del _NIC_CHANGED[iface]
+    return done
 
 
 def enable_timestamping(sock: socket.socket, iface: str | None = None, hardware: bool = True,
@@ -402,7 +426,12 @@ def enable_recv_ttl(sock: socket.socket) -> None:
 
 
 def rx_ttl(ancdata: list[tuple[int, int, bytes]]) -> int | None:
-    for item in ancdata:
+    """The received TTL / hop limit from a recvmsg's ancillary data (after enable_recv_ttl)."""
+    try:
+        items = list(ancdata)
+    except TypeError:
+        return None
+    for item in items:
         try:
             level, ctype, data = item
         except (TypeError, ValueError):
@@ -589,10 +618,14 @@ def drain_tx_stamps(sock: socket.socket, *, config: TimestampingConfig | None = 
     return out
 
 
-def user_stamp(direction: str = "rx", counters: StampCounters = STAMP_COUNTERS) -> Stamp:
-    """A user-space CLOCK_REALTIME stamp, counted as a fallback for ``direction`` ('rx'/'tx')."""
+def user_stamp(direction: str = "rx", ns: int | None = None, counters: StampCounters = STAMP_COUNTERS) -> Stamp:
+    """A user-space CLOCK_REALTIME stamp, counted as a fallback for ``direction`` ('rx'/'tx').
+
+    For TX, pass the time recorded just before sendmsg as ``ns`` when a packet's
+    OPT_ID key never shows up on the error queue (a driver may drop a hardware TX stamp).
+    """
     counters.add(direction, "user")
-    return Stamp(time.time_ns(), StampSource.USER)
+    return Stamp(time.time_ns() if ns is None else ns, StampSource.USER)
 
 
 def drain_socket(sock: socket.socket, bufsize: int = 2048, max_packets: int = 256, *,

@@ -109,3 +109,17 @@ def test_no_hardware_when_the_phc_is_unreadable(monkeypatch):
         raise PermissionError(13, "denied")
     monkeypatch.setattr(ts, "phc_clock", denied)
     assert ts._hardware_plan("eth9", configure_nic=False) == (False, False, None)
+
+
+def test_restore_puts_back_only_what_we_changed(monkeypatch):
+    fake = FakeEthtool(ethtool.HwTstampConfig(0, 0, 0))
+    fake.install(monkeypatch)
+    monkeypatch.setattr(ts, "_NIC_CHANGED", {})
+    ts._hardware_plan("eth9", configure_nic=True)
+    assert ts.restore_nic_configs() == ["eth9"]
+    assert fake.cur == ethtool.HwTstampConfig(0, 0, 0)
+    # ptp4l took over after us: leave its config alone
+    ts._hardware_plan("eth9", configure_nic=True)
+    fake.cur = ethtool.HwTstampConfig(0, ethtool.HWTSTAMP_TX_ON, 12)
+    assert ts.restore_nic_configs() == []
+    assert fake.cur.rx_filter == 12
