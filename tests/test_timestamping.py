@@ -215,3 +215,36 @@ def test_fast_path_agrees_with_careful_path(anc):
     except (TypeError, ValueError):
         return  # the careful path takes over; covered by the garbage test
     assert fast == ts._rx_careful(anc)
+
+
+def test_asyncio_reader_with_drain_socket_gets_everything_without_spinning():
+    import asyncio
+
+    async def main() -> tuple[int, list, list]:
+        loop = asyncio.get_running_loop()
+        calls, pkts, tx = 0, [], []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+            a.bind(("127.0.0.1", 0))
+            a.setblocking(False)
+            cfg = ts.enable_timestamping(a)
+
+            def on_ready() -> None:  # EPOLLERR (TX stamps waiting) also lands here
+                nonlocal calls
+                calls += 1
+                p, t = ts.drain_socket(a, config=cfg, counters=StampCounters())
+                pkts.extend(p)
+                tx.extend(t)
+
+            loop.add_reader(a.fileno(), on_ready)
+            try:
+                for _ in range(20):
+                    a.sendto(b"q", a.getsockname())
+                    await asyncio.sleep(0.002)
+                await asyncio.sleep(0.05)
+            finally:
+                loop.remove_reader(a.fileno())
+        return calls, pkts, tx
+
+    calls, pkts, tx = asyncio.run(main())
+    assert len(pkts) == 20 and sorted(k for k, _ in tx) == list(range(20))
+    assert calls <= 60, "the reader spun: the error queue was not drained"
