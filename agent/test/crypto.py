@@ -88,6 +88,13 @@ class TwampTestCrypto:
     def reflector_cipher_span(self) -> int:
         return REFLECTOR_ENC_SPAN if self.encrypted else BLOCK
 
+    def fast_ops(self) -> tuple:
+        """(ECB encrypt-update, ECB decrypt-update, keyed HMAC prototype ``copy``) for hot loops.
+
+        The update functions take whole 16-octet blocks; each ``copy()`` gives a fresh keyed HMAC.
+        """
+        return self._enc.update, self._dec.update, self._mac.copy
+
     def mac(self, data: bytes | bytearray | memoryview) -> bytes:
         ctx = self._mac.copy()
         ctx.update(data)

@@ -18,6 +18,7 @@ why) for short, malformed or unauthentic input; it never raises on packet conten
 
 from __future__ import annotations
 
+import hmac as _hmac
 import time
 from dataclasses import dataclass, fields
 from typing import Callable, Hashable
@@ -49,6 +50,7 @@ from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
 from netlink.secret import Secret
 
 NowNs = Callable[[], int]
+_compare = _hmac.compare_digest
 
 
 @dataclass(slots=True)
@@ -112,6 +114,7 @@ class ReflectorSession:
                 if keys is None:
                     raise ValueError("authenticated/encrypted TWAMP needs TestKeys")
                 self._tcrypto = TwampTestCrypto(keys, security is Security.ENCRYPTED, reflector_auth_span)
+                self._fast = self._tcrypto.fast_ops()
         elif stamp_key is not None and proto is Proto.STAMP:
             self._scrypto = StampCrypto(stamp_key)  # unauthenticated base, HMAC TLV still checked
         if proto is Proto.TWAMP:
@@ -172,9 +175,17 @@ class ReflectorSession:
             return None
         cr = self._tcrypto
         assert cr is not None
-        sspan = cr.sender_cipher_span
-        plain = cr.decrypt(data, sspan) + data[sspan:32]
-        if not cr.verify(plain[: cr.sender_span], data[32:48]):
+        enc, dec, mac = self._fast
+        if cr.encrypted:
+            plain = cr.decrypt(data, 32)
+            h = mac()
+            h.update(plain)
+        else:
+            # Authenticated: only block 0 (Seq + MBZ) is enciphered and MACed (see agent.test.crypto).
+            plain = dec(data[:16]) + data[16:32]
+            h = mac()
+            h.update(plain[:16])
+        if not _compare(h.finalize()[:16], data[32:48]):
             c.bad_hmac += 1
             return None
         sseq, sts, serr = S_SENDER_AUTH.unpack_from(plain)
@@ -186,12 +197,16 @@ class ReflectorSession:
         if ttl is None:
             ttl = TTL_UNKNOWN
         pad = data[AUTH_SENDER_BASE : n - (AUTH_REFLECTOR_BASE - AUTH_SENDER_BASE)] if n > AUTH_REFLECTOR_BASE else b""
-        rspan = cr.reflector_cipher_span
         t3 = ts(now_ns())
         body = S_REFL_AUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
-        tag = cr.mac(body[: cr.reflector_span])
+        h = mac()
         c.reflected += 1
-        return cr.encrypt(body, rspan) + body[rspan:] + tag + pad
+        if cr.encrypted:
+            h.update(body)
+            return cr.encrypt(body, 96) + h.finalize()[:16] + pad
+        span = cr.reflector_span
+        h.update(body[:span])
+        return enc(body[:16]) + body[16:] + h.finalize()[:16] + pad
 
     # ------------------------------------------------------------------ STAMP
 

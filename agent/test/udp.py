@@ -90,11 +90,16 @@ def open_udp_socket(local: tuple[str, int], *, family: int | None = None, dscp: 
     try:
         if fam == socket.AF_INET6:
             s.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 0 if host in ("::", "") else 1)
-        for opt, val in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
+        # Bursts (and a busy shared CPU) must not overflow the queue: ask past rmem_max when
+        # privileged (SO_*BUFFORCE), else as much as the sysctl allows.
+        for force, opt, val in ((33, socket.SO_RCVBUF, rcvbuf), (32, socket.SO_SNDBUF, sndbuf)):
             try:
-                s.setsockopt(_SOL_SOCKET, opt, val)
+                s.setsockopt(_SOL_SOCKET, force, val)
             except OSError:
-                pass
+                try:
+                    s.setsockopt(_SOL_SOCKET, opt, val)
+                except OSError:
+                    pass
         if dscp is not None:
             set_dscp(s, dscp)
         s.bind((host, local[1]))
@@ -331,6 +336,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         now = self.now_ns
         default = self.default
         by_peer = self._by_peer
+        sessions = self._sessions
+        v6 = sock.family == socket.AF_INET6
         n_sw = n_user = 0
         for _ in range(self.batch):
             try:
@@ -347,10 +354,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 n_user += 1
             else:
                 n_sw += 1
-            key = peer_key(addr)
-            sess = self._sessions.get(by_peer.get(key)) if by_peer else None  # type: ignore[arg-type]
+            key = peer_key(addr) if v6 else addr
+            sess = sessions.get(by_peer.get(key)) if by_peer else None  # type: ignore[arg-type]
             if sess is None:
-                sess = self._lookup(key) if self._sessions else None
+                sess = self._lookup(key) if sessions else None
                 if sess is None:
                     sess = default
                     if sess is None:

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Reflector throughput on loopback: the highest rate answered with 0 % loss.
+
+Three servers, each in its own process, are driven by a paced sender in another
+process at rising rates (1 s per step, then 0.5 s to collect late replies):
+
+* ``echo``   — the ceiling of Python on this machine: a blocking recvfrom/sendto loop;
+* ``unauth`` — xwamp's TwampReflectorEndpoint, TWAMP unauthenticated (41-octet packets);
+* ``auth``   — the same in TWAMP authenticated mode (112-octet packets, AES + HMAC-SHA1);
+* ``stamp``  — STAMP unauthenticated (44 octets) through the same endpoint (optional).
+
+It prints figures; it asserts nothing. The machine is shared, so numbers are noisy:
+each rate is tried twice before it counts as failed.
+
+    python3 bench/reflector.py [--duration 1] [--max-rate 200000] [--servers echo,unauth,auth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+KEY_AES = bytes(range(16))
+KEY_HMAC = bytes(range(32, 64))
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+
+
+def _bufs(s: socket.socket) -> None:
+    for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, RCVBUF)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+
+
+# ------------------------------------------------------------------------- servers
+
+
+def echo_server(port_q: mp.Queue, stop: mp.Event, cpu: int | None) -> None:
+    _pin(cpu)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _bufs(s)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(0.2)
+    port_q.put(s.getsockname()[1])
+    recvfrom, sendto = s.recvfrom, s.sendto
+    while not stop.is_set():
+        try:
+            while True:
+                data, addr = recvfrom(2048)
+                sendto(data, addr)
+        except socket.timeout:
+            pass
+
+
+def xwamp_server(kind: str, port_q: mp.Queue, stop: mp.Event, cpu: int | None, stats_q: mp.Queue) -> None:
+    _pin(cpu)
+    from agent.test.keys import TestKeys
+    from agent.test.packets import Proto, Security
+    from agent.test.reflector import ReflectorSession
+    from agent.test.udp import TwampReflectorEndpoint
+    from netlink.secret import Secret
+
+    if kind == "auth":
+        sess = ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)))
+    elif kind == "stamp":
+        sess = ReflectorSession(Proto.STAMP)
+    else:
+        sess = ReflectorSession(Proto.TWAMP)
+
+    async def main() -> None:
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess)
+        await ep.start()
+        assert ep.sock is not None
+        _bufs(ep.sock)
+        port_q.put(ep.port)
+        t0 = time.process_time()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        stats_q.put((ep.counters(), time.process_time() - t0))
+        ep.close()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------- sender
+
+
+def _packets(kind: str, n: int) -> list[bytes]:
+    from agent.test.keys import TestKeys
+    from agent.test.packets import Proto, Security
+    from agent.test.sender import TestSender
+    from netlink.secret import Secret
+
+    if kind == "auth":
+        s = TestSender(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)), error_estimate=1)
+    elif kind == "stamp":
+        s = TestSender(Proto.STAMP, error_estimate=1)
+    else:  # echo and unauth: the 41-octet symmetric TWAMP sender packet
+        s = TestSender(Proto.TWAMP, error_estimate=1)
+    now = time.time_ns()
+    return [s.build(i, now) for i in range(n)]
+
+
+def blast(port: int, kind: str, rate: int, duration: float, cpu: int | None, out: mp.Queue) -> None:
+    """Send ``rate`` pps for ``duration`` s (absolute pacing), count replies; then wait 0.5 s."""
+    _pin(cpu)
+    pkts = _packets(kind, 1024)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _bufs(s)
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    send, recv_into = s.send, s.recv_into
+    buf = bytearray(2048)
+    total = int(rate * duration)
+    sent = got = 0
+    t0 = time.perf_counter()
+    while sent < total:
+        due = min(total, int((time.perf_counter() - t0) * rate) + 1)
+        while sent < due:
+            try:
+                send(pkts[sent & 1023])
+            except BlockingIOError:
+                break
+            sent += 1
+        try:
+            while True:
+                recv_into(buf)
+                got += 1
+        except BlockingIOError:
+            pass
+    t_send = time.perf_counter() - t0
+    end = time.perf_counter() + 0.5
+    while got < sent and time.perf_counter() < end:
+        try:
+            recv_into(buf)
+            got += 1
+        except BlockingIOError:
+            time.sleep(0.0005)
+    out.put((sent, got, sent / t_send if t_send > 0 else 0.0))
+
+
+def measure(port: int, kind: str, rate: int, duration: float, cpu: int | None) -> tuple[int, int, float]:
+    q: mp.Queue = mp.Queue()
+    p = mp.Process(target=blast, args=(port, kind, rate, duration, cpu, q))
+    p.start()
+    res = q.get(timeout=duration + 30)
+    p.join()
+    return res
+
+
+def run_server(kind: str, rates: list[int], duration: float, pin: bool) -> dict[str, object]:
+    port_q: mp.Queue = mp.Queue()
+    stats_q: mp.Queue = mp.Queue()
+    stop = mp.Event()
+    srv_cpu, snd_cpu = (1, 0) if pin and (os.cpu_count() or 1) >= 2 else (None, None)
+    if kind == "echo":
+        proc = mp.Process(target=echo_server, args=(port_q, stop, srv_cpu), daemon=True)
+    else:
+        proc = mp.Process(target=xwamp_server, args=(kind, port_q, stop, srv_cpu, stats_q), daemon=True)
+    proc.start()
+    port = port_q.get(timeout=30)
+    best = 0
+    best_achieved = 0.0
+    first_fail: tuple[int, int, int] | None = None
+    for rate in rates:
+        ok = False
+        for _attempt in range(2):
+            sent, got, achieved = measure(port, kind, rate, duration, snd_cpu)
+            if got >= sent and achieved >= 0.97 * rate:
+                ok = True
+                break
+            if achieved < 0.97 * rate:
+                break  # the sender itself cannot go faster: no point retrying
+        line = f"  {kind:6s} {rate:>7d} pps: sent {sent:>7d} at {achieved:>9.0f} pps, answered {got:>7d}"
+        print(line + ("" if ok else f"  LOSS {sent - got}" if got < sent else "  (sender-limited)"), flush=True)
+        if ok:
+            best, best_achieved = rate, achieved
+        else:
+            first_fail = (rate, sent, got)
+            break
+    stop.set()
+    cpu_s = None
+    per_cpu = None
+    if kind != "echo":
+        try:
+            counters, cpu_s = stats_q.get(timeout=10)
+            if cpu_s:
+                per_cpu = counters.get("reflected", 0) / cpu_s
+        except Exception:
+            pass
+    proc.join(timeout=5)
+    if proc.is_alive():
+        proc.terminate()
+    return {"server": kind, "max_pps_no_loss": best, "achieved": best_achieved, "first_fail": first_fail,
+            "server_cpu_s": cpu_s, "pps_per_cpu_s": per_cpu}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=1.0, help="seconds per rate step")
+    ap.add_argument("--servers", default="echo,unauth,auth", help="comma list: echo,unauth,auth,stamp")
+    ap.add_argument("--rates", default="10000,20000,30000,40000,50000,60000,70000,80000,90000,100000,120000,140000,160000",
+                    help="comma list of rates (pps), tried in order until the first loss")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin sender and server to separate CPUs")
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    print(f"loopback reflector benchmark: {os.cpu_count()} CPUs, {args.duration:.1f} s per step, "
+          f"{'pinned' if not args.no_pin else 'unpinned'}", flush=True)
+    results = []
+    for kind in args.servers.split(","):
+        results.append(run_server(kind.strip(), rates, args.duration, not args.no_pin))
+    print()
+    print(f"{'server':8s} {'max pps, 0 % loss':>18s}  {'vs echo':>8s}  {'answered per server CPU-second':>31s}")
+    echo = next((r["max_pps_no_loss"] for r in results if r["server"] == "echo"), 0)
+    for r in results:
+        rel = f"{100 * r['max_pps_no_loss'] / echo:.0f} %" if echo else "-"
+        pc = f"{r['pps_per_cpu_s']:.0f}" if r.get("pps_per_cpu_s") else "-"
+        print(f"{r['server']:8s} {r['max_pps_no_loss']:>18d}  {rel:>8s}  {pc:>31s}")
+    print("(the last column is what one core would sustain if the reflector had it to itself; "
+          "the machine is shared, so the 0 % loss column is noisy)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
