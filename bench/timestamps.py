@@ -123,7 +123,7 @@ def run_once(rate: int, seconds: float, load: bool) -> dict:
     t4k: list[int] = [0] * n
     pad = bytes(PAYLOAD - 4)
     sent = replies = 0
-    start = time.monotonic_ns()
+    start = last_reply = time.monotonic_ns()
     end_wait = None
     while True:
         now = time.monotonic_ns()
@@ -134,7 +134,8 @@ def run_once(rate: int, seconds: float, load: bool) -> dict:
             continue
         if sent >= n:
             end_wait = end_wait or now
-            if now - end_wait > 2_000_000_000 or (replies >= n and now - end_wait > 50_000_000):
+            # stop when all replies are in, or none arrived for 0.5 s (the reflector gave up/dropped)
+            if replies >= n and now - end_wait > 50_000_000 or now - max(last_reply, end_wait) > 500_000_000:
                 break
         # Sleep in epoll only when the next send is > 1.5 ms away (epoll rounds up to 1 ms).
         wait_ns = (start + sent * interval - now) if sent < n else 10_000_000
@@ -146,6 +147,7 @@ def run_once(rate: int, seconds: float, load: bool) -> dict:
             st = ts.rx_stamp(anc, config=cfg, counters=c)
             t4u[seq], t4k[seq] = after, (st.ns if st else 0)
             replies += 1
+            last_reply = time.monotonic_ns()
         for key, st in tx:
             t1k[key] = st.ns
     s.send(b"END")
