@@ -1,0 +1,119 @@
+"""``xwamp ping HOST``: a TWAMP (RFC 5357) client, output like ping(8) or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODES = ("unauth", "auth", "enc", "mixed")
+
+
+def add_client_options(p: argparse.ArgumentParser, default_port: int, modes: tuple[str, ...] = MODES) -> None:
+    """Options shared by ``ping`` and ``owping``."""
+    p.add_argument("host", help="server address or name")
+    p.add_argument("--port", type=int, default=default_port, help=f"control TCP port (default {default_port})")
+    p.add_argument("-c", "--count", type=int, default=10, help="test packets to send (default 10)")
+    p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between packets, or their mean (default 1)")
+    p.add_argument("--schedule", choices=("fixed", "exponential"), default="fixed",
+                   help="fixed interval, or exponential gaps (Poisson sampling, RFC 3432)")
+    p.add_argument("--padding", type=int, default=None, help="padding octets per test packet")
+    p.add_argument("--dscp", type=int, default=0, help="DSCP of the test packets (Type-P descriptor)")
+    p.add_argument("--mode", action="append", choices=modes, default=None,
+                   help="security mode; repeat to give a preference order (default unauth)")
+    p.add_argument("--keyfile", help="key file: 'identity passphrase' lines (or a perfSONAR .pfs file)")
+    p.add_argument("--user", default="", help="identity (KeyID) to authenticate as")
+    p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase for --user from this environment variable")
+    p.add_argument("--max-count", type=int, default=1 << 20, help="largest PBKDF2 Count accepted from a server")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for late packets (default 2)")
+    p.add_argument("--timeout", type=float, default=10.0, help="control-plane answer timeout (default 10 s)")
+    p.add_argument("--test-port", type=int, default=0, help="UDP port to ask the server for (default: its choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ping", help="TWAMP client (round trip, one-way, loss)",
+                              description="Run one TWAMP session against HOST and report like ping.")
+    add_client_options(p, 862)
+    p.add_argument("-q", "--quiet", action="store_true", help="summary only")
+    p.set_defaults(func=run)
+
+
+def key_source(args: argparse.Namespace):
+    """The client's KeySource from --keyfile / --passphrase-env, or None."""
+    import os
+
+    from agent.keyring import ChainedKeySource, PassphraseFile, StaticKeySource
+    from netlink.secret import Secret
+
+    sources = []
+    if args.passphrase_env:
+        v = os.environ.get(args.passphrase_env)
+        if v is None:
+            raise ValueError(f"environment variable {args.passphrase_env} is not set")
+        sources.append(StaticKeySource({args.user: Secret(v.encode("utf-8"))}))
+    if args.keyfile:
+        sources.append(PassphraseFile(args.keyfile))
+    return ChainedKeySource(*sources) if sources else None
+
+
+def options(args: argparse.Namespace):
+    from agent.session import PingOptions
+
+    modes = tuple(args.mode or ("unauth",))
+    ks = key_source(args)
+    if any(m != "unauth" for m in modes) and ks is None:
+        raise ValueError("authenticated modes need --keyfile or --passphrase-env (and --user)")
+    return PingOptions(args.host, args.port, count=args.count, interval=args.interval,
+                       schedule="poisson" if args.schedule == "exponential" else "fixed", padding=args.padding,
+                       dscp=args.dscp, wanted=modes, key_id=args.user, key_source=ks, max_count=args.max_count,
+                       wait=args.wait, timeout=args.timeout, test_port=args.test_port)
+
+
+def mode_name(mode: int) -> str:
+    from agent.control import modes as md
+
+    sec = [m.name for m in md.security_bits(mode)]
+    return sec[0] if sec else hex(mode)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from agent import results
+    from agent.control.aio import ControlError
+    from agent.keyring import KeyFileError
+    from agent.session import twamp_ping
+
+    try:
+        opt = options(args)
+    except (ValueError, OSError, KeyFileError) as e:
+        print(f"xwamp ping: {e}", file=sys.stderr)
+        return 2
+    if args.count < 1 or args.interval < 0 or not 0 <= args.dscp < 64:
+        print("xwamp ping: --count >= 1, --interval >= 0, --dscp 0..63", file=sys.stderr)
+        return 2
+
+    def on_record(rec) -> None:
+        if not args.json and not args.quiet:
+            print(results.format_reply(rec, args.host), flush=True)
+
+    if not args.json:
+        print(f"TWAMP {args.host} port {args.port}: {args.count} packets, interval {args.interval}s", flush=True)
+    try:
+        res = asyncio.run(twamp_ping(opt, on_record))
+    except ControlError as e:
+        print(f"xwamp ping: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        doc = {"protocol": "twamp", "peer": res.peer, "mode": mode_name(res.mode), "sid": res.sid.hex(),
+               "summary": res.summary.to_dict(), "records": [r.as_dict() for r in res.records]}
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        for r in res.records:
+            if r.lost and not args.quiet:
+                print(results.format_reply(r, args.host))
+        print(results.format_summary(res.summary, args.host))
+    return 0 if res.summary.loss.received else 1

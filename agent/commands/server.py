@@ -1,0 +1,99 @@
+"""``xwamp server``: TWAMP (Session-Reflector) and OWAMP (receiver/sender) control server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("server", help="O/TWAMP server (TCP 862 TWAMP, 861 OWAMP)",
+                              description="Serve TWAMP and OWAMP control connections and their test sessions.")
+    p.add_argument("--protocol", choices=("both", "twamp", "owamp"), default="both")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="address to listen on; repeat for several (default: all IPv4 and IPv6)")
+    p.add_argument("--twamp-port", type=int, default=862)
+    p.add_argument("--owamp-port", type=int, default=861)
+    p.add_argument("--mode", action="append", choices=("unauth", "auth", "enc", "mixed"),
+                   help="modes to offer; repeat (default: all; keyed modes only with --keyfile)")
+    p.add_argument("--keyfile", help="'identity passphrase' lines, or a perfSONAR .pfs file")
+    p.add_argument("--count", type=int, default=4096, help="PBKDF2 Count offered to clients (power of 2 >= 1024)")
+    p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--max-per-client", type=int, default=8, help="control connections per client address")
+    p.add_argument("--max-sessions", type=int, default=16, help="test sessions per control connection")
+    p.add_argument("--idle-timeout", type=float, default=30.0, help="close control connections idle this long")
+    p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (default: run until ^C)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from agent.control import modes as md
+    from agent.control.aio import ControlListener, ListenerLimits
+    from agent.control.server import ServerConfig
+    from agent.keyring import KeyFileError, PassphraseFile
+    from agent.session import OwampHandler, TwampHandler
+
+    log = logging.getLogger("xwamp.server")
+    ks = None
+    if args.keyfile:
+        try:
+            ks = PassphraseFile(args.keyfile)
+        except (OSError, KeyFileError) as e:
+            print(f"xwamp server: {e}", file=sys.stderr)
+            return 2
+    names = args.mode or (["unauth", "auth", "enc", "mixed"] if ks else ["unauth"])
+    modes = 0
+    for n in names:
+        modes |= md.by_name(n).bit
+    try:
+        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions)
+    except ValueError as e:
+        print(f"xwamp server: {e}", file=sys.stderr)
+        return 2
+    limits = ListenerLimits(args.max_connections, args.max_per_client, args.idle_timeout)
+    listeners = []
+    if args.protocol in ("both", "twamp"):
+        listeners.append(ControlListener(TwampHandler, twamp=True, hosts=args.listen, port=args.twamp_port,
+                                         config=cfg, key_source=ks, limits=limits))
+    if args.protocol in ("both", "owamp"):
+        listeners.append(ControlListener(OwampHandler, twamp=False, hosts=args.listen, port=args.owamp_port,
+                                         config=cfg, key_source=ks, limits=limits))
+
+    async def main() -> None:
+        for lst in listeners:
+            await lst.start()
+            for a in lst.addresses:
+                print(f"xwamp server: {'TWAMP' if lst.twamp else 'OWAMP'} on {a[0]} port {a[1]}, "
+                      f"modes {', '.join(names)}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            if args.duration > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), args.duration)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await stop.wait()
+        finally:
+            for lst in listeners:
+                await lst.close()
+                log.info("%s: %s", "TWAMP" if lst.twamp else "OWAMP", lst.stats)
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        print(f"xwamp server: cannot listen: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
