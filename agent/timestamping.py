@@ -409,7 +409,8 @@ def enable_timestamping(sock: socket.socket, iface: str | None = None, hardware:
         flags |= SOF_TIMESTAMPING_RAW_HARDWARE | SOF_TIMESTAMPING_OPT_PKTINFO
         flags |= SOF_TIMESTAMPING_RX_HARDWARE if hw_rx else 0
         flags |= SOF_TIMESTAMPING_TX_HARDWARE if hw_tx else 0
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, flags)
+    # 32-bit ABIs: the _NEW option gets 64-bit timespecs (y2038-safe); decoders take both.
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING if _LP64 else SO_TIMESTAMPING_NEW, flags)
     return TimestampingConfig(hw_rx, hw_tx, True, True, phc_index, flags)
 
 

@@ -248,3 +248,13 @@ def test_asyncio_reader_with_drain_socket_gets_everything_without_spinning():
     calls, pkts, tx = asyncio.run(main())
     assert len(pkts) == 20 and sorted(k for k, _ in tx) == list(range(20))
     assert calls <= 60, "the reader spun: the error queue was not drained"
+
+
+def test_32_bit_abi_old_timespec(monkeypatch):
+    monkeypatch.setattr(ts, "_LP64", False)
+    data = struct.pack("=iiiiii", 1_700_000_000, 5, 0, 0, 0, 0)
+    anc = [(socket.SOL_SOCKET, ts.SCM_TIMESTAMPING, data)]
+    assert ts.rx_stamp(anc, counters=StampCounters()) == Stamp(1_700_000_000 * NS + 5, StampSource.SW)
+    # the y2038-safe _NEW cmsg is always 64-bit
+    anc = [(socket.SOL_SOCKET, ts.SCM_TIMESTAMPING_NEW, scm(sw=(3_000_000_000, 7)))]
+    assert ts.rx_stamp(anc, counters=StampCounters()) == Stamp(3_000_000_000 * NS + 7, StampSource.SW)
