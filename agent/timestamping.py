@@ -25,9 +25,13 @@ without a readable /dev/ptpN we stay on software stamps and say so.
 
 Constants: the socket module lacks them, so they live here, with the asm-generic
 values (include/uapi/asm-generic/socket.h, linux/net_tstamp.h, linux/errqueue.h,
-linux/ptp_clock.h). alpha, mips, parisc and sparc have their own SO_* tables and
-alpha, mips, powerpc, parisc and sparc their own ioctl encoding; we refuse those
-rather than send wrong numbers.
+linux/ptp_clock.h). Checked against arch/*/include/uapi/asm/socket.h: parisc
+(SO_TIMESTAMPING 0x4020) and sparc (0x23) number these options differently, so we
+refuse them rather than send wrong numbers. alpha, mips and powerpc have their own
+SO_* tables too, but the values used here (35, 37, 65, 58) are the same there; only
+SOL_SOCKET differs (0xffff on alpha/mips), and Python's socket module has that right.
+alpha, mips, powerpc, parisc and sparc also encode ioctl numbers differently, so the
+PTP ioctls (hardware stamps) are refused there.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # ---- constants ---------------------------------------------------------------------------
 
-# asm-generic/socket.h (x86, arm, arm64, riscv, s390, loongarch, powerpc share these SO_* values)
+# asm-generic/socket.h; the same numbers on every architecture but parisc and sparc
 SO_TIMESTAMP_OLD = 29
 SO_TIMESTAMPNS_OLD = 35
 SO_TIMESTAMPING_OLD = 37
@@ -111,9 +115,9 @@ IPV6_RECVERR = 25
 IPV6_RECVHOPLIMIT = 51
 IPV6_HOPLIMIT = 52
 
-_GENERIC_SO = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "aarch64", "arm64",
-               "riscv64", "riscv32", "s390x", "loongarch64", "ppc64", "ppc64le", "ppc")
-_GENERIC_IOC = tuple(m for m in _GENERIC_SO if not m.startswith("ppc"))
+_GENERIC_IOC = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "aarch64", "arm64",
+                "riscv64", "riscv32", "s390x", "loongarch64")
+_GENERIC_SO = _GENERIC_IOC + ("ppc64", "ppc64le", "ppc", "mips", "mips64", "mipsel", "mips64el", "alpha")
 
 
 def _machine() -> str:
@@ -138,7 +142,7 @@ def _require_supported_arch() -> None:
     if not _so_values_ok():
         raise UnsupportedArchitecture(
             f"SO_TIMESTAMPING constants here are the asm-generic values; {_machine()} "
-            "(alpha/mips/parisc/sparc) numbers them differently and is not supported")
+            "(parisc/sparc) numbers them differently and is not supported")
 
 
 # ---- records -------------------------------------------------------------------------------
