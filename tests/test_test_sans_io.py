@@ -205,3 +205,15 @@ def test_owamp_receiver_and_fetch(sec: Security) -> None:
         assert rcv.counters.short == 0  # flipped seq just shifts the seq
     else:
         assert rcv.counters.bad_hmac == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=80))
+def test_fuzz_fetch_records(data: bytes) -> None:
+    from agent.test.packets import PacketError
+
+    try:
+        recs = decode_fetch_records(data)
+    except PacketError:
+        return
+    assert len(recs) * 25 == len(data)

@@ -120,3 +120,38 @@ def test_reflect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "authenticated" in out and "reflected 0" in out
     assert "ab" * 8 not in out  # the key never shows, only its fingerprint
+
+
+def test_stamp_cos_tlv_and_session_dscp_over_udp() -> None:
+    from agent.test import tlv
+
+    async def main() -> tuple[list, list, dict]:
+        async with TwampReflectorEndpoint(("::", 0), default=ReflectorSession(Proto.STAMP)) as ep:
+            ep.add_session("t", ("::1", 0), MODE_UNAUTHENTICATED, dscp=34)
+            cos = await run_twamp_sender(("0.0.0.0", 0), ("127.0.0.1", ep.port), proto=Proto.STAMP, dscp=10,
+                                         tlvs=[tlv.class_of_service(46)], count=2, interval=0.005, timeout=2.0)
+            tw = await run_twamp_sender(("::1", 0), ("::1", ep.port), count=2, interval=0.005, timeout=2.0)
+            return cos, tw, ep.counters()
+
+    cos, tw, c = _run(main())
+    assert all(not r.lost for r in cos + tw) and c["send_errors"] == 0
+    got = tlv.parse_tlvs(cos[0].reply_tlvs)[0]
+    assert tlv.parse_class_of_service(got.value)[:2] == (46, 10)  # DSCP1 kept, DSCP2 = what arrived
+
+
+def test_fuzz_decode_ancillary() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from agent.test.udp import decode_ancillary
+
+    item = st.tuples(st.sampled_from([0, 1, 41, socket.SOL_SOCKET]), st.integers(0, 70), st.binary(max_size=64))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(item, max_size=4))
+    def check(anc: list) -> None:
+        rx, src, ttl, tos = decode_ancillary(anc, None)
+        assert rx is None or rx > 0
+        assert src == "sw"
+
+    check()

@@ -85,7 +85,10 @@ class ReflectorSession:
         error_estimate: ErrSource = None,
         reflector_auth_span: int = REFLECTOR_AUTH_SPAN,
         twamp_light_fallback: bool = True,
+        dscp: int | None = None,
     ) -> None:
+        """``dscp``: DSCP for every reply (e.g. the Type-P Descriptor's); None keeps the socket's.
+        A STAMP Class of Service TLV overrides it per packet (RFC 8972 §4.4)."""
         if proto is Proto.OWAMP:
             raise ValueError("OWAMP has no reflector; use agent.test.receiver.OwampReceiver")
         self.proto = proto
@@ -93,7 +96,8 @@ class ReflectorSession:
         self.stateful = stateful
         self.ptp = ptp
         self.counters = ReflectorCounters()
-        self.reply_dscp: int | None = None  # set per packet when a CoS TLV asks for a reverse DSCP
+        self.dscp = dscp
+        self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
         self.seq = 0
         self._seqs: dict[Hashable, int] = {}
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
@@ -246,7 +250,7 @@ class ReflectorSession:
         if ttl is None:
             ttl = TTL_UNKNOWN
         extra = data[base:]
-        self.reply_dscp = None
+        self.reply_dscp = self.dscp
         if extra and extra.count(0) != len(extra):
             extra = self._stamp_tlvs(extra, data, seq, rx_source, tos, err)
         t3 = ts(now_ns())
@@ -277,7 +281,8 @@ class ReflectorSession:
             return extra  # not TLVs after all: TWAMP-Light style padding, reflected as is
         if r.hmac_ok is False:
             self.counters.tlv_hmac_failed += 1
-        self.reply_dscp = r.reply_dscp
+        if r.reply_dscp is not None:
+            self.reply_dscp = r.reply_dscp
         return r.data
 
     def _light(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, peer: Hashable) -> bytes:

@@ -186,8 +186,9 @@ class TestSender:
             # STAMP carries extra length in an Extra Padding TLV (RFC 8972 §4.2), not bare octets.
             self._tlvs.insert(0, _tlv.extra_padding(max(0, padding - 4)))
             padding = 0
+        symmetric = symmetric and proto is Proto.TWAMP  # OWAMP has no reply; STAMP is symmetric already
         if padding is None:
-            padding = symmetric_padding(proto, security) if (symmetric and proto is not Proto.STAMP) else 0
+            padding = symmetric_padding(proto, security) if symmetric else 0
         self.padding = padding
         # RFC 4656 §4.1.2: padding SHOULD be pseudo-random; RFC 6038 symmetrical size wants
         # the octets that stand in for the reflector's fields to be zero (MBZ).

@@ -146,7 +146,7 @@ def decode_ancillary(anc: list, hw_config: ts.TimestampingConfig | None) -> tupl
         if level == _SOL_SOCKET:
             if ctype == _SCM_TS and len(data) >= 16 and rx is None:
                 sec, nsec = _TS3.unpack_from(data)
-                if sec > 0:
+                if sec > 0 and 0 <= nsec < 1_000_000_000:
                     rx = sec * 1_000_000_000 + nsec
         elif level == _SOL_IP:
             if ctype == 2 and data:  # IP_TTL
@@ -298,14 +298,15 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
 
     def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
                     keys: TestKeys | None = None, *, proto: Proto = Proto.TWAMP, ptp: bool = False,
-                    error_estimate=None, reflector_auth_span: int = 16, **kw: object) -> ReflectorSession:
+                    error_estimate=None, reflector_auth_span: int = 16, dscp: int | None = None,
+                    **kw: object) -> ReflectorSession:
         """A TWAMP session from Request-TW-Session: ``mode`` is the negotiated Modes word
-        (RFC 5618 mixed → unauthenticated test packets); ``peer`` the sender's (address, port).
-        ``padding`` and similar request fields need nothing here: the reflector answers at the
-        sender's size."""
+        (RFC 5618 mixed → unauthenticated test packets); ``peer`` the sender's (address, port),
+        port 0 when unknown; ``dscp`` the Type-P Descriptor's DSCP for the replies.
+        ``padding`` needs nothing here: the reflector answers at the sender's size."""
         kw.pop("padding", None)
         sess = ReflectorSession(proto, security_from_mode(mode), keys=keys, ptp=ptp, error_estimate=error_estimate,
-                                reflector_auth_span=reflector_auth_span, **kw)  # type: ignore[arg-type]
+                                reflector_auth_span=reflector_auth_span, dscp=dscp, **kw)  # type: ignore[arg-type]
         self._register(sid, peer, sess)
         return sess
 
