@@ -90,7 +90,7 @@ class ControlListener:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._per_client: dict[str, int] = {}
-        self.stats = {"accepted": 0, "refused": 0, "protocol_errors": 0, "timeouts": 0}
+        self.stats = {"accepted": 0, "refused": 0, "setup_rejected": 0, "protocol_errors": 0, "timeouts": 0}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._on_connect, self.hosts, self.port, reuse_address=True)
@@ -148,7 +148,7 @@ class ControlListener:
             if handler is not None:
                 with contextlib.suppress(Exception):
                     handler.close()
-            writer.close()
+            await _graceful_close(reader, writer)
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
@@ -160,19 +160,21 @@ class ControlListener:
             if out:
                 writer.write(out)
                 await writer.drain()
-            if srv.closed:
-                return
             if pending:
                 e = pending.pop(0)
                 if isinstance(e, ev.ProtocolFailure):
                     self.stats["protocol_errors"] += 1
                     log.info("control peer %s: %s", srv.peer, e.reason)
                 elif isinstance(e, ev.SetupRejected):
+                    self.stats["setup_rejected"] += 1
                     log.info("control peer %s refused: %s", srv.peer, e.reason)
-                await handler.on_event(srv, e)
-                if srv.awaiting is None and not pending:
+                if not srv.closed:
+                    await handler.on_event(srv, e)
+                if srv.awaiting is None and not pending and not srv.closed:
                     pending.extend(srv.resume())  # input that queued behind the answer
                 continue
+            if srv.closed:
+                return
             if srv.awaiting is not None:
                 raise RuntimeError(f"handler did not answer {srv.awaiting}")
             timeout = self.limits.max_test_time if srv.state == "test" else self.limits.idle_timeout
@@ -185,6 +187,24 @@ class ControlListener:
             if not data:
                 return
             pending.extend(srv.receive_data(data))
+
+
+async def _graceful_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, linger: float = 1.0) -> None:
+    """Half-close, then discard what the peer still sends for a moment: closing with unread
+    input makes the kernel send RST, which can destroy our last message (e.g. a refusing
+    Server-Start) before the peer reads it."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + linger
+        budget = 1 << 16
+        while budget > 0 and loop.time() < end:
+            data = await asyncio.wait_for(reader.read(4096), max(0.0, end - loop.time()))
+            if not data:
+                break
+            budget -= len(data)
+    writer.close()
 
 
 # ------------------------------------------------------------------------------ client
