@@ -38,7 +38,7 @@ _NS = 1_000_000_000
 NTP_SECOND = 1 << 32
 
 
-async def _reflector_endpoint(host: str, port: int, dscp: int) -> TwampReflectorEndpoint:
+async def _reflector_endpoint(host: str, port: int) -> TwampReflectorEndpoint:
     """A started reflector endpoint on the requested port, or any port if that one is taken."""
     for p in ((port, 0) if port else (0,)):
         ep = TwampReflectorEndpoint((host, p), hardware=False)
@@ -49,8 +49,6 @@ async def _reflector_endpoint(host: str, port: int, dscp: int) -> TwampReflector
             if p == 0:
                 raise
             continue
-        if dscp and ep.sock is not None:
-            udp.set_dscp(ep.sock, dscp)  # replies carry the requested Type-P (RFC 5357 §3.5)
         return ep
     raise OSError("no UDP port")  # pragma: no cover
 
@@ -77,7 +75,7 @@ class TwampHandler:
 
     def __init__(self, srv: ControlServer) -> None:
         self.srv = srv
-        self.sessions: dict[bytes, tuple[TwampReflectorEndpoint, tuple[str, int] | None]] = {}
+        self.sessions: dict[bytes, tuple[TwampReflectorEndpoint, tuple[str, int] | None, int | None]] = {}
         self.active: set[bytes] = set()
         self._loop = asyncio.get_running_loop()
 
@@ -89,12 +87,12 @@ class TwampHandler:
             local_ip = srv.local[0] if srv.local else req.receiver_address
             sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)
             try:
-                ep = await _reflector_endpoint(str(local_ip), req.receiver_port, req.dscp or 0)
+                ep = await _reflector_endpoint(str(local_ip), req.receiver_port)
             except OSError as err:
                 log.info("cannot open a reflector port: %s", err)
                 srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)
                 return
-            self.sessions[e.sid] = (ep, (str(sender_ip), req.sender_port))
+            self.sessions[e.sid] = (ep, (str(sender_ip), req.sender_port), req.dscp)
             srv.accept_session(m.ACCEPT_OK, ep.port, e.sid)
         elif isinstance(e, ev.StartRequested):
             self._activate(list(self.sessions))  # RFC 5357 §4.2: reflect only after Start-Sessions
@@ -116,14 +114,15 @@ class TwampHandler:
         for sid in sids:
             if sid in self.active:
                 continue
-            ep, peer = self.sessions[sid]
-            ep.add_session(sid, peer, mode=self.srv.mode, keys=self.srv.test_keys(sid))
+            ep, peer, dscp = self.sessions[sid]
+            # replies carry the requested Type-P DSCP (RFC 5357 §3.5)
+            ep.add_session(sid, peer, mode=self.srv.mode, keys=self.srv.test_keys(sid), dscp=dscp)
             self.active.add(sid)
 
     def _retire(self, sids: list[bytes], grace: float = 1.0) -> None:
         """Keep reflecting late packets for a moment after the stop (RFC 5357 §3.8 Timeout)."""
         for sid in sids:
-            ep, _ = self.sessions.pop(sid)
+            ep = self.sessions.pop(sid)[0]
             self.active.discard(sid)
             self._loop.call_later(grace, self._finish, sid, ep)
 
@@ -136,7 +135,7 @@ class TwampHandler:
     finished: dict[bytes, dict[str, int]] = {}  # class-wide: counters of retired sessions (tests, logs)
 
     def close(self) -> None:
-        for sid, (ep, _) in self.sessions.items():
+        for sid, (ep, _, _) in self.sessions.items():
             self.finished[sid] = ep.counters()
             ep.close()
         self.sessions.clear()
