@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
-APT_PKGS := iproute2 iputils-ping kmod busybox-static qemu-system-x86 procps
+APT_PKGS := iproute2 iputils-ping kmod busybox-static qemu-system-x86 procps \
+	strongswan-charon strongswan-swanctl prometheus ruby
 
 .PHONY: demo test deps venv clean
 demo: deps venv
