@@ -9,6 +9,10 @@ process at rising rates (1 s per step, then 0.5 s to collect late replies):
 * ``auth``   — the same in TWAMP authenticated mode (112-octet packets, AES + HMAC-SHA1);
 * ``stamp``  — STAMP unauthenticated (44 octets) through the same endpoint (optional).
 
+A second part queues packets on each server's socket and times answering them all
+(wall time and CPU time): the CPU-time rate is the per-core cost of the code, much
+less sensitive to other load on the machine than the paced test.
+
 It prints figures; it asserts nothing. The machine is shared, so numbers are noisy:
 each rate is tried twice before it counts as failed.
 
@@ -213,6 +217,79 @@ def run_server(kind: str, rates: list[int], duration: float, pin: bool) -> dict[
             "server_cpu_s": cpu_s, "pps_per_cpu_s": per_cpu}
 
 
+# ------------------------------------------------------------------ drain capacity
+
+
+def capacity(kind: str, n: int, out: mp.Queue) -> None:
+    """Queue ``n`` packets on a server socket, then time (wall and CPU) answering all of them.
+
+    Less exposed to a noisy shared machine than the paced test: the CPU-time figure is
+    what the code costs per packet, on whatever core it got.
+    """
+    from agent.test.keys import TestKeys
+    from agent.test.packets import Proto, Security
+    from agent.test.reflector import ReflectorSession
+    from agent.test.udp import TwampReflectorEndpoint
+    from netlink.secret import Secret
+
+    pkts = _packets(kind, 256)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
+
+    def fill(port: int) -> None:
+        client.connect(("127.0.0.1", port))
+        for i in range(n):
+            client.send(pkts[i & 255])
+
+    if kind == "echo":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
+        s.bind(("127.0.0.1", 0))
+        fill(s.getsockname()[1])
+        recvfrom, sendto = s.recvfrom, s.sendto
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            data, addr = recvfrom(2048)
+            sendto(data, addr)
+        out.put((n / (time.perf_counter() - t0), n / max(1e-9, time.process_time() - c0)))
+        return
+    if kind == "auth":
+        sess = ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)))
+    elif kind == "stamp":
+        sess = ReflectorSession(Proto.STAMP)
+    else:
+        sess = ReflectorSession(Proto.TWAMP)
+
+    async def run() -> None:
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess)
+        await ep.start()
+        assert ep.sock is not None
+        ep.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
+        fill(ep.port)
+        t0, c0 = time.perf_counter(), time.process_time()
+        while sess.counters.received < n:
+            ep._on_readable()  # the same callback the event loop runs
+        out.put((n / (time.perf_counter() - t0), n / max(1e-9, time.process_time() - c0)))
+        ep.close()
+
+    asyncio.run(run())
+
+
+def run_capacity(kinds: list[str], n: int) -> None:
+    print(f"\ndrain capacity ({n} queued packets answered back to back; best of 3):")
+    print(f"{'server':8s} {'pps (wall)':>12s} {'pps per CPU-second':>20s}")
+    for kind in kinds:
+        best = (0.0, 0.0)
+        for _ in range(3):
+            q: mp.Queue = mp.Queue()
+            p = mp.Process(target=capacity, args=(kind, n, q))
+            p.start()
+            got = q.get(timeout=120)
+            p.join()
+            best = max(best, got, key=lambda x: x[1])
+        print(f"{kind:8s} {best[0]:>12.0f} {best[1]:>20.0f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=1.0, help="seconds per rate step")
@@ -220,6 +297,7 @@ def main() -> int:
     ap.add_argument("--rates", default="10000,20000,30000,40000,50000,60000,70000,80000,90000,100000,120000,140000,160000",
                     help="comma list of rates (pps), tried in order until the first loss")
     ap.add_argument("--no-pin", action="store_true", help="do not pin sender and server to separate CPUs")
+    ap.add_argument("--capacity", type=int, default=30000, help="packets for the drain-capacity test (0: skip)")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     print(f"loopback reflector benchmark: {os.cpu_count()} CPUs, {args.duration:.1f} s per step, "
@@ -236,6 +314,8 @@ def main() -> int:
         print(f"{r['server']:8s} {r['max_pps_no_loss']:>18d}  {rel:>8s}  {pc:>31s}")
     print("(the last column is what one core would sustain if the reflector had it to itself; "
           "the machine is shared, so the 0 % loss column is noisy)")
+    if args.capacity:
+        run_capacity([k.strip() for k in args.servers.split(",")], args.capacity)
     return 0
 
 

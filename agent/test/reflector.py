@@ -136,7 +136,6 @@ class ReflectorSession:
         rx_ns: int,
         ttl: int | None,
         now_ns: NowNs,
-        *,
         tos: int | None = None,
         peer: Hashable = None,
         rx_source: str = "sw",
@@ -145,7 +144,7 @@ class ReflectorSession:
 
     # ------------------------------------------------------------------ TWAMP
 
-    def _twamp_unauth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, *, tos: int | None = None,
+    def _twamp_unauth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                       peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
         c.received += 1
@@ -169,7 +168,7 @@ class ReflectorSession:
         # Answer at the sender's size: its padding minus the 27 highest-numbered octets.
         return head + data[TWAMP_SENDER_MIN : n - (TWAMP_REFLECTOR_BASE - TWAMP_SENDER_MIN)]
 
-    def _twamp_auth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, *, tos: int | None = None,
+    def _twamp_auth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
         c.received += 1
@@ -222,7 +221,7 @@ class ReflectorSession:
         self._seqs[key] = (seq + 1) & 0xFFFFFFFF
         return seq
 
-    def _stamp(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, *, tos: int | None = None,
+    def _stamp(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
         c.received += 1

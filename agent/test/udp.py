@@ -349,7 +349,29 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                     break
                 continue
-            rx, src, ttl, tos = decode_ancillary(anc, hw)
+            # Inline of decode_ancillary() for the common software-stamp case (hot path).
+            rx = ttl = tos = None
+            src = "sw"
+            for level, ctype, cdata in anc:
+                if level == _SOL_SOCKET:
+                    if ctype == _SCM_TS and len(cdata) >= 16 and rx is None:
+                        sec, nsec = _TS3.unpack_from(cdata)
+                        if sec > 0 and 0 <= nsec < 1_000_000_000:
+                            rx = sec * 1_000_000_000 + nsec
+                elif level == _SOL_IP:
+                    if ctype == 2 and cdata:
+                        ttl = _INT.unpack_from(cdata)[0] if len(cdata) >= 4 else cdata[0]
+                    elif ctype == IP_TOS and cdata:
+                        tos = cdata[0]
+                elif len(cdata) >= 4:  # IPv6
+                    if ctype == 52:
+                        ttl = _INT.unpack_from(cdata)[0]
+                    elif ctype == IPV6_TCLASS:
+                        tos = _INT.unpack_from(cdata)[0] & 0xFF
+            if hw is not None:
+                st = ts.rx_stamp(anc, config=hw)
+                if st is not None:
+                    rx, src = st.ns, st.source.value
             if rx is None:
                 rx, src = now(), "user"
                 n_user += 1
@@ -364,7 +386,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if sess is None:
                         self.unknown_peer += 1
                         continue
-            out = sess.reflect(data, rx, ttl, now, tos=tos, peer=key, rx_source=src)  # type: ignore[union-attr]
+            out = sess.reflect(data, rx, ttl, now, tos, key, src)  # type: ignore[union-attr]
             if out is None:
                 continue
             try:
