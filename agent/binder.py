@@ -40,7 +40,7 @@ import enum
 import logging
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from agent import ipsec_keys as ik
 from agent.ikev2 import DEFAULT_PRF, PRF
@@ -51,6 +51,9 @@ from netlink.events import EventKind, XfrmEvent
 from netlink.records import SA, IPAddress, Proto
 from netlink.secret import Secret
 from netlink.table import SATable
+
+if TYPE_CHECKING:  # agent.keyring imports the control plane; keep the binder importable without it
+    from agent.keyring import HandshakeContext
 
 log = logging.getLogger("xwamp.binder")
 
@@ -255,9 +258,13 @@ class Binder:
         self.refusals: collections.Counter[str] = collections.Counter()
 
     def _refuse(self, reason: Reason, detail: str) -> BinderRefusal:
-        self.refusals[reason.value] += 1
-        log.info("binder refused: reason=%s %s", reason.value, detail)
-        return BinderRefusal(reason, detail)
+        return self.count(BinderRefusal(reason, detail))
+
+    def count(self, refusal: BinderRefusal) -> BinderRefusal:
+        """Count and log a refusal raised elsewhere (e.g. by a Binding's key derivation)."""
+        self.refusals[refusal.reason.value] += 1
+        log.info("binder refused: reason=%s %s", refusal.reason.value, refusal.detail)
+        return refusal
 
     def _ike_for(self, c2s: SA, s2c: SA) -> IKEMaterial | None:
         if self.ike is None:
@@ -365,19 +372,19 @@ class BinderKeySource:
         self._bindings: collections.OrderedDict[Hashable, Binding] = collections.OrderedDict()
 
     @staticmethod
-    def _conn(ctx) -> Hashable:
+    def _conn(ctx: HandshakeContext) -> Hashable:
         return (ctx.role, ctx.local, ctx.peer)
 
-    def _mine(self, ctx) -> bool:
+    def _mine(self, ctx: HandshakeContext) -> bool:
         return bool(ctx.mode & (IPSEC_BITS | rfc7717_bit(ctx.protocol)))
 
-    def _remember(self, ctx, b: Binding) -> Binding:
+    def _remember(self, ctx: HandshakeContext, b: Binding) -> Binding:
         self._bindings[self._conn(ctx)] = b
         while len(self._bindings) > self.max_bindings:
             self._bindings.popitem(last=False)
         return b
 
-    def binding(self, ctx) -> Binding:
+    def binding(self, ctx: HandshakeContext) -> Binding:
         """The connection's binding; on the client, validates the greeting on first use."""
         b = self._bindings.get(self._conn(ctx))
         if b is not None:
@@ -388,15 +395,15 @@ class BinderKeySource:
             return self._remember(ctx, self.binder.accept(ctx.greeting_unused, ctx.local[0], ctx.peer[0]))
         return self._remember(ctx, self.binder.announce(ctx.local[0], ctx.peer[0]))
 
-    def forget(self, ctx) -> None:
+    def forget(self, ctx: HandshakeContext) -> None:
         self._bindings.pop(self._conn(ctx), None)
 
     # hooks ------------------------------------------------------------------
 
-    def shared_secret(self, key_id: str, ctx) -> Secret | None:
+    def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
         return None  # never a passphrase
 
-    def greeting_extra(self, ctx) -> bytes | None:
+    def greeting_extra(self, ctx: HandshakeContext) -> bytes | None:
         """Server: the announcement, or None when this connection has no usable SA pair."""
         try:
             b = self.binding(ctx)
@@ -404,7 +411,7 @@ class BinderKeySource:
             return None
         return b.announcement.pack()
 
-    def validate(self, ctx) -> Binding | None:
+    def validate(self, ctx: HandshakeContext) -> Binding | None:
         """Client: call when the greeting arrives and an IPsec bit is chosen (also for
         unauth + IPSEC_BOUND, which has no Token). Raises BinderRefusal: close the connection."""
         if not self._mine(ctx):
@@ -412,19 +419,26 @@ class BinderKeySource:
         self.binder.check_mode(ctx.mode, ctx.protocol)
         return self.binding(ctx)
 
-    def token_key(self, key_id: str, ctx) -> Secret | None:
+    def _keys(self, fn, *args):
+        """Run a Binding key derivation, counting its refusals (they carry the reason)."""
+        try:
+            return fn(*args)
+        except BinderRefusal as e:
+            raise self.binder.count(e) from None
+
+    def token_key(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
         if not self._mine(ctx) or ctx.mode & (Modes.IPSEC_ALT1 | Modes.IPSEC_ALT2):
             return None
         self.binder.check_mode(ctx.mode, ctx.protocol)
-        return self.binding(ctx).token_key(ctx.mode, ctx.protocol)
+        return self._keys(self.binding(ctx).token_key, ctx.mode, ctx.protocol)
 
-    def make_token(self, key_id: str, ctx, challenge: bytes) -> tuple[bytes, ControlKeys] | None:
+    def make_token(self, key_id: str, ctx: HandshakeContext, challenge: bytes) -> tuple[bytes, ControlKeys] | None:
         if not ctx.mode & (Modes.IPSEC_ALT1 | Modes.IPSEC_ALT2):
             return None
         self.binder.check_mode(ctx.mode, ctx.protocol)
-        return self.binding(ctx).make_token(ctx.mode, challenge)
+        return self._keys(self.binding(ctx).make_token, ctx.mode, challenge)
 
-    def open_token(self, key_id: str, ctx, challenge: bytes, token: bytes) -> ControlKeys | None:
+    def open_token(self, key_id: str, ctx: HandshakeContext, challenge: bytes, token: bytes) -> ControlKeys | None:
         if not ctx.mode & (Modes.IPSEC_ALT1 | Modes.IPSEC_ALT2):
             return None
         from agent.keyring import TokenRejected
@@ -432,7 +446,7 @@ class BinderKeySource:
         try:
             self.binder.check_mode(ctx.mode, ctx.protocol)
             b = self.binding(ctx)
-            keys = b.control_keys(ctx.mode)
+            keys = self._keys(b.control_keys, ctx.mode)
             ok = keys is not None and b.token_ok(ctx.mode, challenge, token)
         except BinderRefusal as e:
             raise TokenRejected(e.reason.value) from None
@@ -441,10 +455,10 @@ class BinderKeySource:
             raise TokenRejected("token mismatch")
         return keys
 
-    def test_keys(self, sid: bytes, ctx) -> TestKeys | None:
+    def test_keys(self, sid: bytes, ctx: HandshakeContext) -> TestKeys | None:
         if not self._mine(ctx):
             return None
-        return self.binding(ctx).test_keys(ctx.mode, sid)
+        return self._keys(self.binding(ctx).test_keys, ctx.mode, sid)
 
     def __repr__(self) -> str:
         return f"<BinderKeySource {len(self._bindings)} bindings>"

@@ -379,3 +379,16 @@ def test_tracker_ignores_unwatched_and_unwatch() -> None:
     ev = _ev(EventKind.DEL_SA, sa_id=old[0].key_id)
     table.apply(ev)
     assert tr.on_event(ev, 0.0) == [] and tr.tick(100.0) == []
+
+
+def test_adapter_counts_key_derivation_refusals() -> None:
+    c2s, s2c = _pair()
+    st_, _ = _tables(c2s, s2c)
+    src = BinderKeySource(Binder(st_))  # ALT2 disabled by default
+    srv, _ = _ctxs(int(Modes.IPSEC_ALT2 | 2))
+    with pytest.raises(TokenRejected):
+        src.open_token("x", srv, bytes(16), bytes(64))
+    srv, _ = _ctxs(int(bd.RFC7717_TWAMP | 2))
+    with pytest.raises(BinderRefusal):
+        src.token_key("x", srv)
+    assert src.binder.refusals == {"bad_mode": 2}
