@@ -239,6 +239,12 @@ class Binding:
         return None
 
 
+def _addr(a: IPAddress) -> IPAddress:
+    """Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; the kernel's SAs use the IPv4 form."""
+    mapped = getattr(a, "ipv4_mapped", None)
+    return mapped if mapped is not None else a
+
+
 def _newest(sas: Iterable[SA]) -> SA | None:
     best: SA | None = None
     for sa in sas:  # insertion order: a later SA with the same add_time wins
@@ -288,6 +294,7 @@ class Binder:
 
     def announce(self, server: IPAddress, client: IPAddress) -> Binding:
         """Find the SA pair of this control connection and the announcement naming it."""
+        server, client = _addr(server), _addr(client)
         # Inbound candidates (client->server), best first: ESP before AH (an AH+ESP bundle
         # keys from ESP), newest first; the pair is the first whose CHILD_SA (same reqid)
         # also has an outbound SA. A handful of SAs per host pair: effectively O(1).
@@ -326,6 +333,7 @@ class Binder:
 
     def accept(self, unused: bytes, client: IPAddress, server: IPAddress) -> Binding:
         """Validate the greeting's announcement against our own kernel (draft §4.1: else MUST close)."""
+        client, server = _addr(client), _addr(server)
         try:
             ann = Announcement.unpack(bytes(unused))
         except BinderRefusal as e:

@@ -392,3 +392,11 @@ def test_adapter_counts_key_derivation_refusals() -> None:
     with pytest.raises(BinderRefusal):
         src.token_key("x", srv)
     assert src.binder.refusals == {"bad_mode": 2}
+
+
+def test_v4_mapped_connection_addresses() -> None:
+    c2s, s2c = _pair()
+    st_, ct = _tables(c2s, s2c)
+    m_c, m_s = ipaddress.ip_address(f"::ffff:{CA}"), ipaddress.ip_address(f"::ffff:{SA_}")
+    sb = Binder(st_).announce(m_s, m_c)
+    assert Binder(ct).accept(sb.announcement.pack(), m_c, m_s).root() == sb.root()
