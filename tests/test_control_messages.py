@@ -165,7 +165,7 @@ def test_fetch_layouts() -> None:
 def test_n_sessions_layouts() -> None:
     s = m.StartNSessions((b"1" * 16, b"2" * 16))
     b = s.pack()
-    assert b[:16] == b"\x07\x00\x00\x00\x00\x00\x00\x02" + bytes(8) and b[16:48] == b"1" * 16 + b"2" * 16
+    assert b[:16] == b"\x07" + bytes(11) + b"\x00\x00\x00\x02" and b[16:48] == b"1" * 16 + b"2" * 16
     assert len(b) == 64 and m.StartNSessions.unpack(b) == s
     ack = m.StopNAck((b"1" * 16,), accept=3)
     assert ack.pack()[:2] == b"\x0a\x03" and m.StopNAck.unpack(ack.pack()) == ack

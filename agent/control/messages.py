@@ -772,7 +772,12 @@ class FetchRecords:
 @dataclass(frozen=True, slots=True)
 class _NSessions:
     """Start-N-Sessions (7), Start-N-Ack (8), Stop-N-Sessions (9), Stop-N-Ack (10):
-    cmd(1) Accept-or-MBZ(1) MBZ(2) Number of Sessions(4) MBZ(8), then the SIDs, then HMAC."""
+    cmd(1) Accept-or-MBZ(1) MBZ(10) Number of Sessions(4), then the SIDs, then HMAC.
+
+    Unlike Stop-Sessions, Number of Sessions closes the first block (offset 12). The
+    RFC 5938 figures could not be read here; this matches an independent implementation
+    (see the report), not the RFC text itself.
+    """
 
     COMMAND: ClassVar[int] = 0
     HAS_ACCEPT: ClassVar[bool] = False
@@ -793,7 +798,7 @@ class _NSessions:
         return 16 + SID_LEN * len(self.sids) + HMAC_LEN
 
     def pack(self) -> bytes:
-        head = struct.pack("!BBHI8s", self.COMMAND, self.accept, 0, len(self.sids), bytes(8))
+        head = struct.pack("!BB10sI", self.COMMAND, self.accept, bytes(10), len(self.sids))
         return head + b"".join(self.sids) + bytes(HMAC_LEN)
 
     def hmac_offsets(self) -> tuple[int, ...]:
@@ -803,7 +808,7 @@ class _NSessions:
     def needed_length(cls, buf: bytes) -> int | None:
         if len(buf) < 16:
             return None
-        n = struct.unpack_from("!I", buf, 4)[0]
+        n = struct.unpack_from("!I", buf, 12)[0]
         if n > cls.MAX:
             raise ProtocolError("too many sessions")
         return 16 + SID_LEN * n + HMAC_LEN
@@ -813,7 +818,7 @@ class _NSessions:
         data = bytes(data)
         if cls.needed_length(data) != len(data):
             raise ProtocolError(f"{cls.__name__} length mismatch")
-        cmd, accept, _mbz, n, _mbz2 = struct.unpack_from("!BBHI8s", data)
+        cmd, accept, _mbz, n = struct.unpack_from("!BB10sI", data)
         if cmd != cls.COMMAND:
             raise ProtocolError(f"not a {cls.__name__}")
         sids = tuple(data[16 + SID_LEN * i: 32 + SID_LEN * i] for i in range(n))
