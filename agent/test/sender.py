@@ -32,6 +32,7 @@ from agent.test.packets import (
     sender_base_len,
     symmetric_padding,
 )
+from agent.test.schedule import SlotSchedule
 from agent.timefmt import ErrorEstimate, ntp_from_unix_ns, ptp_from_unix_ns, unix_ns_from_ntp, unix_ns_from_ptp
 
 _NS = 1_000_000_000
@@ -43,8 +44,8 @@ class Schedule:
     def __init__(self, kind: str, interval_s: float, seed: int | None = None) -> None:
         if interval_s < 0:
             raise ValueError("interval must be >= 0")
-        if kind not in ("fixed", "poisson"):
-            raise ValueError("schedule kind is 'fixed' or 'poisson'")
+        if kind not in ("fixed", "poisson", "slots"):
+            raise ValueError("schedule kind is 'fixed', 'poisson' or 'slots'")
         self.kind = kind
         self.interval_s = interval_s
         self._interval_ns = round(interval_s * _NS)
@@ -60,10 +61,20 @@ class Schedule:
     def poisson(cls, mean_interval_s: float, seed: int | None = None) -> "Schedule":
         return cls("poisson", mean_interval_s, seed)
 
+    @classmethod
+    def from_slots(cls, sid: bytes, slots: list[tuple[int, int]]) -> "Schedule":
+        """The RFC 4656 §5 schedule of Request-Session slots: what an OWAMP receiver expects."""
+        self = cls("slots", 0.0)
+        self._slots = SlotSchedule(sid, slots)
+        return self
+
     def offset_ns(self, n: int) -> int:
-        """Offset of packet n (packet 0 at 0). Poisson offsets are cumulative sums of exponential gaps."""
+        """Offset of packet n. fixed/poisson: packet 0 at 0, then cumulative gaps; slots:
+        packet 0 at its own first delta (RFC 4656 §5)."""
         if self.kind == "fixed":
             return n * self._interval_ns
+        if self.kind == "slots":
+            return self._slots.offset_ns(n)
         offs = self._offsets
         while len(offs) <= n:
             if self.interval_s == 0:
