@@ -27,15 +27,23 @@ The file is re-read when its mtime changes (an IKE rekey rewrites it).
 
 A strongSwan source
 -------------------
-Not provided, because no stock interface hands these secrets out: VICI's
-``list-sas`` reports SPIs, algorithms and reqids but no keys, and the
-``save-keys`` plugin (a debugging aid) writes ESP keys and the IKE SA's
-SK_e/SK_a for Wireshark, not SK_d or SKEYSEED. A sound source would be a
-small charon plugin registering a bus listener on the IKE key-derivation hooks
-(which see SK_d and the nonces) and writing this JSON format atomically with
-mode 0600, keyed by IKE SPIs and child reqid/SPIs — the file source then
-serves it unchanged. Until that exists, Root = KEYMAT (kernel only) is the
-mode that needs no daemon cooperation.
+Not provided, because no stock interface hands these secrets out (checked
+against strongSwan's source): VICI's ``list-sas`` reports SPIs, algorithms
+and reqids but no keys, and the ``save-keys`` plugin's listener
+(``save_keys_listener.c``) writes only SK_ei/SK_er/SK_ai/SK_ar
+(``ikev2_decryption_table``) and ESP keys (``esp_sa``) for Wireshark — no
+SK_d, no SKEYSEED. A sound source is a small charon plugin registering a bus
+listener (``listener_t`` in ``bus/listeners/listener.h``): its ``ike_keys``
+hook receives the DH object (shared secret), Ni, Nr and the IKE SA being
+rekeyed, from which SKEYSEED (RFC 7296 §2.14, or §2.18 with the old SK_d on
+rekey) and SK_d = the first prf-length octets of
+prf+(SKEYSEED, Ni | Nr | SPIi | SPIr) follow with :mod:`agent.ikev2`; its
+``child_keys`` hook gives each CHILD_SA's nonces. The plugin would write this
+JSON format atomically (rename) with mode 0600, keyed by IKE SPIs and child
+reqid/SPIs, and the file source serves it unchanged. (strongSwan 6 passes
+key-exchange objects instead of a single DH; the plugin must follow the
+version it is built for.) Until that exists, Root = KEYMAT (kernel only) is
+the mode that needs no daemon cooperation.
 """
 
 from __future__ import annotations
