@@ -272,3 +272,15 @@ def test_fuzz_server_does_not_disturb_other_connections() -> None:
     assert bad.closed and not good_srv.closed
     good_cli.request_tw_session(m.RequestTWSession(LO, LO))
     assert isinstance(pump(good_cli, good_srv)[0][1], ev.SessionRequested)
+
+
+def test_owamp_server_does_not_send_to_third_parties() -> None:
+    srv, cli, _ = setup(False, "unauth")  # peer is 127.0.0.1
+    victim = ipaddress.IPv4Address("192.0.2.99")
+    slots = (m.Slot.seconds(m.Slot.FIXED, 0.001),)
+    cli.request_session(m.RequestSession(LO, victim, 0, 9, sid=b"v" * 16, conf_sender=True, conf_receiver=False,
+                                         num_packets=1000, slots=slots))
+    evs = pump(cli, srv)
+    refused = [e for _, e in evs if isinstance(e, ev.SessionRefused)]
+    assert refused and refused[0].accept == m.ACCEPT_FAILURE
+    assert [e.accept.accept for _, e in evs if isinstance(e, ev.SessionAccepted)] == [m.ACCEPT_FAILURE]

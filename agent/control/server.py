@@ -41,6 +41,9 @@ class ServerConfig:
     max_packets: int = 1 << 20  # OWAMP Number of Packets we accept in one session
     max_padding: int = 65000
     max_slots: int = 1 << 12
+    # OWAMP Conf-Sender makes the server send a packet stream to the Receiver Address: only
+    # to the control connection's peer unless allowed, or the server is a traffic cannon.
+    allow_third_party_receivers: bool = False
 
     def __post_init__(self) -> None:
         if self.count < MIN_COUNT or self.count & (self.count - 1):
@@ -246,6 +249,10 @@ class ControlServer(_Conn):
             refuse = (m.ACCEPT_NOT_SUPPORTED, "Type-P descriptor is not a DSCP")
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "too many packets")
+        elif (isinstance(req, m.RequestSession) and req.conf_sender and self.peer is not None
+              and not self.config.allow_third_party_receivers
+              and not req.receiver_address.is_unspecified and req.receiver_address != self.peer[0]):
+            refuse = (m.ACCEPT_FAILURE, "receiver address is not the control peer")
         if refuse is not None:
             self._emit(m.AcceptSession(refuse[0]).pack(), m.AcceptSession.hmac_offsets())
             return [ev.SessionRefused(req, refuse[0], refuse[1])]
