@@ -180,6 +180,10 @@ class StampCounters:
     ``hw_fallback`` counts packets on a hardware-enabled socket that got only a
     software stamp (e.g. ESP/XFRM offload, a PTP-only RX filter, a missed TX stamp).
     ``*_user`` counts packets that got no kernel stamp and were stamped in user space.
+
+    The per-packet path (agent.timestamping) bumps the fields directly, without the
+    lock, for speed: exact under the GIL from one thread (the engine's event loop);
+    concurrent writers from several threads may lose the odd increment.
     """
 
     rx_hw: int = 0
