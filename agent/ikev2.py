@@ -9,7 +9,7 @@ logs, and exceptions never carry key bytes.
   with their IKEv2 Transform Type 2 IDs (the greeting carries that ID,
   docs/wire-format.md §2.1).
 * :func:`prf`, :func:`prf_plus` — RFC 7296 §2.13.
-* :func:`skeyseed`, :func:`ike_sa_keymat`, :func:`child_keymat`,
+* :func:`skeyseed`, :func:`ike_sa_keymat`, :func:`sk_d`, :func:`child_keymat`,
   :func:`rekey_skeyseed` — RFC 7296 §2.14, §2.17, §2.18.
 * :func:`derive`, :func:`fit` — xwamp's length-fitting rules
   (docs/wire-format.md §3).
@@ -105,6 +105,12 @@ def ike_sa_keymat(
 ) -> bytes:
     """RFC 7296 §2.14: {SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr} = prf+(SKEYSEED, Ni | Nr | SPIi | SPIr)."""
     return prf_plus(skeyseed_, ni + nr + spi_i + spi_r, length, alg)
+
+
+def sk_d(skeyseed_: KeyLike, ni: bytes, nr: bytes, spi_i: bytes, spi_r: bytes, alg: PRF = DEFAULT_PRF) -> bytes:
+    """SK_d: the first prf-output-length octets of the §2.14 stream (its length is the PRF's preferred key size, §2.13)."""
+    alg = PRF(alg)
+    return ike_sa_keymat(skeyseed_, ni, nr, spi_i, spi_r, alg.hash_len, alg)
 
 
 def child_keymat(

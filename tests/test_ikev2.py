@@ -146,3 +146,16 @@ def test_errors_carry_no_key_bytes() -> None:
     with pytest.raises(ValueError) as ei:
         ikev2.prf_plus(b"\xaa" * 32, b"seed", 10_000)
     assert "aaaa" not in str(ei.value).lower()
+
+
+def test_sk_d_chains_into_child_keymat() -> None:
+    # In the ACVP set, the DKM stanza's first prf-length octets (SK_d) are the key of the
+    # DKM(Child_SA) stanza with the same nonces: GEN -> DKM -> Child SA, end to end.
+    by_title = {s["_title"]: s for s in OPENSSL}
+    for dkm_title, child_title in (("self_test_data.c - DKM", "self_test_data.c - DKM(Child_SA)"),
+                                   ("tgId = 7, tcId = 121, DKM", "tgId = 7, tcId = 121, DKM(Child_SA)")):
+        dkm, child = by_title[dkm_title], by_title[child_title]
+        h = bytes.fromhex
+        skd = ikev2.sk_d(h(dkm["seed"]), h(dkm["ni"]), h(dkm["nr"]), h(dkm["spii"]), h(dkm["spir"]))
+        assert skd == h(child["key"])
+        assert ikev2.child_keymat(skd, h(child["ni"]), h(child["nr"]), len(h(child["Output"]))) == h(child["Output"])
