@@ -217,3 +217,13 @@ def test_fuzz_fetch_records(data: bytes) -> None:
     except PacketError:
         return
     assert len(recs) * 25 == len(data)
+
+
+def test_owamp_receiver_validity_tests() -> None:
+    sched = Schedule.from_slots(bytes(16), [(1, 1 << 32)])  # literal 1 s: packet n at start + (n+1) s
+    rcv = OwampReceiver(error_estimate=1, timeout_s=2.0, schedule=sched, start_ns=T0)
+    snd = TestSender(Proto.OWAMP, error_estimate=1)
+    assert rcv.on_packet(snd.build(0, T0 + 1_000_000_000), T0 + 1_000_100_000, 64) is not None
+    assert rcv.on_packet(snd.build(1, T0 + 9_000_000_000), T0 + 9_000_100_000, 64) is None  # 7 s off schedule
+    assert rcv.on_packet(snd.build(2, T0 + 3_000_000_000), T0 + 6_000_000_000, 64) is None  # 3 s in flight
+    assert rcv.counters.invalid_time == 2

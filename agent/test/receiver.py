@@ -17,7 +17,7 @@ from agent.test.clockerr import ErrSource, PackedErrorEstimate
 from agent.test.crypto import TwampTestCrypto
 from agent.test.keys import TestKeys
 from agent.test.packets import TTL_UNKNOWN, HmacError, PacketError, Proto, Security, decode_sender
-from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
+from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns, unix_ns_from_ntp, unix_ns_from_ptp
 
 # RFC 4656 §3.8 data record: Seq(4) Send-ErrEst(2) Send-Timestamp(8) Recv-ErrEst(2) Recv-Timestamp(8) TTL(1)
 FETCH_RECORD = struct.Struct("!IHQHQB")
@@ -45,6 +45,7 @@ class ReceiverCounters:
     bad_hmac: int = 0
     duplicates: int = 0
     out_of_range: int = 0  # seq >= expected count
+    invalid_time: int = 0  # RFC 4656 §4.2: send time more than Timeout off
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -61,11 +62,22 @@ class OwampReceiver:
         ptp: bool = False,
         error_estimate: ErrSource = None,
         expected: int | None = None,
+        timeout_s: float | None = None,
+        schedule=None,
+        start_ns: int | None = None,
     ) -> None:
+        """``timeout_s`` (Request-Session Timeout) enables the RFC 4656 §4.2 validity tests:
+        discard a packet whose send Timestamp is more than Timeout from its receive time,
+        or (with ``schedule``, an agent.test.sender.Schedule, and ``start_ns``) from its
+        scheduled send time."""
         self.security = security
         self.expected = expected
+        self._timeout_ns = None if timeout_s is None else round(timeout_s * 1e9)
+        self._schedule = schedule
+        self._start_ns = start_ns
         self.counters = ReceiverCounters()
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
+        self._from_ts = unix_ns_from_ptp if ptp else unix_ns_from_ntp
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | None = None
@@ -90,6 +102,14 @@ class OwampReceiver:
         if self.expected is not None and p.seq >= self.expected:
             c.out_of_range += 1
             return None
+        if self._timeout_ns is not None:
+            sent_ns = self._from_ts(p.timestamp)
+            late = abs(rx_ns - sent_ns) > self._timeout_ns
+            if not late and self._schedule is not None and self._start_ns is not None:
+                late = abs(sent_ns - (self._start_ns + self._schedule.offset_ns(p.seq))) > self._timeout_ns
+            if late:
+                c.invalid_time += 1
+                return None
         if p.seq in self._seen:
             c.duplicates += 1  # RFC 4656 keeps duplicates as records too
         self._seen.add(p.seq)
