@@ -578,15 +578,18 @@ async def run_twamp_sender(
         for n in range(count):
             await _sleep_until_ns(sender.send_time_ns(n, start))
             data = sender.build(n, time.time_ns())
-            try:
-                sock.sendto(data, remote)
-                if cfg is not None:
-                    tx_keys[next_key] = n  # SOF_TIMESTAMPING_OPT_ID numbers successful sends
-                    next_key += 1
-            except BlockingIOError:
-                await asyncio.sleep(0)
-            except OSError as e:  # unreachable etc.: recorded as lost
-                log.debug("send seq %d: %s", n, e)
+            for _attempt in range(3):
+                try:
+                    sock.sendto(data, remote)
+                    if cfg is not None:
+                        tx_keys[next_key] = n  # SOF_TIMESTAMPING_OPT_ID numbers successful sends
+                        next_key += 1
+                    break
+                except BlockingIOError:  # send queue full: let the loop run, then retry
+                    await asyncio.sleep(0.0005)
+                except OSError as e:  # unreachable etc.: recorded as lost
+                    log.debug("send seq %d: %s", n, e)
+                    break
         if proto is Proto.OWAMP or count == 0:
             await asyncio.sleep(min(timeout, 0.05))
         else:
