@@ -233,3 +233,60 @@ def test_individual_session_control_over_tcp() -> None:
             await lst.close()
 
     asyncio.run(main())
+
+
+def test_session_cap_per_client_address() -> None:
+    async def main() -> None:
+        lst = await _listener(True, limits=ListenerLimits(max_sessions_per_client=2))
+        port = lst.addresses[0][1]
+        lo = ipaddress.IPv4Address("127.0.0.1")
+        c1 = await AsyncControlClient.connect("127.0.0.1", port)
+        c2 = await AsyncControlClient.connect("127.0.0.1", port)
+        try:
+            assert (await c1.request_tw_session(m.RequestTWSession(lo, lo, 40001))).ok
+            assert (await c2.request_tw_session(m.RequestTWSession(lo, lo, 40002))).ok
+            third = await c2.request_tw_session(m.RequestTWSession(lo, lo, 40003))
+            assert third.accept.accept == m.ACCEPT_TEMPORARY_LIMIT
+        finally:
+            await c1.close()
+            await c2.close()
+            await lst.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["auth", "enc"])
+def test_owamp_tampered_packet_dropped_and_counted(mode: str) -> None:
+    async def main() -> None:
+        rec = Recorder(OwampHandler)
+        lst = await _listener(False, factory=rec)
+        conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], twamp=False, wanted=[mode],
+                                                key_id="alice", key_source=KEYS)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        try:
+            lo = ipaddress.IPv4Address("127.0.0.1")
+            acc = await conn.request_session(m.RequestSession(
+                lo, lo, sock.getsockname()[1], 0, num_packets=2, slots=(m.Slot.seconds(1, 0.01),)))
+            assert acc.ok and acc.test_keys is not None
+            assert await conn.start_sessions() == 0
+            snd = TestSender(Proto.OWAMP, security_from_mode(conn.cli.mode), keys=acc.test_keys, count=2,
+                             symmetric=False)
+            good, bad = snd.build(0, 1), bytearray(snd.build(1, 2))
+            bad[5] ^= 0x80  # inside the first (encrypted, authenticated) block
+            dest = ("127.0.0.1", acc.accept.port)
+            sock.sendto(bytes(bad), dest)
+            sock.sendto(good, dest)
+            await asyncio.sleep(0.2)
+            rcv = rec.handlers[0].sessions[acc.accept.sid].receiver
+            assert rcv.counters.bad_hmac == 1 and rcv.counters.recorded == 1
+            await conn.stop_sessions(1, 0, (m.SessionDescription(acc.accept.sid, 2),))
+            res = await conn.fetch_session(acc.accept.sid)
+            assert [r.seq for r in res.records if not r.lost] == [0]
+            assert [r.seq for r in res.records if r.lost] == [1]  # the tampered one counts as lost
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())

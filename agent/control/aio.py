@@ -64,6 +64,7 @@ HandlerFactory = Callable[[ControlServer], ConnectionHandler]
 class ListenerLimits:
     max_connections: int = 64
     max_per_client: int = 8
+    max_sessions_per_client: int = 32  # test sessions over all of one address's connections
     idle_timeout: float = 30.0  # seconds without a complete exchange outside a running test
     max_test_time: float = 3600.0  # a running test may keep a connection this long
 
@@ -90,6 +91,7 @@ class ControlListener:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._per_client: dict[str, int] = {}
+        self._servers: dict[str, set[ControlServer]] = {}
         self.stats = {"accepted": 0, "refused": 0, "setup_rejected": 0, "protocol_errors": 0, "timeouts": 0}
 
     async def start(self) -> None:
@@ -133,8 +135,9 @@ class ControlListener:
                 await asyncio.wait_for(writer.drain(), 5)
                 return
             self.stats["accepted"] += 1
+            self._servers.setdefault(key, set()).add(srv)
             handler = self.handler_factory(srv)
-            await self._converse(srv, handler, reader, writer)
+            await self._converse(srv, handler, reader, writer, key)
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             log.debug("control connection from %s: %s", key, e)
         except asyncio.CancelledError:
@@ -145,6 +148,11 @@ class ControlListener:
             self._per_client[key] -= 1
             if not self._per_client[key]:
                 del self._per_client[key]
+            peers = self._servers.get(key)
+            if peers is not None:
+                peers.discard(srv)
+                if not peers:
+                    del self._servers[key]
             if handler is not None:
                 with contextlib.suppress(Exception):
                     handler.close()
@@ -152,8 +160,11 @@ class ControlListener:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    def client_sessions(self, key: str) -> int:
+        return sum(len(s.sessions) for s in self._servers.get(key, ()))
+
     async def _converse(self, srv: ControlServer, handler: ConnectionHandler,
-                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str = "?") -> None:
         pending: list[ev.Event] = []
         while True:
             out = srv.data_to_send()
@@ -168,7 +179,11 @@ class ControlListener:
                 elif isinstance(e, ev.SetupRejected):
                     self.stats["setup_rejected"] += 1
                     log.info("control peer %s refused: %s", srv.peer, e.reason)
-                if not srv.closed:
+                if isinstance(e, ev.SessionRequested) and \
+                        self.client_sessions(key) >= self.limits.max_sessions_per_client:
+                    self.stats["refused_sessions"] = self.stats.get("refused_sessions", 0) + 1
+                    srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)  # over this address's share
+                elif not srv.closed:
                     await handler.on_event(srv, e)
                 if srv.awaiting is None and not pending and not srv.closed:
                     pending.extend(srv.resume())  # input that queued behind the answer
