@@ -23,6 +23,12 @@ class EventKind(enum.Enum):
     NEW_POLICY = "new_policy"  # XFRM_MSG_NEWPOLICY
     DEL_POLICY = "del_policy"  # XFRM_MSG_DELPOLICY
     UPD_POLICY = "upd_policy"  # XFRM_MSG_UPDPOLICY
+    POLICY_EXPIRE = "policy_expire"  # XFRM_MSG_POLEXPIRE (see XfrmEvent.hard)
+    FLUSH_SA = "flush_sa"  # XFRM_MSG_FLUSHSA: every SA of XfrmEvent.proto is gone
+    FLUSH_POLICY = "flush_policy"  # XFRM_MSG_FLUSHPOLICY
+    # Not from the kernel: the socket overflowed (ENOBUFS) and notifications
+    # were lost. Whoever mirrors kernel state must re-dump.
+    OVERFLOW = "overflow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +40,14 @@ class XfrmEvent:
       full state (it does, in XFRMA_SA, for deletions it reports itself).
     * EXPIRE: ``sa`` is the state at expiry, ``hard`` tells hard from soft.
       A hard expiry is followed by the SA's removal.
-    * *_POLICY: ``policy`` (for DEL_POLICY possibly only the selector/index part).
+    * *_POLICY, POLICY_EXPIRE: ``policy`` (for DEL_POLICY possibly only the
+      selector/index/direction part).
+    * FLUSH_SA: ``proto`` is the flushed protocol (255 = IPSEC_PROTO_ANY, all).
+      The kernel sends one FLUSH_SA, not one DEL_SA per SA.
+    * OVERFLOW: nothing else set.
+
+    A soft EXPIRE's ``sa`` carries no algorithms (the kernel's expire message
+    has none): use it for counters and identity, not keys.
     """
 
     kind: EventKind
@@ -42,6 +55,7 @@ class XfrmEvent:
     sa_id: SAId | None = None
     hard: bool | None = None
     policy: Policy | None = None
+    proto: int | None = None  # FLUSH_SA only
 
     @property
     def key_id(self) -> SAId | None:

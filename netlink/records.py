@@ -91,6 +91,16 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayState:
+    """Anti-replay state: XFRMA_REPLAY_VAL, or XFRMA_REPLAY_ESN_VAL (64-bit counters)."""
+
+    oseq: int  # last sequence number sent
+    seq: int  # highest sequence number received
+    window: int  # replay window in packets
+    esn: bool = False  # from XFRMA_REPLAY_ESN_VAL: oseq/seq include the high 32 bits
+
+
+@dataclass(frozen=True, slots=True)
 class Mark:
     value: int
     mask: int
@@ -121,6 +131,7 @@ class SA:
     if_id: int | None = None
     encap: tuple[int, int, int] | None = None  # (type, sport, dport) for UDP encapsulation
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    replay: ReplayState | None = None  # anti-replay counters (sequence numbers)
 
     @property
     def key_id(self) -> tuple[int, int, IPAddress]:
@@ -143,6 +154,7 @@ class PolicyTemplate:
     proto: int
     mode: int
     reqid: int
+    optional: bool = False  # "level use": the policy also matches without this SA
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +167,5 @@ class Policy:
     templates: tuple[PolicyTemplate, ...] = ()
     mark: Mark | None = None
     if_id: int | None = None
+    flags: int = 0  # XFRM_POLICY_LOCALOK | XFRM_POLICY_ICMP
+    policy_type: int = 0  # XFRM_POLICY_TYPE_MAIN (0) or _SUB (1), from XFRMA_POLICY_TYPE

@@ -15,10 +15,12 @@ last-seen one here (IKE daemons allocate inbound SPIs uniquely per host).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
 
 from netlink.events import EventKind, XfrmEvent
+from netlink.constants import IPSEC_PROTO_ANY
 from netlink.records import SA, IPAddress, Proto
 
 Key = tuple[int, int, IPAddress]  # (spi, proto, daddr)
@@ -87,8 +89,10 @@ class SATable:
         """Fold one kernel notification into the table.
 
         NEW_SA/UPD_SA insert or replace; DEL_SA and hard EXPIRE remove; a soft
-        EXPIRE refreshes an SA already present (its counters moved) but never
-        resurrects one we no longer hold. Policy events do not touch SAs.
+        EXPIRE refreshes the counters of an SA already present but never
+        resurrects one we no longer hold; FLUSH_SA removes every SA of its
+        protocol. Policy and OVERFLOW events do not touch SAs (on OVERFLOW
+        the owner must rebuild the table from a fresh dump).
         """
         kind = event.kind
         if kind in (EventKind.NEW_SA, EventKind.UPD_SA):
@@ -99,8 +103,19 @@ class SATable:
             if key is not None:
                 self.remove(key)
         elif kind is EventKind.EXPIRE:
-            if event.sa is not None and event.sa.key_id in self._by_id:
-                self.put(event.sa)
+            # The expire message carries counters but no algorithms (xfrm.h
+            # struct xfrm_user_expire + marks only): refresh, keep our keys.
+            if event.sa is not None:
+                held = self._by_id.get(event.sa.key_id)
+                if held is not None:
+                    self.put(dataclasses.replace(held, current=event.sa.current, stats=event.sa.stats))
+        elif kind is EventKind.FLUSH_SA:
+            proto = event.proto
+            if proto is None or proto in (0, IPSEC_PROTO_ANY):
+                self.clear()
+            else:
+                for key in [k for k in self._by_id if k[1] == proto]:
+                    self.remove(key)
 
     # --- queries ------------------------------------------------------------
 

@@ -109,9 +109,11 @@ def test_apply_events() -> None:
     upd = dataclasses.replace(sa, replay_window=64)
     t.apply(XfrmEvent(EventKind.UPD_SA, sa=upd))
     assert t.get(9, 50, B) is upd and len(t) == 1
-    soft = dataclasses.replace(upd, seq=3)
+    # A soft expire carries fresh counters but no algorithms: keys must survive.
+    soft = dataclasses.replace(upd, crypt=None, auth=None, current=dataclasses.replace(upd.current, packets=7))
     t.apply(XfrmEvent(EventKind.EXPIRE, sa=soft, hard=False))
-    assert t.get(9, 50, B) is soft
+    held = t.get(9, 50, B)
+    assert held is not None and held.current.packets == 7 and held.crypt == upd.crypt and held.auth == upd.auth
     t.apply(XfrmEvent(EventKind.NEW_POLICY))
     assert len(t) == 1
     t.apply(XfrmEvent(EventKind.EXPIRE, sa=soft, hard=True))
@@ -131,3 +133,12 @@ def test_repr_shows_no_keys() -> None:
     for text in (repr(sa), str(sa), repr(SATable.from_sas([sa])), repr(XfrmEvent(EventKind.NEW_SA, sa=sa))):
         assert "abab" not in text.lower() and "cdcd" not in text.lower()
         assert "\\xab" not in text and "\\xcd" not in text
+
+
+def test_flush_by_protocol() -> None:
+    esp, ah = make_sa(A, B, spi=1), make_sa(A, B, spi=2, proto=Proto.AH)
+    t = SATable.from_sas([esp, ah])
+    t.apply(XfrmEvent(EventKind.FLUSH_SA, proto=Proto.AH))
+    assert list(t) == [esp]
+    t.apply(XfrmEvent(EventKind.FLUSH_SA, proto=255))  # IPSEC_PROTO_ANY
+    assert len(t) == 0 and t.by_reqid(1) == []
