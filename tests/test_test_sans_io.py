@@ -185,6 +185,13 @@ def test_schedule_absolute_no_drift() -> None:
     assert Schedule.poisson(0.01, seed=1).offset_ns(1999) == offs[-1]  # reproducible
 
 
+def test_fetch_record_layout() -> None:
+    from agent.test.receiver import FETCH_RECORD
+
+    raw = FETCH_RECORD.pack(7, 0x8001, 0x8002, 0x1111111122222222, 0x3333333344444444, 61)
+    assert raw.hex() == "00000007" "8001" "8002" "1111111122222222" "3333333344444444" "3d"
+
+
 @pytest.mark.parametrize("sec", [Security.UNAUTH, Security.AUTH, Security.ENCRYPTED])
 def test_owamp_receiver_and_fetch(sec: Security) -> None:
     keys = KEYS if sec is not Security.UNAUTH else None
@@ -198,8 +205,11 @@ def test_owamp_receiver_and_fetch(sec: Security) -> None:
     recs = decode_fetch_records(rcv.fetch_records(next_seqno=4))
     seqs = [r[0] for r in recs]
     assert seqs == [0, 2, 2, 1, 3]
-    assert recs[0][1] == 0x8001 and recs[0][3] == 0x8002 and recs[0][5] == 60
-    assert recs[3][4] == 0  # lost: receive timestamp 0
+    # Seq, Send-ErrEst, Recv-ErrEst, Send-Timestamp, Recv-Timestamp, TTL
+    assert recs[0][1] == 0x8001 and recs[0][2] == 0x8002 and recs[0][5] == 60
+    assert unix_ns_from_ntp(recs[0][3]) == pytest.approx(T0, abs=1)
+    assert unix_ns_from_ntp(recs[0][4]) == pytest.approx(T0 + 1000, abs=1)
+    assert recs[3][4] == 0 and recs[3][1] & 0xFF  # lost: receive timestamp 0, multiplier non-zero
     assert rcv.counters.duplicates == 1
     if sec is Security.UNAUTH:
         assert rcv.counters.short == 0  # flipped seq just shifts the seq

@@ -3,8 +3,9 @@
 The receiver checks each sender packet (length, HMAC in authenticated/encrypted
 modes), and records Seq, the sender's Timestamp + Error Estimate, our receive time
 (kernel RX stamp) + Error Estimate, and the received TTL. ``fetch_records`` encodes
-them as the 25-octet records a Fetch-Session answer carries, with lost packets
-(no arrival) as records whose Receive Timestamp is 0.
+them as the 25-octet records a Fetch-Session answer carries (Seq, Send and Receive
+Error Estimates, Send and Receive Timestamps, TTL), with lost packets (no arrival)
+as records whose Receive Timestamp is 0.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from agent.test.keys import TestKeys
 from agent.test.packets import TTL_UNKNOWN, HmacError, PacketError, Proto, Security, decode_sender
 from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns, unix_ns_from_ntp, unix_ns_from_ptp
 
-# RFC 4656 §3.8 data record: Seq(4) Send-ErrEst(2) Send-Timestamp(8) Recv-ErrEst(2) Recv-Timestamp(8) TTL(1)
-FETCH_RECORD = struct.Struct("!IHQHQB")
+# RFC 4656 §3.8 data record (checked against perfSONAR's encoder):
+# 0 Seq(4) 4 Send-ErrEst(2) 6 Recv-ErrEst(2) 8 Send-Timestamp(8) 16 Recv-Timestamp(8) 24 TTL(1)
+FETCH_RECORD = struct.Struct("!IHHQQB")
 assert FETCH_RECORD.size == 25
 
 
@@ -135,14 +137,20 @@ class OwampReceiver:
         arrived is appended as a lost record (Receive Timestamp 0, TTL 255).
         """
         out = [
-            FETCH_RECORD.pack(r.seq, r.send_error, r.send_timestamp, r.recv_error, r.recv_timestamp, r.ttl)
+            FETCH_RECORD.pack(r.seq, r.send_error, r.recv_error, r.send_timestamp, r.recv_timestamp, r.ttl)
             for r in self.records
             if begin <= r.seq <= end
         ]
         if next_seqno is not None:
+            recv_err = self._err.get(time.time_ns())
             for s in range(begin, min(end + 1, next_seqno)):
                 if s not in self._seen:
-                    out.append(FETCH_RECORD.pack(s, 0, 0, 0, 0, TTL_UNKNOWN))
+                    # Lost: Receive Timestamp 0; Send Timestamp the scheduled time when known
+                    # (Error Estimate multiplier 1: it must not be 0).
+                    sent = 0
+                    if self._schedule is not None and self._start_ns is not None:
+                        sent = self._ts(self._start_ns + self._schedule.offset_ns(s))
+                    out.append(FETCH_RECORD.pack(s, 1, recv_err, sent, 0, TTL_UNKNOWN))
         return b"".join(out)
 
 
