@@ -159,8 +159,8 @@ def test_mode_not_offered() -> None:
 
 def test_owamp_never_offers_mixed_or_twamp_features() -> None:
     srv = ControlServer(False, ServerConfig(count=1024, modes=0x1FF), KEYS)
-    # 1|2|4 plus OWAMP-Modes bit 4 (16), which in OWAMP is RFC 7717, not session control
-    assert m.ServerGreeting.unpack(srv.data_to_send()).modes == 7 | 16
+    # OWAMP-Modes bit 4 (16) is RFC 7717 there, offered only with a key-source announcement
+    assert m.ServerGreeting.unpack(srv.data_to_send()).modes == 7
 
 
 def test_refusing_server_greets_with_zero_modes() -> None:

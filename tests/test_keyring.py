@@ -161,7 +161,7 @@ class FakeAlt1:
 def test_key_mode_with_derived_session_keys() -> None:
     from agent.control import modes as md
 
-    md.register_key_mode(md.KeyMode(FakeAlt1.BIT, "test-alt1", with_unauth=False))
+    md.register_key_mode(md.KeyMode(FakeAlt1.BIT, "test-alt1", with_unauth=False, announced=False))
     lo = ipaddress.IPv4Address("127.0.0.1")
     for cli_root, ok in ((b"r" * 32, True), (b"q" * 32, False)):
         srv = ControlServer(True, ServerConfig(count=1024, modes=2 | FakeAlt1.BIT), FakeAlt1(b"r" * 32))
@@ -185,3 +185,47 @@ def test_key_mode_with_derived_session_keys() -> None:
     srv.data_to_send()
     evs = srv.receive_data(m.SetUpResponse(1 | FakeAlt1.BIT).pack())
     assert evs[0].accept == m.ACCEPT_NOT_SUPPORTED
+
+
+def test_announced_key_modes_need_an_announcement_and_forget_is_called() -> None:
+    from agent.control import modes as md
+
+    md.register_key_mode(md.KeyMode(0x20000000, "test-announced"))
+
+    class Src(FakeIPsecBinder):
+        def __init__(self, extra: bytes | None) -> None:
+            super().__init__()
+            self.extra = extra
+            self.forgotten: list[HandshakeContext] = []
+
+        def greeting_extra(self, ctx):
+            return self.extra
+
+        def forget(self, ctx) -> None:
+            self.forgotten.append(ctx)
+
+    none = Src(None)
+    srv = ControlServer(True, ServerConfig(count=1024, modes=2 | 0x20000000), none)
+    assert m.ServerGreeting.unpack(srv.data_to_send()).modes == 2  # no announcement, no key mode
+    ann = Src(bytes([0, 0, 1, 0, 50]) + bytes(7))
+    srv = ControlServer(True, ServerConfig(count=1024, modes=2 | 0x20000000), ann)
+    assert m.ServerGreeting.unpack(srv.data_to_send()).modes == 2 | 0x20000000
+    srv.receive_data(b"\x00" * 164)  # Mode 0: the client declines -> closed
+    assert srv.closed and len(ann.forgotten) == 1
+    srv.release()
+    assert len(ann.forgotten) == 1  # once only
+
+
+def test_client_validate_hook_can_refuse_the_greeting() -> None:
+    from agent.control import modes as md
+
+    md.register_key_mode(md.KeyMode(0x10000000, "test-validated", with_unauth=True))
+
+    class Refuser:
+        def validate(self, ctx):
+            raise RuntimeError("no_sa: spi=0x00000100")
+
+    cli = ControlClient(True, ["unauth+test-validated"], "", Refuser())
+    g = m.ServerGreeting(1 | 0x10000000, bytes(16), bytes(16), 1024, bytes([0, 0, 1, 0, 50]) + bytes(7))
+    evs = cli.receive_data(g.pack())
+    assert isinstance(evs[0], ev.ProtocolFailure) and "no_sa" in evs[0].reason

@@ -34,6 +34,7 @@ class _Conn:
         self._key_source: object | None = None
         self._ctx: HandshakeContext | None = None
         self._test_plane_secure = False
+        self._released = False
 
     # --- output ---
     def data_to_send(self) -> bytes:
@@ -83,12 +84,27 @@ class _Conn:
     def _fail(self, reason: str) -> ev.ProtocolFailure:
         self.closed = True
         self.state = "closed"
+        self.release()
         return ev.ProtocolFailure(reason)
 
     def close(self, reason: str = "closed") -> ev.ConnectionClosed:
         self.closed = True
         self.state = "closed"
+        self.release()
         return ev.ConnectionClosed(reason)
+
+    def release(self) -> None:
+        """The connection is over: let the key source drop per-connection state (its
+        optional ``forget(ctx)`` hook). Idempotent; the I/O adapter calls it on EOF too."""
+        if self._released or self._ctx is None:
+            return
+        self._released = True
+        hook = getattr(self._key_source, "forget", None)
+        if hook is not None:
+            try:
+                hook(self._ctx)
+            except Exception:
+                log.exception("key source forget() failed")
 
     # --- test-plane keys ---
     def test_keys(self, sid: bytes) -> TestKeys | None:

@@ -127,6 +127,7 @@ class ControlListener:
                 or self._per_client.get(key, 0) >= self.limits.max_per_client)
         self._per_client[key] = self._per_client.get(key, 0) + 1
         handler: ConnectionHandler | None = None
+        srv: ControlServer | None = None
         try:
             srv = ControlServer(self.twamp, self.config, self.key_source, local=local, peer=peer, refuse=busy)
             if busy:
@@ -148,6 +149,8 @@ class ControlListener:
             self._per_client[key] -= 1
             if not self._per_client[key]:
                 del self._per_client[key]
+            if srv is not None:
+                srv.release()
             peers = self._servers.get(key)
             if peers is not None:
                 peers.discard(srv)
@@ -328,6 +331,7 @@ class AsyncControlClient:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._flush()
+        self.cli.release()
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()

@@ -71,13 +71,19 @@ class ControlClient(_Conn):
         sec_bit = md.choose(g.modes, self.wanted, self.twamp)
         if sec_bit is None:
             raise ProtocolError(f"server offers modes {g.modes:#x}, none of {self.wanted}")
-        sec, _key, _ = md.split_mode(sec_bit, self.twamp)
+        sec, _key, _ = md.split_mode(sec_bit, self.twamp)  # sec_bit may include a key-mode bit
         mode = sec_bit | (self.features & g.modes & md.TWAMP_FEATURES if self.twamp else 0)
         self.mode = mode
         client_iv = os.urandom(16)
         ctx = HandshakeContext("client", "twamp" if self.twamp else "owamp", self.local, self.peer, mode,
                                g.salt, g.count, g.unused)
         self._ctx = ctx
+        validate = getattr(self._key_source, "validate", None)
+        if _key is not None and validate is not None:
+            try:  # e.g. the IPsec binder checks the announced SA pair against our kernel
+                validate(ctx)
+            except Exception as e:
+                raise ProtocolError(f"key source refused the greeting: {e}") from None
         if sec.control_crypto:
             if self._key_source is None:
                 raise ProtocolError("an authenticated mode needs a key source")

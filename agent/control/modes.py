@@ -87,13 +87,16 @@ OWAMP_IKEV2_DERIVED = 16  # RFC 7717, OWAMP-Modes bit 4 (not the TWAMP value)
 @dataclass(frozen=True, slots=True)
 class KeyMode:
     """A bit saying where the shared secret comes from (RFC 7717, xwamp IPsec modes).
-    ``with_unauth``: may be combined with the unauthenticated security bit."""
+    ``with_unauth``: may be combined with the unauthenticated security bit.
+    ``announced``: offered only when the key source's ``greeting_extra`` hook put an
+    announcement in the greeting (the SA pair the keys come from)."""
 
     bit: int
     name: str
     owamp: bool = True
     twamp: bool = True
     with_unauth: bool = False
+    announced: bool = True
 
 
 _KEY: dict[int, KeyMode] = {}
@@ -148,7 +151,7 @@ def split_mode(mode: int, twamp: bool = True) -> tuple[SecurityMode, KeyMode | N
     if len(keys) > 1:
         raise ValueError("at most one key mode may be selected")
     key = keys[0] if keys else None
-    rest = mode & ~sec[0].bit & ~(key.bit if key else 0)
+    rest = int(mode) & ~int(sec[0].bit) & ~int(key.bit if key else 0)
     return sec[0], key, rest
 
 
@@ -162,7 +165,7 @@ def offerable(modes: int, twamp: bool) -> int:
         out |= modes & b
     if twamp:
         out |= modes & TWAMP_FEATURES
-    return out
+    return int(out)
 
 
 def choose(offered: int, wanted: list[str], twamp: bool) -> int | None:
@@ -180,10 +183,10 @@ def choose(offered: int, wanted: list[str], twamp: bool) -> int | None:
         if not (offered & m.bit and (m.twamp if twamp else m.owamp)):
             continue
         if not kname:
-            return m.bit
+            return int(m.bit)
         for b, k in key_modes(twamp).items():
             if k.name == kname and offered & b and (m.bit != Mode.UNAUTHENTICATED or k.with_unauth):
-                return m.bit | b
+                return int(m.bit | b)
     return None
 
 

@@ -83,20 +83,27 @@ class ControlServer(_Conn):
         self._resume_state = "request"
         offered = md.offerable(config.modes, twamp)
         if key_source is None:  # without keys only unauthenticated mode can work
-            offered &= ~(md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED)
+            offered &= ~int(md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED)
         if refuse:
             offered = 0  # Modes = 0: "server does not wish to talk" (RFC 4656 §3.1)
-        self.offered = offered
         challenge, salt = os.urandom(16), os.urandom(16)
         ctx = HandshakeContext("server", "twamp" if twamp else "owamp", local, peer, 0, salt, config.count)
         extra = None
         hook = getattr(key_source, "greeting_extra", None)
-        if hook is not None:
-            extra = hook(ctx)
+        if hook is not None and not refuse:
+            try:
+                extra = hook(ctx)
+            except Exception:  # a failing key source must not take the listener down
+                log.exception("greeting_extra failed: not offering announced key modes")
         unused = bytes(extra) if extra else bytes(12)
         if len(unused) != 12:
             raise ValueError("greeting_extra must return 12 octets")
+        if not any(unused):  # no announcement: nothing to key the announced modes from
+            for b, k in md.key_modes(twamp).items():
+                if k.announced:
+                    offered &= ~int(b)  # int: ~ on an IntFlag only spans its members
         self._ctx = HandshakeContext(ctx.role, ctx.protocol, local, peer, 0, salt, config.count, unused)
+        self.offered = int(offered)
         self.greeting = m.ServerGreeting(offered, challenge, salt, config.count, unused)
         self._out += self.greeting.pack()
         if refuse:
@@ -124,7 +131,7 @@ class ControlServer(_Conn):
             sec, keymode, features = md.split_mode(resp.mode, self.twamp)
         except ValueError as e:
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, str(e))
-        if resp.mode & ~self.offered:
+        if resp.mode & ~int(self.offered):
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"mode {resp.mode} not offered")
         if keymode is not None and not sec.control_crypto and not keymode.with_unauth:
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"{keymode.name} needs a keyed mode")
