@@ -243,16 +243,11 @@ class OwampHandler:
 
 
 def fetch_records(rcv: OwampReceiver, begin: int, end: int, next_seqno: int | None) -> tuple[m.DataRecord, ...]:
-    """RFC 4656 §3.8 records for begin <= seq <= end in arrival order; packets below
-    Next Seqno that never arrived are appended as lost (Receive Timestamp 0)."""
-    out = [m.DataRecord(r.seq, r.send_timestamp, ErrorEstimate.unpack(r.send_error), r.recv_timestamp,
-                        ErrorEstimate.unpack(r.recv_error), r.ttl)
-           for r in rcv.records if begin <= r.seq <= end]
-    if next_seqno is not None:
-        seen = {r.seq for r in rcv.records}
-        zero = ErrorEstimate(False, False, 0, 1)
-        out += [m.DataRecord(s, 0, zero, 0, zero, 255) for s in range(begin, min(end + 1, next_seqno)) if s not in seen]
-    return tuple(out)
+    """RFC 4656 §3.8 records (the receiver encodes them; lost packets below Next Seqno
+    included), parsed into DataRecords for the Fetch-Session answer."""
+    raw = rcv.fetch_records(begin, end, next_seqno)
+    size = m.DataRecord.SIZE
+    return tuple(m.DataRecord.unpack(raw[o:o + size]) for o in range(0, len(raw) - len(raw) % size, size))
 
 
 # ------------------------------------------------------------------------------ client side
