@@ -30,7 +30,7 @@ from agent.test import udp
 from agent.test.receiver import OwampReceiver
 from agent.test.sender import PacketRecord, Schedule
 from agent.test.udp import OwampReceiverEndpoint, TwampReflectorEndpoint
-from agent.timefmt import ErrorEstimate, ntp_from_unix_ns, unix_ns_from_ntp
+from agent.timefmt import ntp_from_unix_ns, unix_ns_from_ntp
 
 log = logging.getLogger(__name__)
 
