@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
 NTP_SECOND = 1 << 32
+START_LEAD_S = 0.2  # OWAMP Start Time = now + this when requesting
 
 
 async def _reflector_endpoint(host: str, port: int) -> TwampReflectorEndpoint:
@@ -228,7 +229,8 @@ class OwampHandler:
         records = await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
             schedule=schedule_from_slots(req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False)
+            sock=s.send_sock, hardware=False,
+            start_ns=max(unix_ns_from_ntp(req.start_time), time.time_ns()) if req.start_time else None)
         s.sent = len(records)
 
     def close(self) -> None:
@@ -374,8 +376,11 @@ async def owping(opt: PingOptions) -> OwpingResult:
         pad = opt.padding or 0
         send_sock = udp.open_udp_socket((str(local_ip), 0), dscp=opt.dscp or None)
         recv_ep = await _receiver_endpoint(str(local_ip), 0)
+        # RFC 4656 §3.5: Start Time is when sending begins (never before Start-Sessions); a
+        # short lead keeps it in the future while the requests and Start-Sessions go out.
+        start_ns = time.time_ns() + int(START_LEAD_S * _NS)
         common = dict(padding_length=pad, timeout=_duration_ntp(opt.wait), type_p=m.typep_from_dscp(opt.dscp),
-                      num_packets=opt.count, slots=(slot,))
+                      num_packets=opt.count, slots=(slot,), start_time=ntp_from_unix_ns(start_ns))
         fwd = await conn.request_session(m.RequestSession(local_ip, peer_ip, send_sock.getsockname()[1],
                                                           opt.test_port, conf_sender=False, conf_receiver=True,
                                                           **common))
@@ -393,9 +398,10 @@ async def owping(opt: PingOptions) -> OwpingResult:
             raise ControlError("Start-Sessions refused")
         sent = await udp.run_twamp_sender(
             ("", 0), (str(peer_ip), fwd.accept.port), conn.cli.mode, fwd.test_keys, count=opt.count,
-            schedule=schedule_from_slots((slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock, hardware=False)
+            schedule=schedule_from_slots((slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock, hardware=False,
+            start_ns=max(start_ns, time.time_ns()))
         loop = asyncio.get_running_loop()
-        end = loop.time() + opt.wait
+        end = loop.time() + opt.wait + opt.interval
         while loop.time() < end and len(receiver.records) < opt.count:
             await asyncio.sleep(0.01)
         stop = await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(fwd.accept.sid, len(sent)),))
