@@ -28,7 +28,9 @@ import os
 import socket
 import sys
 import time
+from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,7 +59,7 @@ def _bufs(s: socket.socket) -> None:
 # ------------------------------------------------------------------------- servers
 
 
-def echo_server(port_q: mp.Queue, stop: mp.Event, cpu: int | None) -> None:
+def echo_server(port_q: mp.Queue, stop: Event, cpu: int | None) -> None:
     _pin(cpu)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     _bufs(s)
@@ -74,7 +76,7 @@ def echo_server(port_q: mp.Queue, stop: mp.Event, cpu: int | None) -> None:
             pass
 
 
-def xwamp_server(kind: str, port_q: mp.Queue, stop: mp.Event, cpu: int | None, stats_q: mp.Queue) -> None:
+def xwamp_server(kind: str, port_q: mp.Queue, stop: Event, cpu: int | None, stats_q: mp.Queue) -> None:
     _pin(cpu)
     from agent.test.keys import TestKeys
     from agent.test.packets import Proto, Security
@@ -170,7 +172,7 @@ def measure(port: int, kind: str, rate: int, duration: float, cpu: int | None) -
     return res
 
 
-def run_server(kind: str, rates: list[int], duration: float, pin: bool) -> dict[str, object]:
+def run_server(kind: str, rates: list[int], duration: float, pin: bool) -> dict[str, Any]:
     port_q: mp.Queue = mp.Queue()
     stats_q: mp.Queue = mp.Queue()
     stop = mp.Event()
@@ -302,7 +304,7 @@ def main() -> int:
     rates = [int(r) for r in args.rates.split(",")]
     print(f"loopback reflector benchmark: {os.cpu_count()} CPUs, {args.duration:.1f} s per step, "
           f"{'pinned' if not args.no_pin else 'unpinned'}", flush=True)
-    results = []
+    results: list[dict[str, Any]] = []
     for kind in args.servers.split(","):
         results.append(run_server(kind.strip(), rates, args.duration, not args.no_pin))
     print()

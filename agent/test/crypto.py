@@ -50,7 +50,7 @@ STAMP_HMAC_SPAN = 96
 _compare = _stdlib_hmac.compare_digest
 
 
-def _xor(a: bytes, b: bytes) -> bytes:
+def _xor(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bytes:
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 

@@ -48,7 +48,6 @@ import struct
 from dataclasses import dataclass
 
 from agent.test.crypto import (
-    HMAC_LEN,
     STAMP_HMAC_SPAN,
     StampCrypto,
     TwampTestCrypto,

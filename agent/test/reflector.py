@@ -99,7 +99,7 @@ class ReflectorSession:
         self.dscp = dscp
         self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
         self.seq = 0
-        self._seqs: dict[Hashable, int] = {}
+        self._seqs: dict[tuple[Hashable, int], int] = {}
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # first read loads libc/adjtimex: not on the first packet

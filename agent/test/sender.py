@@ -50,6 +50,7 @@ class Schedule:
         self.interval_s = interval_s
         self._interval_ns = round(interval_s * _NS)
         self._rng = random.Random(seed)
+        self._slots: SlotSchedule | None = None
         self._offsets: list[int] = [0]
         self._acc = 0.0
 
@@ -73,7 +74,7 @@ class Schedule:
         packet 0 at its own first delta (RFC 4656 §5)."""
         if self.kind == "fixed":
             return n * self._interval_ns
-        if self.kind == "slots":
+        if self._slots is not None:
             return self._slots.offset_ns(n)
         offs = self._offsets
         while len(offs) <= n:

@@ -41,7 +41,7 @@ import logging
 import socket
 import struct
 import time
-from typing import Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 from agent import timestamping as ts
 from agent.clock import STAMP_COUNTERS
@@ -51,6 +51,7 @@ from agent.test.packets import MODE_UNAUTHENTICATED, Proto, Security, security_f
 from agent.test.receiver import OwampReceiver
 from agent.test.reflector import ReflectorSession
 from agent.test.sender import PacketRecord, Schedule, TestSender
+from netlink.secret import Secret
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class _DatagramEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._by_peer: dict[tuple[str, int], Hashable] = {}
         self._by_host: dict[str, list[Hashable]] = {}
-        self._sessions: dict[Hashable, object] = {}
+        self._sessions: dict[Hashable, Any] = {}
         self.unknown_peer = 0
         self.send_errors = 0
         self._rl = _RateLimitedLog(type(self).__name__, log_interval)
@@ -251,7 +252,7 @@ class _DatagramEndpoint:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    def _register(self, sid: Hashable, peer: tuple[str, int] | None, handler: object) -> None:
+    def _register(self, sid: Hashable, peer: tuple[str, int] | None, handler: Any) -> None:
         self._sessions[sid] = handler
         if peer is not None:
             key = peer_key(peer)
@@ -259,7 +260,7 @@ class _DatagramEndpoint:
                 self._by_peer[key] = sid
             self._by_host.setdefault(key[0], []).append(sid)
 
-    def _unregister(self, sid: Hashable) -> object | None:
+    def _unregister(self, sid: Hashable) -> Any:
         h = self._sessions.pop(sid, None)
         for k in [k for k, v in self._by_peer.items() if v == sid]:
             del self._by_peer[k]
@@ -270,7 +271,7 @@ class _DatagramEndpoint:
                     del self._by_host[host]
         return h
 
-    def _lookup(self, key: tuple[str, int]) -> object | None:
+    def _lookup(self, key: tuple[str, int]) -> Any:
         sid = self._by_peer.get(key)
         if sid is None:
             sids = self._by_host.get(key[0])
@@ -299,14 +300,16 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
     def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
                     keys: TestKeys | None = None, *, proto: Proto = Proto.TWAMP, ptp: bool = False,
                     error_estimate=None, reflector_auth_span: int = 16, dscp: int | None = None,
-                    **kw: object) -> ReflectorSession:
+                    padding: int | None = None, stamp_key: Secret | None = None,
+                    stateful: bool = True) -> ReflectorSession:
         """A TWAMP session from Request-TW-Session: ``mode`` is the negotiated Modes word
         (RFC 5618 mixed → unauthenticated test packets); ``peer`` the sender's (address, port),
         port 0 when unknown; ``dscp`` the Type-P Descriptor's DSCP for the replies.
         ``padding`` needs nothing here: the reflector answers at the sender's size."""
-        kw.pop("padding", None)
-        sess = ReflectorSession(proto, security_from_mode(mode), keys=keys, ptp=ptp, error_estimate=error_estimate,
-                                reflector_auth_span=reflector_auth_span, dscp=dscp, **kw)  # type: ignore[arg-type]
+        del padding
+        sess = ReflectorSession(proto, security_from_mode(mode), keys=keys, stamp_key=stamp_key, stateful=stateful,
+                                ptp=ptp, error_estimate=error_estimate, reflector_auth_span=reflector_auth_span,
+                                dscp=dscp)
         self._register(sid, peer, sess)
         return sess
 
@@ -378,7 +381,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             else:
                 n_sw += 1
             key = peer_key(addr) if v6 else addr
-            sess = sessions.get(by_peer.get(key)) if by_peer else None  # type: ignore[arg-type]
+            sess = sessions.get(by_peer.get(key)) if by_peer else None
             if sess is None:
                 sess = self._lookup(key) if sessions else None
                 if sess is None:
@@ -386,11 +389,11 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if sess is None:
                         self.unknown_peer += 1
                         continue
-            out = sess.reflect(data, rx, ttl, now, tos, key, src)  # type: ignore[union-attr]
+            out = sess.reflect(data, rx, ttl, now, tos, key, src)
             if out is None:
                 continue
             try:
-                dscp = sess.reply_dscp  # type: ignore[union-attr]
+                dscp = sess.reply_dscp
                 if dscp is None:
                     sendto(out, addr)
                 else:
@@ -457,7 +460,7 @@ class OwampReceiverEndpoint(_DatagramEndpoint):
             if rcv is None:
                 self.unknown_peer += 1
                 continue
-            rcv.on_packet(data, rx, ttl, src)  # type: ignore[union-attr]
+            rcv.on_packet(data, rx, ttl, src)
 
 
 # --------------------------------------------------------------------------- sender
