@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--max-per-client", type=int, default=8, help="control connections per client address")
     p.add_argument("--max-sessions", type=int, default=16, help="test sessions per control connection")
+    p.add_argument("--max-sessions-per-client", type=int, default=32,
+                   help="test sessions over all connections of one client address")
     p.add_argument("--idle-timeout", type=float, default=30.0, help="close control connections idle this long")
     p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (default: run until ^C)")
     p.set_defaults(func=run)
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"xwamp server: {e}", file=sys.stderr)
         return 2
-    limits = ListenerLimits(args.max_connections, args.max_per_client, args.idle_timeout)
+    limits = ListenerLimits(max_connections=args.max_connections, max_per_client=args.max_per_client,
+                            max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout)
     listeners = []
     if args.protocol in ("both", "twamp"):
         listeners.append(ControlListener(TwampHandler, twamp=True, hosts=args.listen, port=args.twamp_port,
