@@ -68,5 +68,7 @@ class XfrmEvent:
 
     def __repr__(self) -> str:  # compact and key-free (SA's own repr is key-free too)
         what = self.key_id if self.key_id is not None else self.policy
+        if self.kind is EventKind.FLUSH_SA:
+            what = f"proto {self.proto}"
         extra = "" if self.hard is None else (" hard" if self.hard else " soft")
         return f"<XfrmEvent {self.kind.name}{extra} {what!r}>"
