@@ -138,14 +138,17 @@ def blast(port: int, kind: str, rate: int, duration: float, cpu: int | None, out
     total = int(rate * duration)
     sent = got = 0
     t0 = time.perf_counter()
+    clock = time.perf_counter
     while sent < total:
-        due = min(total, int((time.perf_counter() - t0) * rate) + 1)
-        while sent < due:
+        due = min(total, int((clock() - t0) * rate) + 1)
+        burst = 0
+        while sent < due and burst < 64:  # replies are read at least every 64 sends
             try:
                 send(pkts[sent & 1023])
             except BlockingIOError:
                 break
             sent += 1
+            burst += 1
         try:
             while True:
                 recv_into(buf)

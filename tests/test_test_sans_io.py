@@ -237,3 +237,13 @@ def test_owamp_receiver_validity_tests() -> None:
     assert rcv.on_packet(snd.build(1, T0 + 9_000_000_000), T0 + 9_000_100_000, 64) is None  # 7 s off schedule
     assert rcv.on_packet(snd.build(2, T0 + 3_000_000_000), T0 + 6_000_000_000, 64) is None  # 3 s in flight
     assert rcv.counters.invalid_time == 2
+
+
+def test_ptp_reflector_with_ntp_sender() -> None:
+    """RFC 8186: each side's Z bit tells the format of its own timestamps."""
+    snd = TestSender(error_estimate=0x8001)  # NTP
+    ref = ReflectorSession(ptp=True, error_estimate=0xC001)  # PTP, Z=1
+    out = ref.reflect(snd.build(0, T0), T0 + 10_000, 64, clock(T0 + 20_000))
+    rec = snd.on_reply(out or b"", T0 + 40_000, 64)
+    assert rec is not None and rec.t2_ns == T0 + 10_000 and rec.t3_ns == T0 + 20_000
+    assert rec.rtt_ns == 30_000

@@ -79,7 +79,6 @@ class OwampReceiver:
         self._start_ns = start_ns
         self.counters = ReceiverCounters()
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
-        self._from_ts = unix_ns_from_ptp if ptp else unix_ns_from_ntp
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | None = None
@@ -105,7 +104,7 @@ class OwampReceiver:
             c.out_of_range += 1
             return None
         if self._timeout_ns is not None:
-            sent_ns = self._from_ts(p.timestamp)
+            sent_ns = (unix_ns_from_ptp if p.error_estimate & 0x4000 else unix_ns_from_ntp)(p.timestamp)
             late = abs(rx_ns - sent_ns) > self._timeout_ns
             if not late and self._schedule is not None and self._start_ns is not None:
                 late = abs(sent_ns - (self._start_ns + self._schedule.offset_ns(p.seq))) > self._timeout_ns

@@ -179,7 +179,6 @@ class TestSender:
         self.ptp = ptp
         self.counters = SenderCounters()
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
-        self._from_ts = unix_ns_from_ptp if ptp else unix_ns_from_ntp
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | StampCrypto | None = None
@@ -254,8 +253,10 @@ class TestSender:
             return rec
         self.counters.replies += 1
         rec.reflector_seq = r.seq
-        rec.t2_ns = self._from_ts(r.receive_timestamp)
-        rec.t3_ns = self._from_ts(r.timestamp)
+        # The reflector's Z bit says which format *it* wrote (RFC 8186), whatever ours is.
+        from_ts = unix_ns_from_ptp if r.error_estimate & 0x4000 else unix_ns_from_ntp
+        rec.t2_ns = from_ts(r.receive_timestamp)
+        rec.t3_ns = from_ts(r.timestamp)
         rec.reflector_error = r.error_estimate
         rec.t4_ns = rx_ns
         rec.t4_source = rx_source
