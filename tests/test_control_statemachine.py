@@ -284,3 +284,72 @@ def test_owamp_server_does_not_send_to_third_parties() -> None:
     refused = [e for _, e in evs if isinstance(e, ev.SessionRefused)]
     assert refused and refused[0].accept == m.ACCEPT_FAILURE
     assert [e.accept.accept for _, e in evs if isinstance(e, ev.SessionAccepted)] == [m.ACCEPT_FAILURE]
+
+
+def _chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    pos = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in pos + [len(data)]:
+        out.append(data[prev:p])
+        prev = p
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 10_000), max_size=8), st.sampled_from(["unauth", "enc"]), st.booleans())
+def test_any_tcp_segmentation_gives_the_same_conversation(cuts: list[int], mode: str, twamp: bool) -> None:
+    """Framing does not depend on how TCP cuts the stream: feed every byte string in pieces."""
+    srv = ControlServer(twamp, CFG, KEYS, local=(LO, 862), peer=(LO, 40000))
+    cli = ControlClient(twamp, [mode], "alice", KEYS)
+
+    def deliver(src, dst) -> list:
+        evs = []
+        for piece in _chunked(src.data_to_send(), cuts):
+            evs += dst.receive_data(piece)
+        return evs
+
+    assert isinstance(deliver(srv, cli)[0], ev.GreetingReceived)
+    assert isinstance(deliver(cli, srv)[0], ev.SetupComplete)
+    assert isinstance(deliver(srv, cli)[0], ev.Ready)
+    slots = (m.Slot.seconds(m.Slot.FIXED, 0.1),)
+    req = m.RequestTWSession(LO, LO, 1, 2) if twamp else m.RequestSession(LO, LO, 1, 2, num_packets=3, slots=slots)
+    for _ in range(2):
+        (cli.request_tw_session if twamp else cli.request_session)(req)  # pipelined
+    evs = deliver(cli, srv)
+    srv.accept_session(0, 7)
+    evs += srv.resume()
+    srv.accept_session(0, 8)
+    got = deliver(srv, cli)
+    assert [e.accept.port for e in got] == [7, 8]
+    cli.start_sessions()
+    deliver(cli, srv)
+    srv.start_ack(0)
+    assert deliver(srv, cli) == [ev.StartAckReceived(0)]
+    cli.stop_sessions(2, descriptions=() if twamp else tuple(m.SessionDescription(a.accept.sid, 3) for a in got))
+    stop = deliver(cli, srv)
+    assert isinstance(stop[0], ev.StopRequested)
+    if not twamp:
+        srv.send_stop_sessions()
+        assert isinstance(deliver(srv, cli)[0], ev.StopSessionsReceived)
+    assert not srv.closed and not cli.closed
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(0, 200), max_size=6))
+def test_segmented_n_session_messages(cuts: list[int]) -> None:
+    srv, cli, _ = setup(True, "enc", srv_modes=int(Mode.ENCRYPTED | Mode.INDIVIDUAL_SESSION_CONTROL),
+                        features=int(Mode.INDIVIDUAL_SESSION_CONTROL))
+
+    def deliver(src, dst) -> list:
+        evs = []
+        for piece in _chunked(src.data_to_send(), cuts):
+            evs += dst.receive_data(piece)
+        return evs
+
+    sids = (b"a" * 16, b"b" * 16, b"c" * 16)
+    cli.start_n_sessions(sids)
+    evs = deliver(cli, srv)
+    assert isinstance(evs[0], ev.StartNRequested) and evs[0].msg.sids == sids
+    srv.start_n_ack(0, sids)
+    evs = deliver(srv, cli)
+    assert isinstance(evs[0], ev.StartNAckReceived) and evs[0].ack.sids == sids

@@ -57,6 +57,8 @@ class ControlClient(_Conn):
             return self._on_greeting()
         if self.state == "server-start":
             return self._on_server_start()
+        if self.state == "server-start-tail":  # Start-Time block arrived in a later segment
+            return self._on_server_start_tail()
         if self.state in ("ready", "test"):
             return self._on_answer()
         return None
@@ -126,8 +128,6 @@ class ControlClient(_Conn):
         return [ev.Ready(self.start_time)]
 
     def _on_answer(self) -> list[ev.Event] | None:
-        if self.state == "server-start-tail":  # pragma: no cover - handled in _step
-            return self._on_server_start_tail()
         buf = self._recv.plain
         if not self._pending:
             # Unsolicited: only a server Stop-Sessions is allowed (RFC 4656 §3.8, RFC 5357 §3.8).
@@ -165,7 +165,8 @@ class ControlClient(_Conn):
             if n is None:
                 return None
             msg = self._take(n, (n - 16,))
-            assert msg is not None
+            if msg is None:
+                return None
             self._pending.popleft()
             parsed = cls.unpack(msg)
             if kind == "start-n":
@@ -177,7 +178,7 @@ class ControlClient(_Conn):
 
     def _read_stop(self) -> list[ev.Event] | None:
         n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
-        if n is None:
+        if n is None or not self._have(n):
             return None
         plain = self._recv.take(n)
         self._recv.verify(plain, (n - 16,))

@@ -205,7 +205,7 @@ class ControlServer(_Conn):
             return [ev.StartRequested()]
         if cmd == m.CMD_STOP_SESSIONS:
             n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
-            if n is None:
+            if n is None or not self._have(n):
                 return None
             plain = self._recv.take(n)
             self._recv.verify(plain, (n - 16,))
@@ -228,7 +228,8 @@ class ControlServer(_Conn):
             if n is None:
                 return None
             msg = self._take(n, (n - 16,))
-            assert msg is not None
+            if msg is None:
+                return None
             parsed = cls.unpack(msg)
             self._resume_state = self.state
             if cmd == m.CMD_START_N_SESSIONS:
