@@ -79,6 +79,14 @@ class SATable:
                 if not bucket:
                     del index[ikey]  # type: ignore[attr-defined]
 
+    def replace_all(self, sas: Iterable[SA]) -> None:
+        """Become a table of exactly ``sas`` (after a re-dump), keeping identity:
+        holders of this object see the new contents, never a half-built table."""
+        fresh = SATable.from_sas(sas)
+        self._by_id, self._order, self._by_reqid, self._by_addrs, self._counter = (
+            fresh._by_id, fresh._order, fresh._by_reqid, fresh._by_addrs, fresh._counter,
+        )
+
     def clear(self) -> None:
         self._by_id.clear()
         self._order.clear()

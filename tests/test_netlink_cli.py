@@ -1,0 +1,31 @@
+"""`xwamp sas` output: table and JSON, keys redacted unless asked for."""
+
+from __future__ import annotations
+
+import json
+
+from agent.commands.sas import render_table, sa_to_dict
+from netlink.fake import make_sa
+
+KEY_E, KEY_A = b"\xab" * 16, b"\xcd" * 32
+
+
+def test_table_redacts_by_default() -> None:
+    sas = [make_sa("192.0.2.1", "192.0.2.2", spi=0x1234, enc_key=KEY_E, auth_key=KEY_A, bytes_=500, packets=5),
+           make_sa("2001:db8::2", "2001:db8::1", spi=0xC0FFEE, aead_key=b"\x01" * 20)]
+    text = render_table(sas)
+    assert "0x00001234" in text and "192.0.2.1 -> 192.0.2.2" in text and "cbc(aes)+hmac(sha256)" in text
+    assert "rfc4106(gcm(aes))" in text and "2001:db8::2 -> 2001:db8::1" in text
+    assert KEY_E.hex() not in text and KEY_A.hex() not in text
+    shown = render_table(sas, show_keys=True)
+    assert KEY_E.hex() in shown and KEY_A.hex() in shown
+
+
+def test_json_redacts_by_default() -> None:
+    sa = make_sa(enc_key=KEY_E, auth_key=KEY_A)
+    doc = json.dumps(sa_to_dict(sa))
+    assert KEY_E.hex() not in doc and KEY_A.hex() not in doc and "<redacted>" in doc
+    d = sa_to_dict(sa, show_keys=True)
+    assert d["crypt"]["key"] == KEY_E.hex() and d["auth"]["key"] == KEY_A.hex() and d["auth"]["trunc_bits"] == 128
+    assert d["spi"] == "0x00001000" and d["proto"] == "esp" and d["mode"] == "tunnel" and d["family"] == 4
+    json.dumps(d)  # every value serialisable

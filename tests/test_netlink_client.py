@@ -1,0 +1,83 @@
+"""XfrmClient / XfrmMonitor against this host's kernel: what works without ESP/AH
+(policies, empty SA dumps, namespaces, errors). SA traffic is in tests/kernel/."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from netlink.client import XfrmClient
+from netlink.errors import NetnsNotFoundError, XfrmPermissionError
+from netlink.events import EventKind
+from netlink.monitor import TableFollower, XfrmMonitor
+
+
+def _xfrm_available() -> bool:
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6).close()
+        return os.geteuid() == 0
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _xfrm_available(), reason="needs root and NETLINK_XFRM")
+
+POLICY = "src 10.9.0.0/24 dst 10.9.1.0/24 dir out"
+TMPL = "tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 42 mode tunnel"
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"xwtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def ip(ns: str, cmd: str) -> None:
+    subprocess.run(["ip", "-n", ns, *cmd.split()], check=True)
+
+
+def test_dumps_and_monitor_inside_a_namespace(netns: str) -> None:
+    with XfrmMonitor(netns) as mon, XfrmClient(netns) as xc:
+        assert xc.dump_sas() == [] and xc.dump_policies() == []
+        ip(netns, f"xfrm policy add {POLICY} {TMPL}")
+        (pol,) = xc.dump_policies()
+        assert pol.templates[0].reqid == 42 and str(pol.selector.daddr) == "10.9.1.0"
+        events = mon.events(timeout=5)
+        assert [e.kind for e in events] == [EventKind.NEW_POLICY] and events[0].policy == pol
+        ip(netns, f"xfrm policy delete {POLICY}")
+        assert [e.kind for e in mon.events(timeout=5)] == [EventKind.DEL_POLICY]
+    # The root namespace saw none of it.
+    with XfrmClient() as root:
+        assert all(p.templates[:1] == () or p.templates[0].reqid != 42 for p in root.dump_policies())
+
+
+def test_table_follower_starts_on_an_empty_namespace(netns: str) -> None:
+    with TableFollower(netns) as f:
+        assert len(f.table) == 0 and f.poll() == 0
+
+
+def test_missing_namespace_is_a_clear_error() -> None:
+    with pytest.raises(NetnsNotFoundError, match="not found"):
+        XfrmClient(netns=f"xw-missing-{uuid.uuid4().hex[:6]}")
+    assert not os.path.exists("/run/netns/xw-missing")  # never created on the way
+
+
+def test_without_cap_net_admin_the_error_says_so() -> None:
+    code = "from netlink.client import XfrmClient\nXfrmClient().dump_sas()"
+    proc = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode != 0
+    assert "XfrmPermissionError" in proc.stderr and "CAP_NET_ADMIN" in proc.stderr
+    assert issubclass(XfrmPermissionError, PermissionError)
