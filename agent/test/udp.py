@@ -556,7 +556,9 @@ async def run_twamp_sender(
     own = sock is None
     if sock is None:
         fam = _family_of(remote[0])
-        host = local[0] or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
+        host = local[0]
+        if not host or host in ("0.0.0.0", "::"):  # a wildcard follows the remote's family
+            host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
         sock = open_udp_socket((host, local[1]), family=fam, dscp=dscp)
     elif dscp is not None:
         set_dscp(sock, dscp)
