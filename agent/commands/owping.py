@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         res = asyncio.run(owping(opt))
-    except ControlError as e:
+    except (ControlError, OSError) as e:
         print(f"xwamp owping: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"TWAMP {args.host} port {args.port}: {args.count} packets, interval {args.interval}s", flush=True)
     try:
         res = asyncio.run(twamp_ping(opt, on_record))
-    except ControlError as e:
+    except (ControlError, OSError) as e:
         print(f"xwamp ping: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
