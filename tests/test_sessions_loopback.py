@@ -290,3 +290,42 @@ def test_owamp_tampered_packet_dropped_and_counted(mode: str) -> None:
             await lst.close()
 
     asyncio.run(main())
+
+
+def test_cli_server_ping_owping_on_loopback(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    keys = tmp_path / "keys"
+    keys.write_text("# test key\nalice cli passphrase\n")
+    srv = subprocess.Popen([sys.executable, "-m", "agent", "server", "--listen", "127.0.0.1", "--twamp-port", "0",
+                            "--owamp-port", "0", "--keyfile", str(keys), "--count", "1024", "--duration", "30"],
+                           cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None
+        ports = {}
+        while len(ports) < 2:
+            line = srv.stdout.readline()
+            assert line, srv.stderr.read() if srv.stderr else ""
+            proto, port = line.split()[2], int(line.split(" port ")[1].split(",")[0])
+            ports[proto] = port
+
+        def cli(*args: str) -> dict:
+            r = subprocess.run([sys.executable, "-m", "agent", *args, "--keyfile", str(keys), "--user", "alice",
+                                "-c", "3", "-i", "0.01", "--wait", "0.5", "--json"],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        doc = cli("ping", "127.0.0.1", "--port", str(ports["TWAMP"]), "--mode", "enc", "--dscp", "10")
+        assert doc["mode"] == "enc" and doc["summary"]["loss"]["received"] == 3 and len(doc["records"]) == 3
+        doc = cli("owping", "127.0.0.1", "--port", str(ports["OWAMP"]), "--mode", "auth")
+        assert doc["forward"]["received"] == 3 and doc["reverse"]["received"] == 3
+    finally:
+        srv.terminate()
+        srv.wait(10)
