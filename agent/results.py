@@ -304,3 +304,95 @@ def format_summary(s: Summary, peer: str = "") -> str:
     if extra:
         lines.append(", ".join(extra))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ OWAMP
+
+
+@dataclass(slots=True)
+class OwampSummary:
+    """One direction, from an OWAMP receiver's records (Fetch-Session data)."""
+
+    sent: int
+    received: int
+    lost: int
+    percent: float
+    duplicates: int
+    delay: Stats | None
+    trusted: bool  # both clocks synchronised (S bits) on every record used
+    error_bound_ms: float | None
+    ipdv: Stats | None  # |IPDV| over consecutive sequence numbers
+    reorder: Reordering
+    ttl: tuple[int, int] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _owamp_ns(ts: int, err: int) -> int:
+    from agent.timefmt import unix_ns_from_ntp, unix_ns_from_ptp
+
+    return unix_ns_from_ptp(ts) if err & 0x4000 else unix_ns_from_ntp(ts)
+
+
+def summarize_owamp(records: Iterable[tuple[int, int, int, int, int, int]], sent: int | None = None) -> OwampSummary:
+    """``records``: (Seq, Send-ErrEst, Recv-ErrEst, Send-Timestamp, Recv-Timestamp, TTL) in arrival
+    order, as agent.test.receiver.decode_fetch_records returns them; a Receive Timestamp of 0
+    marks a lost packet (RFC 4656 §3.8). ``sent``: Next Seqno from Stop-Sessions, if known."""
+    first: dict[int, tuple[int, int, int, int, int, int]] = {}
+    order: list[int] = []
+    dups = 0
+    lost_seqs: set[int] = set()
+    for rec in records:
+        seq, serr, rerr, sts, rts, ttl = rec
+        if rts == 0:
+            lost_seqs.add(seq)
+            continue
+        if seq in first:
+            dups += 1
+            continue
+        first[seq] = rec
+        order.append(seq)
+    if sent is None:
+        sent = max([*first, *lost_seqs], default=-1) + 1
+    received = sum(1 for s in first if s < sent)
+    lost = max(0, sent - received)
+    delays: dict[int, int] = {}
+    trusted = bool(first)
+    bound = 0.0
+    for seq, (_s, serr, rerr, sts, rts, _ttl) in first.items():
+        delays[seq] = _owamp_ns(rts, rerr) - _owamp_ns(sts, serr)
+        trusted = trusted and _synced(serr) and _synced(rerr)
+        bound = max(bound, _err_s(serr) + _err_s(rerr))
+    ipdv = [abs(d - delays[s - 1]) for s, d in delays.items() if s - 1 in delays]
+    ttls = [r[5] for r in first.values()]
+    return OwampSummary(
+        sent=sent,
+        received=received,
+        lost=lost,
+        percent=100.0 * lost / sent if sent else 0.0,
+        duplicates=dups,
+        delay=Stats.of_ns(delays.values()),
+        trusted=trusted,
+        error_bound_ms=bound * 1e3 if first else None,
+        ipdv=Stats.of_ns(ipdv),
+        reorder=reordering(order),
+        ttl=(min(ttls), max(ttls)) if ttls else None,
+    )
+
+
+def format_owamp_summary(s: OwampSummary, what: str = "") -> str:
+    lines = [f"--- {what or 'one-way'} statistics ---"]
+    lines.append(f"{s.sent} sent, {s.received} received, {s.percent:.1f}% lost, {s.duplicates} duplicates")
+    if s.delay:
+        d = s.delay
+        note = "" if s.trusted else " (clocks NOT synchronised: values untrusted)"
+        err = f", error <= {s.error_bound_ms:.3f} ms" if s.error_bound_ms is not None else ""
+        lines.append(f"one-way delay min/median/max = {d.min:.3f}/{d.p50:.3f}/{d.max:.3f} ms{err}{note}")
+    if s.ipdv:
+        lines.append(f"ipdv mean |ipdv| {s.ipdv.mean:.3f} ms, p95 {s.ipdv.p95:.3f} ms")
+    if s.reorder.reordered:
+        lines.append(f"{s.reorder.reordered} reordered ({100 * s.reorder.ratio:.1f}%)")
+    if s.ttl:
+        lines.append(f"ttl {s.ttl[0]}..{s.ttl[1]}")
+    return "\n".join(lines)

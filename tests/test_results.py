@@ -132,3 +132,29 @@ def test_empty() -> None:
     s = summarize([rec(0, None)])
     assert s.rtt is None and s.loss.lost == 1
     assert "100.0% packet loss" in format_summary(s)
+
+
+def test_owamp_summary_from_fetch_records() -> None:
+    from agent.results import format_owamp_summary, summarize_owamp
+    from agent.test.receiver import decode_fetch_records
+    from agent.timefmt import ntp_from_unix_ns
+    from agent.test.receiver import FETCH_RECORD
+
+    t0 = 1_780_000_000 * 10**9
+
+    def r(seq: int, delay_ns: int | None, ttl: int = 60, err: int = SYNC) -> bytes:
+        sts = ntp_from_unix_ns(t0 + seq * MS)
+        rts = 0 if delay_ns is None else ntp_from_unix_ns(t0 + seq * MS + delay_ns)
+        return FETCH_RECORD.pack(seq, err, SYNC, sts, rts, ttl)
+
+    # arrival order 0,2,1 (1 reordered), 3 duplicated, 4 lost; delays 1.0/1.0/1.5/1.0 ms
+    raw = r(0, MS) + r(2, MS) + r(1, 3 * MS // 2) + r(3, MS) + r(3, MS) + r(4, None)
+    s = summarize_owamp(decode_fetch_records(raw), sent=5)
+    assert (s.sent, s.received, s.lost, s.duplicates) == (5, 4, 1, 1)
+    assert s.percent == pytest.approx(20.0)
+    assert s.delay is not None and s.delay.min == pytest.approx(1.0, abs=1e-6) and s.delay.max == pytest.approx(1.5, abs=1e-6)
+    assert s.ipdv is not None and s.ipdv.max == pytest.approx(0.5, abs=1e-6) and s.ipdv.count == 3
+    assert s.reorder.reordered == 1 and s.trusted and s.ttl == (60, 60)
+    assert "5 sent, 4 received, 20.0% lost, 1 duplicates" in format_owamp_summary(s)
+    unsync = summarize_owamp(decode_fetch_records(r(0, MS, err=UNSYNC)))
+    assert not unsync.trusted and unsync.sent == 1
