@@ -1,4 +1,5 @@
-"""Statistics of a test session from per-packet records (agent.test.sender.PacketRecord).
+"""Statistics of a test session: two-way from per-packet records (agent.test.sender.PacketRecord,
+:func:`summarize`), one-way from OWAMP Fetch-Session records (:func:`summarize_owamp`).
 
 * RTT (RFC 5357): (T4 − T1) − (T3 − T2); T1 is the kernel TX stamp when known.
 * One-way delays: forward T2 − T1, reverse T4 − T3. They mix two clocks, so they

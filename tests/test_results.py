@@ -136,9 +136,8 @@ def test_empty() -> None:
 
 def test_owamp_summary_from_fetch_records() -> None:
     from agent.results import format_owamp_summary, summarize_owamp
-    from agent.test.receiver import decode_fetch_records
+    from agent.test.receiver import FETCH_RECORD, decode_fetch_records
     from agent.timefmt import ntp_from_unix_ns
-    from agent.test.receiver import FETCH_RECORD
 
     t0 = 1_780_000_000 * 10**9
 
