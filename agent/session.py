@@ -392,7 +392,9 @@ async def owping(opt: PingOptions) -> OwpingResult:
                                                           conf_sender=True, conf_receiver=False, **common))
         if not rev.ok:
             raise ControlError(f"reverse session refused: {m.ACCEPT_NAMES[rev.accept.accept]}")
-        receiver = recv_ep.add_session(my_sid, (str(peer_ip), rev.accept.port), mode=conn.cli.mode,
+        # Match the server's packets by address only: what Accept-Session's Port means for a
+        # Conf-Sender session differs between implementations (RFC 4656 §3.5 leaves it loose).
+        receiver = recv_ep.add_session(my_sid, (str(peer_ip), 0), mode=conn.cli.mode,
                                        keys=conn.cli.test_keys(my_sid), expected=opt.count)
         if await conn.start_sessions() != m.ACCEPT_OK:
             raise ControlError("Start-Sessions refused")
