@@ -392,8 +392,8 @@ async def owping(opt: PingOptions) -> OwpingResult:
                                                           conf_sender=True, conf_receiver=False, **common))
         if not rev.ok:
             raise ControlError(f"reverse session refused: {m.ACCEPT_NAMES[rev.accept.accept]}")
-        # Match the server's packets by address only: what Accept-Session's Port means for a
-        # Conf-Sender session differs between implementations (RFC 4656 §3.5 leaves it loose).
+        # Match the server's packets by address only: we do not rely on Accept-Session's Port
+        # naming the server's source port for a Conf-Sender session (not checked against RFC text).
         receiver = recv_ep.add_session(my_sid, (str(peer_ip), 0), mode=conn.cli.mode,
                                        keys=conn.cli.test_keys(my_sid), expected=opt.count)
         if await conn.start_sessions() != m.ACCEPT_OK:
