@@ -8,8 +8,8 @@ message's ``hmac_offsets()``. Malformed input raises :class:`ProtocolError` and
 nothing else.
 
 Encoders are strict (they refuse values that do not fit), decoders are strict on
-sizes and enumerated values but ignore MBZ contents, as RFC 4656 §3 asks of
-receivers for forward compatibility.
+sizes and enumerated values but ignore MBZ contents (lenient, so future uses of
+those octets, e.g. RFC 6038's, do not break us).
 """
 
 from __future__ import annotations

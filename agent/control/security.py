@@ -3,7 +3,12 @@
 Everything here composes primitives from ``cryptography``; no key byte ever reaches a
 log line, an exception message or a repr (keys travel in :class:`Secret`).
 
-Facts checked against the RFC text / perfSONAR behaviour:
+What each rule rests on (RFC text was not readable here; see the report):
+the HMAC coverage and the Server-Start / Fetch framing were checked against
+perfSONAR owamp's protocol.c/sapi.c (which HMAC-chains exactly this way); the
+Token and test-key derivations follow RFC 4656 §3.1 / §4.1.2 as recalled and
+agree with the protocol notes; the tests pin all of it with vectors composed
+from raw primitives.
   * shared key: PBKDF2-HMAC-SHA1(passphrase, Salt, Count), 16 octets (RFC 4656 §3.1);
     Count is offered by the server, a client caps what it will spend;
   * Token = AES-128-CBC(key, IV=0) of Challenge(16) | AES session key(16) | HMAC session key(32);
