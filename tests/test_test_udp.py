@@ -93,7 +93,8 @@ def test_owamp_receiver_endpoint() -> None:
         async with OwampReceiverEndpoint(("127.0.0.1", 0)) as ep:
             rcv = ep.add_session("o", ("127.0.0.1", 0), MODE_AUTHENTICATED, KEYS, expected=4)
             recs = await run_twamp_sender(("127.0.0.1", 0), ("127.0.0.1", ep.port), MODE_AUTHENTICATED, KEYS,
-                                          proto=Proto.OWAMP, count=4, interval=0.002, timeout=0.2)
+                                          proto=Proto.OWAMP, count=4, interval=0.002, timeout=0.2,
+                                          spin_ns=200_000)
             await asyncio.sleep(0.05)
             return recs, rcv
 

@@ -505,10 +505,17 @@ class _SenderSocket:
                 self.sender.on_tx_stamp(seq, stamp.ns, stamp.source.value)
 
 
-async def _sleep_until_ns(t_ns: int) -> None:
-    delay = (t_ns - time.time_ns()) / 1e9
+async def _sleep_until_ns(t_ns: int, spin_ns: int = 0) -> None:
+    """Sleep until ``t_ns`` (Unix ns). The event loop wakes with ~1 ms granularity (epoll);
+    ``spin_ns`` > 0 sleeps until that much before and busy-waits the rest, for
+    sub-millisecond send times at the cost of CPU."""
+    now = time.time_ns()
+    delay = t_ns - now - spin_ns
     if delay > 0:
-        await asyncio.sleep(delay)
+        await asyncio.sleep(delay / 1e9)
+    if spin_ns:
+        while time.time_ns() < t_ns:
+            pass
 
 
 async def run_twamp_sender(
@@ -536,6 +543,7 @@ async def run_twamp_sender(
     seed: int | None = None,
     on_record: Callable[[PacketRecord], None] | None = None,
     sock: socket.socket | None = None,
+    spin_ns: int = 0,
 ) -> list[PacketRecord]:
     """Send ``count`` test packets on an absolute schedule and collect the replies.
 
@@ -543,7 +551,9 @@ async def run_twamp_sender(
     for STAMP authenticated mode). For ``proto=Proto.OWAMP`` nothing comes back: the
     records carry T1 (user and kernel) only. ``start_ns`` (Unix ns) is the session's
     Start Time; default: now. Waits ``timeout`` seconds after the last send.
-    ``sock``: an already bound UDP socket to use (it is not closed).
+    ``sock``: an already bound UDP socket to use (it is not closed). ``spin_ns``: busy-wait
+    that long before each send time for sub-millisecond precision (default: event-loop
+    sleeps, ~1 ms granularity; the absolute schedule never drifts either way).
     """
     sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule, interval, seed)
     if proto is Proto.STAMP:
@@ -581,7 +591,7 @@ async def run_twamp_sender(
     start = start_ns if start_ns is not None else time.time_ns()
     try:
         for n in range(count):
-            await _sleep_until_ns(sender.send_time_ns(n, start))
+            await _sleep_until_ns(sender.send_time_ns(n, start), spin_ns)
             data = sender.build(n, time.time_ns())
             for _attempt in range(3):
                 try:
