@@ -247,3 +247,13 @@ def test_ptp_reflector_with_ntp_sender() -> None:
     rec = snd.on_reply(out or b"", T0 + 40_000, 64)
     assert rec is not None and rec.t2_ns == T0 + 10_000 and rec.t3_ns == T0 + 20_000
     assert rec.rtt_ns == 30_000
+
+
+def test_stateful_peer_table_is_bounded() -> None:
+    ref = ReflectorSession(Proto.STAMP, error_estimate=1)
+    ref.max_peers = 3
+    snd = TestSender(Proto.STAMP, error_estimate=1)
+    d = snd.build(0, T0)
+    for p in range(5):
+        ref.reflect(d, T0, 64, clock(), None, ("192.0.2.1", 1000 + p))
+    assert ref.peers == 3

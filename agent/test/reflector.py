@@ -100,6 +100,7 @@ class ReflectorSession:
         self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
         self.seq = 0
         self._seqs: dict[tuple[Hashable, int], int] = {}
+        self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # first read loads libc/adjtimex: not on the first packet
@@ -140,6 +141,13 @@ class ReflectorSession:
         peer: Hashable = None,
         rx_source: str = "sw",
     ) -> bytes | None:  # pragma: no cover - replaced per instance
+        """The reply to ``data`` received at ``rx_ns`` (Unix ns, T2) with IP TTL/Hop Limit ``ttl``.
+
+        ``now_ns()`` is read once, as late as possible, for T3. ``tos``: the received TOS/Traffic
+        Class (STAMP CoS TLV); ``peer``: a hashable sender identity (stateful STAMP counters);
+        ``rx_source``: "hw"/"sw"/"user" (STAMP Timestamp Information TLV). ``None`` when the
+        packet is dropped; ``self.counters`` says why.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------ TWAMP
@@ -217,8 +225,13 @@ class ReflectorSession:
         if not self.stateful:
             return sseq  # RFC 8762 §4.3.1 stateless: copy the sender's sequence number
         key = (peer, ssid)
-        seq = self._seqs.get(key, 0)
-        self._seqs[key] = (seq + 1) & 0xFFFFFFFF
+        seqs = self._seqs
+        seq = seqs.get(key)
+        if seq is None:
+            seq = 0
+            if len(seqs) >= self.max_peers:  # bounded state: forget the oldest sender
+                del seqs[next(iter(seqs))]
+        seqs[key] = (seq + 1) & 0xFFFFFFFF
         return seq
 
     def _stamp(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
