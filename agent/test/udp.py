@@ -400,8 +400,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     self._send_with_dscp(sock, out, addr, dscp)
             except OSError:
                 self.send_errors += 1
-        if n_sw:
-            STAMP_COUNTERS.add("rx", "sw" if hw is None else "hw", n_sw)
+        if n_sw and hw is None:  # with hardware stamps, agent.timestamping.rx_stamp counted them
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
         if n_user:
             STAMP_COUNTERS.add("rx", "user", n_user)
         if self._rl.due():
