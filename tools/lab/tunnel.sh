@@ -20,6 +20,7 @@ if [ -n "${XWAMP_LAB_KEYS:-}" ]; then read -r EAB HAB EBA HBA < "$XWAMP_LAB_KEYS
 else EAB=$(hex 16); HAB=$(hex 32); EBA=$(hex 16); HBA=$(hex 32); fi
 
 down
+trap 'echo "tunnel.sh: set-up failed (does this kernel have ESP? see tools/kernel-caps)" >&2; down' ERR
 ip netns add "$A"; ip netns add "$B"
 ip link add "$p-va" netns "$A" type veth peer name "$p-vb" netns "$B"
 for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
