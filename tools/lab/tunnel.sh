@@ -6,7 +6,7 @@
 # Outer (wire) addresses 192.0.2.1/.2; inner (measured) 10.77.1.1 <-> 10.77.2.1.
 # All addresses exist only inside these namespaces. Keys are random unless
 # XWAMP_LAB_KEYS names a file of 4 hex keys: enc a->b, auth a->b, enc b->a, auth b->a.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap also fires inside functions
 cmd=${1:-up}; p=${2:-xw}
 A=$p-a; B=$p-b
 OA=192.0.2.1; OB=192.0.2.2; IA=10.77.1.1; IB=10.77.2.1
