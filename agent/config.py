@@ -1,0 +1,415 @@
+"""``xwamp agent`` configuration: TOML (stdlib tomllib) validated into frozen dataclasses.
+
+Every problem is reported as one line naming the file, the key and why::
+
+    xwamp.toml: peers[2].address: '10.0.0.300' is not an IP address
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+See examples/xwamp.toml for every key with its default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+LOG_FORMATS = ("logfmt", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PROTOCOLS = ("twamp", "owamp")
+SECURITY_MODES = ("unauth", "auth", "enc", "mixed")
+# Key-source suffixes ("auth+ipsec-alt1"): docs/wire-format.md §1. IPsec modes take
+# their keys from the SA the session runs in, so they need no keyfile.
+KEY_MODES = ("ipsec-bound", "ipsec-alt1", "ipsec-alt2", "rfc7717")
+IPSEC_KEY_MODES = ("ipsec-bound", "ipsec-alt1", "ipsec-alt2")
+SCHEDULES = ("fixed", "poisson")
+DEFAULT_SERVER_MODES = ("unauth", "unauth+ipsec-bound", "auth+ipsec-alt1", "enc+ipsec-alt1")
+
+# 10 µs .. 10 s, 1-2.5-5 per decade: LAN hardware-stamped RTTs up to satellite/backoff.
+DEFAULT_BUCKETS: tuple[float, ...] = tuple(
+    float(f"{m}e{e}") for e in range(-5, 1) for m in ("1", "2.5", "5")
+) + (10.0,)
+
+
+class ConfigError(ValueError):
+    """One clear line: ``<file>: <key>: <why>``."""
+
+    def __init__(self, source: str, key: str, why: str) -> None:
+        self.source, self.key, self.why = source, key, why
+        super().__init__(f"{source}: {key}: {why}" if key else f"{source}: {why}")
+
+
+# --------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSection:
+    log_format: str = "logfmt"
+    log_level: str = "info"
+    netns: str | None = None  # run the whole agent (sockets and XFRM) in this named netns
+    sa_refresh_interval: float = 15.0  # seconds between SA re-dumps (kernel counters, missed events)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    enabled: bool = True
+    listen: tuple[str, ...] = ("::",)
+    twamp_port: int = 862
+    owamp_port: int = 861
+    twamp: bool = True
+    owamp: bool = True
+    max_connections: int = 64
+    max_sessions_per_client: int = 16
+    idle_timeout: float = 900.0  # RFC 5357 SERVWAIT default
+    max_rate: float = 1000.0  # packets per second a single session may ask for
+    max_packets: int = 1 << 20  # OWAMP Number of Packets per session
+    max_padding: int = 9000
+    modes: tuple[str, ...] = DEFAULT_SERVER_MODES  # offered; plain auth/enc/mixed need keyfile
+    keyfile: str | None = None  # passphrases for auth/enc clients (RFC 4656 shared secrets)
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterSection:
+    enabled: bool = True
+    # Loopback by default: exposing tunnel addresses to a network is an operator's choice.
+    listen: str = "127.0.0.1"
+    port: int = 9862
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    ipdv_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTemplate:
+    """What each measurement session does: shared by [[peers]] and [discovery]."""
+
+    protocol: str = "twamp"
+    port: int | None = None  # None: 862 for TWAMP, 861 for OWAMP
+    modes: tuple[str, ...] = ("unauth",)  # client preference order
+    keyfile: str | None = None
+    user: str | None = None
+    interval: float = 1.0  # seconds between test packets
+    schedule: str = "fixed"
+    padding: int | None = None  # None: symmetric-size padding (RFC 6038)
+    dscp: int = 0
+    count: int = 60  # packets per cycle; loss and reordering are settled per cycle
+    timeout: float = 2.0  # seconds to wait for a reply after the last packet of a cycle
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 862 if self.protocol == "twamp" else 861
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    name: str
+    session: SessionTemplate
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity across reloads: a peer whose key and settings are unchanged keeps running."""
+        return f"peer:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySection:
+    enabled: bool = False
+    reqids: tuple[int, ...] = ()  # empty: any
+    selectors: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # SA selector within one of these
+    addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # remote SA endpoint within
+    exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    session: SessionTemplate = field(default_factory=lambda: SessionTemplate(modes=("unauth+ipsec-bound",)))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str = "<defaults>"
+    agent: AgentSection = field(default_factory=AgentSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    exporter: ExporterSection = field(default_factory=ExporterSection)
+    peers: tuple[Peer, ...] = ()
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+
+
+# --------------------------------------------------------------------- validation
+
+
+class _V:
+    """Walks one table, remembering its dotted path for error messages."""
+
+    def __init__(self, source: str, path: str, table: Any) -> None:
+        self.source, self.path = source, path
+        if not isinstance(table, dict):
+            raise ConfigError(source, path, f"must be a table, not {_tname(table)}")
+        self.table = table
+        self.used: set[str] = set()
+
+    def k(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def err(self, key: str, why: str) -> ConfigError:
+        return ConfigError(self.source, self.k(key), why)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: T, check: Callable[[Any], str | None] | None = None) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        v = self.table[key]
+        # TOML booleans are not integers here, and integers are fine where floats are asked.
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if not ok and float in kinds and isinstance(v, int) and not isinstance(v, bool):
+            v, ok = float(v), True
+        if not ok:
+            want = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.err(key, f"must be {want}, not {_tname(v)} {v!r}")
+        if check is not None:
+            why = check(v)
+            if why:
+                raise self.err(key, why)
+        return v
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        return self.get(key, str, default,
+                        lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}")
+
+    def int_range(self, key: str, default: Any, lo: int, hi: int) -> Any:
+        return self.get(key, int, default,
+                        lambda v: None if lo <= v <= hi else f"{v} is out of range {lo}..{hi}")
+
+    def positive(self, key: str, default: Any, hi: float = math.inf) -> Any:
+        return self.get(key, float, default,
+                        lambda v: None if (0 < v <= hi and math.isfinite(v)) else f"{v} must be > 0 and <= {hi:g}")
+
+    def str_list(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        v = self.get(key, (list, str), default)
+        if isinstance(v, str):
+            v = [v]
+        out = []
+        for i, item in enumerate(v):
+            if not isinstance(item, str):
+                raise ConfigError(self.source, f"{self.k(key)}[{i}]", f"must be a string, not {_tname(item)}")
+            out.append(item)
+        return tuple(out)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.err(unknown[0], f"unknown key (known: {', '.join(sorted(self.used))})")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "an array", dict: "a table"}
+
+
+def _tname(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _ip(v: str) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return f"{v!r} is not an IP address"
+    return None
+
+
+def _nets(vd: _V, key: str) -> tuple[Any, ...]:
+    out = []
+    for i, s in enumerate(vd.str_list(key, ())):
+        try:
+            out.append(ipaddress.ip_network(s, strict=False))
+        except ValueError:
+            raise ConfigError(vd.source, f"{vd.k(key)}[{i}]", f"{s!r} is not an IP network (address/prefix)") from None
+    return tuple(out)
+
+
+def _check_mode(v: str, protocol: str) -> str | None:
+    sec, plus, key = v.partition("+")
+    if sec not in SECURITY_MODES:
+        return f"{v!r}: security mode must be one of {', '.join(SECURITY_MODES)}"
+    if plus and key not in KEY_MODES:
+        return f"{v!r}: key mode must be one of {', '.join(KEY_MODES)}"
+    if sec == "mixed" and protocol == "owamp":
+        return f"{v!r}: mixed mode is TWAMP only (RFC 5618)"
+    if sec == "unauth" and key and key != "ipsec-bound":
+        return f"{v!r}: {key} derives keys, it cannot be combined with unauth (docs/wire-format.md §1.2)"
+    return None
+
+
+def _check_file(path: str) -> str | None:
+    if not os.path.exists(path):
+        return f"{path!r} does not exist"
+    return None
+
+
+def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
+    protocol = vd.choice("protocol", PROTOCOLS, base.protocol)
+    modes = vd.str_list("mode", base.modes)
+    if not modes:
+        raise vd.err("mode", "needs at least one mode")
+    for i, mname in enumerate(modes):
+        why = _check_mode(mname, protocol)
+        if why:
+            raise ConfigError(vd.source, f"{vd.k('mode')}" + (f"[{i}]" if len(modes) > 1 else ""), why)
+    keyfile = vd.get("keyfile", str, base.keyfile, _check_file)
+    user = vd.get("user", str, base.user, lambda v: None if 0 < len(v.encode()) <= 80 else "must be 1..80 octets (RFC 4656 KeyID)")
+    needs_secret = [mname for mname in modes if mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in IPSEC_KEY_MODES]
+    if needs_secret and (keyfile is None or user is None):
+        missing = "keyfile" if keyfile is None else "user"
+        raise vd.err(missing, f"mode {needs_secret[0]!r} needs a shared secret: set keyfile and user")
+    t = SessionTemplate(
+        protocol=protocol,
+        port=vd.int_range("port", base.port, 1, 65535),
+        modes=modes,
+        keyfile=keyfile,
+        user=user,
+        interval=vd.positive("interval", base.interval, 3600.0),
+        schedule=vd.choice("schedule", SCHEDULES, base.schedule),
+        padding=vd.int_range("padding", base.padding, 0, 9000),
+        dscp=vd.int_range("dscp", base.dscp, 0, 63),
+        count=vd.int_range("count", base.count, 1, 1_000_000),
+        timeout=vd.positive("timeout", base.timeout, 60.0),
+    )
+    return t
+
+
+_SESSION_KEYS = ("protocol", "port", "mode", "keyfile", "user", "interval", "schedule",
+                 "padding", "dscp", "count", "timeout")
+
+
+def _buckets(vd: _V, key: str) -> tuple[float, ...]:
+    v = vd.get(key, list, None)
+    if v is None:
+        return DEFAULT_BUCKETS
+    out: list[float] = []
+    for i, b in enumerate(v):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+            raise ConfigError(vd.source, f"{vd.k(key)}[{i}]", f"{b!r} must be a positive finite number of seconds")
+        if out and b <= out[-1]:
+            raise ConfigError(vd.source, f"{vd.k(key)}[{i}]", f"{b!r} must be greater than the previous bucket {out[-1]!r}")
+        out.append(float(b))
+    if not out:
+        raise vd.err(key, "needs at least one bucket")
+    return tuple(out)
+
+
+def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    root = _V(source, "", doc)
+
+    a = _V(source, "agent", root.get("agent", dict, {}))
+    agent = AgentSection(
+        log_format=a.choice("log_format", LOG_FORMATS, "logfmt"),
+        log_level=a.choice("log_level", LOG_LEVELS, "info"),
+        netns=a.get("netns", str, None, lambda v: None if v and "/" not in v else f"{v!r} is not a netns name"),
+        sa_refresh_interval=a.positive("sa_refresh_interval", 15.0, 3600.0),
+    )
+    a.done()
+
+    s = _V(source, "server", root.get("server", dict, {}))
+    listen = s.str_list("listen", ("::",))
+    for i, addr in enumerate(listen):
+        why = _ip(addr)
+        if why:
+            raise ConfigError(source, f"server.listen[{i}]", why)
+    server_modes = s.str_list("modes", DEFAULT_SERVER_MODES)
+    for i, mname in enumerate(server_modes):
+        why = _check_mode(mname, "twamp")
+        if why:
+            raise ConfigError(source, f"server.modes[{i}]", why)
+    server = ServerSection(
+        enabled=s.get("enabled", bool, True),
+        listen=listen,
+        twamp_port=s.int_range("twamp_port", 862, 1, 65535),
+        owamp_port=s.int_range("owamp_port", 861, 1, 65535),
+        twamp=s.get("twamp", bool, True),
+        owamp=s.get("owamp", bool, True),
+        max_connections=s.int_range("max_connections", 64, 1, 100_000),
+        max_sessions_per_client=s.int_range("max_sessions_per_client", 16, 1, 10_000),
+        idle_timeout=s.positive("idle_timeout", 900.0, 86400.0),
+        max_rate=s.positive("max_rate", 1000.0, 1e6),
+        max_packets=s.int_range("max_packets", 1 << 20, 1, 1 << 32),
+        max_padding=s.int_range("max_padding", 9000, 0, 65000),
+        modes=server_modes,
+        keyfile=s.get("keyfile", str, None, _check_file),
+    )
+    if server.enabled and server.twamp and server.owamp and server.twamp_port == server.owamp_port:
+        raise ConfigError(source, "server.owamp_port", f"{server.owamp_port} is also server.twamp_port")
+    if any(mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in IPSEC_KEY_MODES
+           for mname in server_modes) and server.keyfile is None and server.enabled:
+        raise ConfigError(source, "server.keyfile", "modes auth/enc/mixed without an IPsec key mode need a keyfile")
+    s.done()
+
+    e = _V(source, "exporter", root.get("exporter", dict, {}))
+    exporter = ExporterSection(
+        enabled=e.get("enabled", bool, True),
+        listen=e.get("listen", str, "127.0.0.1", _ip),
+        port=e.int_range("port", 9862, 0, 65535),  # 0: any free port (tests)
+        buckets=_buckets(e, "buckets"),
+        ipdv_buckets=_buckets(e, "ipdv_buckets"),
+    )
+    e.done()
+
+    peers: list[Peer] = []
+    raw_peers = root.get("peers", list, [])
+    names: dict[str, int] = {}
+    for i, raw in enumerate(raw_peers):
+        p = _V(source, f"peers[{i}]", raw)
+        addr_s = p.get("address", str, None, _ip)
+        if addr_s is None:
+            raise p.err("address", "is required")
+        src = p.get("source", str, None, _ip)
+        name = p.get("name", str, addr_s, lambda v: None if v and v.isprintable() else "must be a non-empty printable string")
+        if name in names:
+            raise p.err("name", f"{name!r} is also peers[{names[name]}]'s name (names identify tunnels in metrics)")
+        names[name] = i
+        tmpl = _session(p, SessionTemplate())
+        p.used.update(_SESSION_KEYS)
+        p.done()
+        address = ipaddress.ip_address(addr_s)
+        source_ip = ipaddress.ip_address(src) if src else None
+        if source_ip is not None and source_ip.version != address.version:
+            raise p.err("source", f"{src!r} and address {addr_s!r} are of different IP versions")
+        peers.append(Peer(address=address, name=name, session=tmpl, source=source_ip))
+
+    d = _V(source, "discovery", root.get("discovery", dict, {}))
+    reqids = d.get("reqids", list, [])
+    for i, r in enumerate(reqids):
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 < r < 1 << 32:
+            raise ConfigError(source, f"discovery.reqids[{i}]", f"{r!r} is not a reqid (1..4294967295)")
+    dtmpl = _session(d, DiscoverySection().session)
+    discovery = DiscoverySection(
+        enabled=d.get("enabled", bool, False),
+        reqids=tuple(reqids),
+        selectors=_nets(d, "selectors"),
+        addresses=_nets(d, "addresses"),
+        exclude=_nets(d, "exclude"),
+        session=dtmpl,
+    )
+    d.used.update(_SESSION_KEYS)
+    d.done()
+    root.done()
+    return Config(source=source, agent=agent, server=server, exporter=exporter, peers=tuple(peers), discovery=discovery)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate ``path``; raises ConfigError (never OSError/TOMLDecodeError)."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"invalid TOML: {e}") from None
+    return parse(doc, source)
