@@ -435,7 +435,8 @@ class MetricsState:
     def reloaded(self, ok: bool) -> None:
         self.reloads["success" if ok else "failure"] += 1
         self.last_reload_ok = ok
-        self.last_reload_time = time.time()
+        if ok:
+            self.last_reload_time = time.time()
 
     def snapshot(self) -> Snapshot:
         from agent import __version__

@@ -82,7 +82,7 @@ def families(s: Snapshot) -> Iterator[Metric]:
     cycles = counter("cycles", "Measurement cycles completed (loss is settled per cycle).")
     restarts = counter("session_restarts", "Times the session was (re)started after a failure.")
     up = GaugeMetricFamily(f"{NS}_session_up", "1 when the control connection is up and test packets flow.", labels=T)
-    bound = GaugeMetricFamily(f"{NS}_session_sa_bound", "1 when the session is bound to a live IPsec SA pair.", labels=T)
+    bound = GaugeMetricFamily(f"{NS}_session_sa_bound", "1 when the tunnel has a live SA in each direction.", labels=T)
     peer_err = GaugeMetricFamily(f"{NS}_peer_clock_error_seconds",
                                  "The reflector's clock Error Estimate, as last reported.", labels=T)
     last = GaugeMetricFamily(f"{NS}_last_reply_timestamp_seconds", "Unix time of the last reply.", labels=T)
@@ -125,7 +125,6 @@ def families(s: Snapshot) -> Iterator[Metric]:
     sa_rp = counter("sa_replay_errors", "Replayed packets dropped (kernel).", ["direction"])
     sa_int = counter("sa_integrity_failures", "Packets that failed integrity checks (kernel).", ["direction"])
     rekeys = counter("rekeys", "Rekeys seen (the tunnel's outbound SA replaced by a new one).")
-    sa_bound = GaugeMetricFamily(f"{NS}_sa_bound", "1 when the tunnel has a live SA in each direction.", labels=T)
     info = GaugeMetricFamily(f"{NS}_sa_info", "The SA currently used by a tunnel in each direction (value 1).",
                              labels=T + ["direction"] + list(SA_INFO_LABELS))
     for ts in s.tunnels:
@@ -140,8 +139,7 @@ def families(s: Snapshot) -> Iterator[Metric]:
             if d in ts.info:
                 info.add_metric(lv + [d] + list(ts.info[d]), 1)
         rekeys.add_metric(lv, ts.rekeys)
-        sa_bound.add_metric(lv, 1 if ts.bound else 0)
-    yield from (sa_bytes, sa_pkts, sa_rw, sa_rp, sa_int, rekeys, sa_bound, info)
+    yield from (sa_bytes, sa_pkts, sa_rw, sa_rp, sa_int, rekeys, info)
 
     refusals = CounterMetricFamily(f"{NS}_binder_refusals", "Sessions the IPsec key binder refused, by reason.",
                                    labels=["reason"])
