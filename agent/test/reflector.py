@@ -99,6 +99,7 @@ class ReflectorSession:
         self.dscp = dscp
         self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
         self.seq = 0
+        self.last_rx_ns = 0  # receive time of the last packet, valid or not
         self._seqs: dict[tuple[Hashable, int], int] = {}
         self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
@@ -156,6 +157,7 @@ class ReflectorSession:
                       peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
         c.received += 1
+        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
         n = len(data)
         if n < TWAMP_SENDER_MIN:
             c.short += 1
@@ -180,6 +182,7 @@ class ReflectorSession:
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
         c.received += 1
+        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
         n = len(data)
         if n < AUTH_SENDER_BASE:
             c.short += 1
@@ -238,6 +241,7 @@ class ReflectorSession:
                peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
         c.received += 1
+        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
         n = len(data)
         auth = self.security is Security.AUTH
         base = STAMP_AUTH_BASE if auth else STAMP_BASE
