@@ -101,14 +101,16 @@ def test_stamp_tlvs_reflected() -> None:
     snd = TestSender(
         Proto.STAMP,
         error_estimate=0x8001,
-        tlvs=[tlv.extra_padding(8), tlv.timestamp_info(), tlv.class_of_service(46), tlv.Tlv(0, 200, b"xyz!")],
+        tlvs=[tlv.extra_padding(8), tlv.timestamp_info(), tlv.class_of_service(46), tlv.Tlv(0, 200, b"xyz!"),
+              tlv.direct_measurement(7)],
     )
     ref = ReflectorSession(Proto.STAMP, error_estimate=0x8001)
     d = snd.build(0, T0)
     out = ref.reflect(d, T0, 64, clock(), tos=(10 << 2) | 1, rx_source="hw")
     assert out is not None and len(out) == len(d)
     got = tlv.parse_tlvs(out[44:])
-    assert [t.type for t in got] == [1, 3, 4, 200]
+    assert [t.type for t in got] == [1, 3, 4, 200, 5]
+    assert got[4].value == (7).to_bytes(4, "big") + (1).to_bytes(4, "big") + (1).to_bytes(4, "big")
     assert got[0].value == bytes(8)
     assert got[1].value == bytes((tlv.SYNC_NTP, tlv.METHOD_HW, tlv.SYNC_NTP, tlv.METHOD_SW))
     assert tlv.parse_class_of_service(got[2].value) == (46, 10, 1, 0)

@@ -291,6 +291,7 @@ class ReflectorSession:
                 crypto=self._scrypto,
                 ts_info=(sync, method_in, sync, _tlv.METHOD_SW),
                 rx_tos=tos,
+                counters=(self.counters.received, self.counters.reflected + 1),
             )
         except PacketError:
             self.counters.malformed_tlv += 1

@@ -2,7 +2,7 @@
 
 TLV = Flags(1: U M I R R R R R, U the most significant bit) Type(1) Length(2) Value.
 Types handled: 1 Extra Padding, 3 Timestamp Information, 4 Class of Service,
-8 HMAC (must be last). Any other type is reflected unchanged with the U flag set
+5 Direct Measurement, 8 HMAC (must be last). Any other type is reflected unchanged with the U flag set
 (RFC 8972 §4: "Unrecognized").
 """
 
@@ -91,6 +91,11 @@ def timestamp_info(sync_in: int = 0, method_in: int = 0, sync_out: int = 0, meth
     return Tlv(0, T_TIMESTAMP_INFO, bytes((sync_in, method_in, sync_out, method_out)))
 
 
+def direct_measurement(s_txc: int) -> Tlv:
+    """RFC 8972 §4.5: the sender's transmit counter; the reflector fills its Rx/Tx counters."""
+    return Tlv(0, T_DIRECT_MEASUREMENT, (s_txc & 0xFFFFFFFF).to_bytes(4, "big") + bytes(8))
+
+
 def extra_padding(n: int) -> Tlv:
     return Tlv(0, T_EXTRA_PADDING, bytes(n))
 
@@ -133,11 +138,13 @@ def reflect_tlvs(
     crypto: StampCrypto | None,
     ts_info: tuple[int, int, int, int],
     rx_tos: int | None,
+    counters: tuple[int, int] | None = None,
 ) -> ReflectedTlvs:
     """The reflector side of RFC 8972: fill what we know, flag what we do not.
 
     ``raw`` must be a well-formed TLV block (the caller falls back to plain padding
-    when :func:`parse_tlvs` fails).
+    when :func:`parse_tlvs` fails). ``counters``: (packets received, packets sent including
+    this reply) for the Direct Measurement TLV.
     """
     tlvs = parse_tlvs(raw)
     hmac_ok: bool | None = None
@@ -154,6 +161,13 @@ def reflect_tlvs(
         elif typ == T_TIMESTAMP_INFO:
             if len(value) == 4:
                 value = bytes(ts_info)
+            else:
+                flags |= FLAG_M
+        elif typ == T_DIRECT_MEASUREMENT:
+            # RFC 8972 §4.5: S_TxC(4) kept, R_RxC(4) and R_TxC(4) filled by the reflector.
+            if len(value) == 12 and counters is not None:
+                value = value[:4] + (counters[0] & 0xFFFFFFFF).to_bytes(4, "big") + (
+                    counters[1] & 0xFFFFFFFF).to_bytes(4, "big")
             else:
                 flags |= FLAG_M
         elif typ == T_CLASS_OF_SERVICE:
