@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Render one lab node's strongSwan configuration (strongswan.conf and a swanctl
 # tree) from lab/strongswan/*.in. Shared by both harnesses: tools/lab/strongswan.sh
 # (two netns in the QEMU VM) and vagrant/provision/ipsec.sh (two Debian VMs).
@@ -20,11 +21,10 @@
 # replaced file is named on stdout, so provisioning can reload only on change
 # and re-running it changes nothing.
 set -euo pipefail
-# bash 5.2 treats '&' in ${var//pat/rep} as the match; secrets and URIs are literal.
-shopt -u patsub_replacement 2>/dev/null || true
-
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tpl=$here/strongswan
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 out=${1:?usage: lab/render.sh OUTDIR}
 : "${XW_NAME:?}" "${XW_PEER:?}" "${XW_LOCAL_OUTER:?}" "${XW_REMOTE_OUTER:?}"
 : "${XW_LOCAL_INNER:?}" "${XW_REMOTE_INNER:?}" "${XW_SECRETS:?}"
@@ -36,28 +36,6 @@ case $auth in psk|cert) ;; *) echo "render.sh: XW_AUTH must be psk or cert, not 
 mkdir -p "$out"/swanctl/{x509,x509ca,x509ocsp,x509aa,x509ac,x509crl,pubkey,private,rsa,ecdsa,bliss,pkcs8,pkcs12}
 # The rendered tree holds the PSK or a private key: nobody else reads it.
 chmod 700 "$out" "$out/swanctl"
-
-# install_if_changed SRC DST MODE: replace DST only when SRC differs.
-install_if_changed() {
-    if [ -f "$2" ] && cmp -s "$1" "$2"; then
-        rm -f "$1"
-    else
-        chmod "$3" "$1"
-        mv -f "$1" "$2"
-        echo "changed: $2"
-    fi
-}
-
-# subst TEMPLATE KEY=VALUE...: replace every @KEY@ in the template.
-subst() {
-    local text key val
-    text=$(<"$1"); shift
-    for kv in "$@"; do
-        key=${kv%%=*}; val=${kv#*=}
-        text=${text//@"$key"@/"$val"}
-    done
-    printf '%s\n' "$text"
-}
 
 keylog_block=""
 if [ -n "${XW_KEYLOG:-}" ]; then
