@@ -1,0 +1,397 @@
+"""agent/daemon.py: the supervisor with fake runners and a fake SA source (SIGHUP diff,
+SIGTERM, restarts, discovery from SA events, rekeys, sd_notify), then the real planes on
+loopback, then the real CLI process."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import config as cfg
+from agent import daemon as dm
+from agent.metrics import SessionMetrics
+from netlink.events import EventKind, XfrmEvent
+from netlink.fake import make_sa
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = ipaddress.ip_address("192.0.2.1")
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch):
+    monkeypatch.setattr(dm, "BACKOFF_MIN", 0.01)
+    monkeypatch.setattr(dm, "BACKOFF_MAX", 0.05)
+    monkeypatch.setattr(dm, "DISCOVERY_DEBOUNCE", 0.01)
+
+
+class FakeRunner:
+    def __init__(self, spec: dm.SessionSpec, metrics: SessionMetrics, log: list, fail: set) -> None:
+        self.spec, self.metrics, self.log, self.fail = spec, metrics, log, fail
+        self.ended = asyncio.Event()
+        self.stopped = False
+
+    async def start(self) -> None:
+        self.log.append(("start", self.spec.key))
+        if self.spec.key in self.fail:
+            raise ConnectionRefusedError("peer said no")
+        self.metrics.up = True
+        self.metrics.on_sent(3)
+
+    async def wait(self) -> None:
+        await self.ended.wait()
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.log.append(("stop", self.spec.key))  # a real runner sends Stop-Sessions here
+            self.ended.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"key": self.spec.key}
+
+
+class FakeSAs:
+    def __init__(self, sas: list) -> None:
+        self.sas = list(sas)
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def dump(self) -> list:
+        return list(self.sas)
+
+    async def events(self):
+        while True:
+            yield await self.queue.get()
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, text: str, sas: list | None = None) -> None:
+        self.path = tmp_path / "xwamp.toml"
+        self.path.write_text(text)
+        self.log: list = []
+        self.fail: set = set()
+        self.runners: list[FakeRunner] = []
+        self.notes: list[str] = []
+        self.sas = FakeSAs(sas or [])
+
+    def factory(self, spec: dm.SessionSpec, metrics: SessionMetrics) -> FakeRunner:
+        r = FakeRunner(spec, metrics, self.log, self.fail)
+        self.runners.append(r)
+        return r
+
+    def notify(self, *lines: str) -> bool:
+        self.notes.extend(lines)
+        return True
+
+    def daemon(self) -> dm.Daemon:
+        return dm.Daemon(cfg.load(self.path), str(self.path), runner_factory=self.factory, sa_source=self.sas,
+                         is_local=lambda a: a == LOCAL, notify=self.notify)
+
+    def live(self, key: str) -> list[FakeRunner]:
+        return [r for r in self.runners if r.spec.key == key and not r.stopped]
+
+
+BASE = """
+[server]
+enabled = false
+[exporter]
+enabled = false
+"""
+
+PEERS = BASE + """
+[[peers]]
+name = "a"
+address = "192.0.2.10"
+[[peers]]
+name = "b"
+address = "192.0.2.11"
+interval = 1.0
+"""
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def test_sighup_diffs_sessions_and_sigterm_stops_them(tmp_path: Path) -> None:
+    h = Harness(tmp_path, PEERS)
+
+    async def main() -> int:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        assert sorted(d.slots) == ["peer:a", "peer:b"]
+        await until(lambda: len(h.runners) == 2)
+        a = h.live("peer:a")[0]
+        # b changes, c appears, a is untouched
+        h.path.write_text(PEERS.replace("interval = 1.0", "interval = 0.5") + '[[peers]]\nname = "c"\naddress = "192.0.2.12"\n')
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: d.metrics.reloads["success"] == 1)
+        await until(lambda: len(h.live("peer:b")) == 1 and len(h.live("peer:c")) == 1)
+        assert h.live("peer:a") == [a] and ("stop", "peer:a") not in h.log
+        assert ("stop", "peer:b") in h.log and h.live("peer:b")[0].spec.session.interval == 0.5
+        # a broken file: the running configuration stays, the failure is counted
+        h.path.write_text("[[peers]]\naddress = 'nope'\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: d.metrics.reloads["failure"] == 1)
+        assert sorted(d.slots) == ["peer:a", "peer:b", "peer:c"] and not d.metrics.last_reload_ok
+        # removing a peer stops it
+        h.path.write_text(PEERS)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: d.metrics.reloads["success"] == 2)
+        assert sorted(d.slots) == ["peer:a", "peer:b"] and "peer:c" not in d.metrics.sessions
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, 10)
+
+    assert asyncio.run(main()) == 0
+    assert all(r.stopped for r in h.runners)  # every session got its stop (Stop-Sessions)
+    assert h.notes[0] == "READY=1" and "STOPPING=1" in h.notes
+    assert h.notes.index("STOPPING=1") > h.notes.index("READY=1")
+
+
+def test_failed_runner_is_restarted_with_backoff(tmp_path: Path) -> None:
+    h = Harness(tmp_path, PEERS)
+    h.fail.add("peer:b")
+
+    async def main() -> None:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        await until(lambda: d.metrics.sessions["peer:b"].restarts >= 2)
+        assert not d.metrics.sessions["peer:b"].up and d.metrics.sessions["peer:a"].up
+        h.fail.clear()
+        await until(lambda: d.metrics.sessions["peer:b"].up)
+        # a runner that ends by itself is restarted too
+        first = h.live("peer:a")[0]
+        first.ended.set()
+        await until(lambda: any(r is not first for r in h.live("peer:a")))
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+def _pair(spi_out: int, spi_in: int, reqid: int = 7, remote: str = "192.0.2.2", add_time: int = 1_700_000_000,
+          bytes_: int = 0):
+    o = make_sa(str(LOCAL), remote, spi=spi_out, reqid=reqid, add_time=add_time, bytes_=bytes_)
+    i = make_sa(remote, str(LOCAL), spi=spi_in, reqid=reqid, add_time=add_time, bytes_=2 * bytes_)
+    return o, i
+
+
+DISCOVERY = BASE + """
+[discovery]
+enabled = true
+exclude = ["192.0.2.99/32"]
+"""
+
+
+def test_discovery_follows_sa_events_and_survives_rekeys(tmp_path: Path) -> None:
+    o, i = _pair(0x1001, 0x2001, bytes_=100)
+    xo, xi = _pair(0x3001, 0x4001, reqid=9, remote="192.0.2.99")  # excluded by filter
+    # SAs between two other hosts (neither end local): not ours to measure
+    fo = make_sa("198.51.100.1", "198.51.100.2", spi=0x5001, reqid=3)
+    fi = make_sa("198.51.100.2", "198.51.100.1", spi=0x5002, reqid=3)
+    h = Harness(tmp_path, DISCOVERY, [o, i, xo, xi, fo, fi])
+
+    async def main() -> None:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        await until(lambda: list(d.slots) == ["sa:192.0.2.2/7"])
+        key = "sa:192.0.2.2/7"
+        spec = d.slots[key].spec
+        assert spec.local == LOCAL and spec.tunnel.reqid == "7" and spec.origin == "discovered"
+        assert spec.session.modes == ("unauth+ipsec-bound",)
+        await until(lambda: d.metrics.sessions[key].sa_bound)
+        runner = h.live(key)[0]
+        # rekey: new pair installed, old one deleted; the session keeps running
+        no, ni = _pair(0x1002, 0x2002, add_time=1_700_003_600, bytes_=10)
+        for sa in (no, ni):
+            h.sas.queue.put_nowait(XfrmEvent(EventKind.NEW_SA, sa=sa))
+        for sa in (o, i):
+            h.sas.queue.put_nowait(XfrmEvent(EventKind.DEL_SA, sa_id=sa.key_id))
+        await until(lambda: o not in d.table and no in d.table and i not in d.table)
+        await until(lambda: d.metrics.tunnels[key].rekeys == 1)
+        assert h.live(key) == [runner]
+        snap = d.snapshot()
+        t = next(t for t in snap.tunnels if t.tunnel.name == "192.0.2.2/7")
+        assert t.totals["out"][0] == 100 + 10 and t.totals["in"][0] == 200 + 20  # summed across the rekey
+        # tunnel torn down: session stops
+        for sa in (no, ni):
+            h.sas.queue.put_nowait(XfrmEvent(EventKind.DEL_SA, sa_id=sa.key_id))
+        await until(lambda: not d.slots)
+        assert runner.stopped and "sa:192.0.2.2/7" not in d.metrics.sessions
+        # and comes back
+        for sa in _pair(0x1003, 0x2003):
+            h.sas.queue.put_nowait(XfrmEvent(EventKind.NEW_SA, sa=sa))
+        await until(lambda: list(d.slots) == [key])
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+def test_discovery_filters() -> None:
+    from netlink.table import SATable
+
+    a = _pair(0x11, 0x12, reqid=1, remote="192.0.2.2")
+    b = _pair(0x21, 0x22, reqid=2, remote="203.0.113.5")
+    table = SATable.from_sas([*a, *b])
+    is_local = lambda x: x == LOCAL  # noqa: E731
+
+    def keys(**kw: Any) -> list[str]:
+        d = cfg.parse({"discovery": {"enabled": True, **kw}}).discovery
+        return [s.key for s in dm.discover(table, d, is_local)]
+
+    assert keys() == ["sa:192.0.2.2/1", "sa:203.0.113.5/2"]
+    assert keys(reqids=[2]) == ["sa:203.0.113.5/2"]
+    assert keys(addresses=["192.0.2.0/24"]) == ["sa:192.0.2.2/1"]
+    assert keys(exclude=["203.0.113.0/24"]) == ["sa:192.0.2.2/1"]
+    assert keys(selectors=["10.0.0.0/8"]) == ["sa:192.0.2.2/1", "sa:203.0.113.5/2"]  # 0/0 selectors overlap all
+    assert dm.discover(table, cfg.parse({}).discovery, is_local) == []  # disabled by default
+
+
+def test_configured_peer_is_not_discovered_twice(tmp_path: Path) -> None:
+    h = Harness(tmp_path, DISCOVERY + '[[peers]]\nname = "p"\naddress = "192.0.2.2"\n', list(_pair(0x1001, 0x2001)))
+
+    async def main() -> None:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        await asyncio.sleep(0.1)
+        assert list(d.slots) == ["peer:p"]
+        assert d.metrics.sessions["peer:p"].sa_bound  # the configured peer's tunnel SAs are tracked
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+def test_watchdog_pings(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "20000")  # ping every 10 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    h = Harness(tmp_path, BASE)
+
+    async def main() -> None:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        await until(lambda: h.notes.count("WATCHDOG=1") >= 3)
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+# --- the real control and test planes, on loopback ------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_twamp_session_on_loopback(tmp_path: Path) -> None:
+    tw, ow = _free_port(), _free_port()
+    text = f"""
+[server]
+listen = ["127.0.0.1"]
+twamp_port = {tw}
+owamp_port = {ow}
+[exporter]
+port = 0
+[[peers]]
+name = "self"
+address = "127.0.0.1"
+port = {tw}
+interval = 0.01
+count = 10
+timeout = 0.3
+"""
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    notes: list[str] = []
+
+    async def main() -> tuple[Any, Any]:
+        d = dm.Daemon(cfg.load(path), str(path), sa_source=FakeSAs([]), notify=lambda *l: notes.extend(l) or True)
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 20)
+        m = d.metrics.sessions["peer:self"]
+        await until(lambda: m.cycles >= 2, 20)
+        runner = d.slots["peer:self"].runner
+        from exporters.prometheus import render
+
+        body = render(d.snapshot())[0].decode()
+        d.request_stop()
+        assert await asyncio.wait_for(task, 20) == 0
+        return m, (runner, body)
+
+    m, (runner, body) = asyncio.run(main())
+    assert m.sent >= 20 and m.received == m.sent and m.rtt.snapshot().count == m.received
+    assert m.lost_forward == m.lost_reverse == m.lost_unknown == 0
+    assert isinstance(runner, dm.CycleRunner) and runner.stop_sent  # Stop-Sessions went out
+    assert 'xwamp_packets_sent_total{name="self"' in body
+
+
+# --- the real process --------------------------------------------------------------
+
+
+def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(BASE.replace("[exporter]\nenabled = false", "[exporter]\nport = 0") + "[agent]\nlog_format = 'logfmt'\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("NOTIFY_SOCKET", None)
+    p = subprocess.Popen([sys.executable, "-m", "agent", "agent", "--config", str(path), "--log-format", "json"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lines: list[str] = []
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"agent ready"' in line:
+                port = int(re.search(r'"exporter":"127\.0\.0\.1:(\d+)"', line).group(1))
+                break
+        assert port, "".join(lines)
+        import json
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "xwamp_build_info" in body
+        p.send_signal(signal.SIGHUP)
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            lines.append(line)
+            if "configuration reloaded" in line:
+                break
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'xwamp_config_reloads_total{result="success"} 1.0' in body
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+        lines.append(err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, "".join(lines)
+    records = [json.loads(x) for x in "".join(lines).splitlines() if x.strip()]
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert records[-1]["msg"] == "agent stopped"
