@@ -8,6 +8,7 @@ import gzip
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,3 +279,35 @@ def test_docs_list_every_metric() -> None:
     for fam in text_string_to_metric_families(render(st.snapshot())[0].decode()):
         name = fam.name + ("_total" if fam.type == "counter" else "")
         assert f"`{name}`" in doc, f"{name} is not documented in docs/metrics.md"
+
+
+# --- examples/: the scrape config, rules and dashboard only use metrics that exist -----
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _documented() -> set[str]:
+    doc = (EXAMPLES.parent / "docs/metrics.md").read_text()
+    return set(re.findall(r"`(xwamp_[a-z0-9_]+)`", doc))
+
+
+def test_examples_reference_only_real_metrics() -> None:
+    import json
+
+    known = _documented()
+    dash = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
+    texts = [(EXAMPLES / "alerts.yml").read_text(), json.dumps(dash)]
+    for text in texts:
+        for name in set(re.findall(r"\b(xwamp_[a-z0-9_]+)", text)):
+            base = re.sub(r"_(bucket|count|sum)$", "", name)
+            assert name in known or base in known, f"{name} is not an xwamp metric"
+    assert {p["type"] for p in dash["panels"]} >= {"timeseries", "heatmap", "stat"}
+
+
+@pytest.mark.parametrize("what,file", [("config", "prometheus.yml"), ("rules", "alerts.yml")])
+def test_examples_pass_promtool(what: str, file: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus')")
+    r = subprocess.run([promtool, "check", what, file], cwd=EXAMPLES, capture_output=True, timeout=60)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()
