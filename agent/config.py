@@ -64,7 +64,8 @@ class ServerSection:
     twamp: bool = True
     owamp: bool = True
     max_connections: int = 64
-    max_sessions_per_client: int = 16
+    max_connections_per_client: int = 8  # control connections from one address
+    max_sessions_per_client: int = 16  # test sessions per control connection
     idle_timeout: float = 900.0  # RFC 5357 SERVWAIT default
     max_rate: float = 1000.0  # packets per second a single session may ask for
     max_packets: int = 1 << 20  # OWAMP Number of Packets per session
@@ -335,6 +336,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         twamp=s.get("twamp", bool, True),
         owamp=s.get("owamp", bool, True),
         max_connections=s.int_range("max_connections", 64, 1, 100_000),
+        max_connections_per_client=s.int_range("max_connections_per_client", 8, 1, 100_000),
         max_sessions_per_client=s.int_range("max_sessions_per_client", 16, 1, 10_000),
         idle_timeout=s.positive("idle_timeout", 900.0, 86400.0),
         max_rate=s.positive("max_rate", 1000.0, 1e6),

@@ -208,6 +208,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._rediscover: asyncio.TimerHandle | None = None
+        self._apply_lock = asyncio.Lock()  # reloads and rediscoveries must not interleave diffs
         self.ready = asyncio.Event()
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -370,9 +371,9 @@ class Daemon:
                 log.warning("SA re-dump failed", extra={"error": str(e)})
 
     def _sas_changed(self) -> None:
-        """Fold the table into per-tunnel SA metrics and schedule a rediscovery."""
-        self._update_sa_metrics()
-        if self.config.discovery.enabled and self._rediscover is None:
+        """Schedule one fold of the table into SA metrics + rediscovery: a rekey or a
+        start-up dump is a burst of events, and each fold walks the whole table."""
+        if self._rediscover is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -381,7 +382,10 @@ class Daemon:
 
     def _do_rediscover(self) -> None:
         self._rediscover = None
-        self._spawn(self._apply_sessions(self._desired(self.config)))
+        if self.config.discovery.enabled:
+            self._spawn(self._apply_sessions(self._desired(self.config)))  # folds SA metrics too
+        else:
+            self._update_sa_metrics()
 
     def _update_sa_metrics(self) -> None:
         by_remote: dict[IPAddress, list[SA]] = {}
@@ -418,6 +422,10 @@ class Daemon:
         return specs
 
     async def _apply_sessions(self, specs: list[SessionSpec]) -> None:
+        async with self._apply_lock:
+            await self._apply_sessions_locked(specs)
+
+    async def _apply_sessions_locked(self, specs: list[SessionSpec]) -> None:
         """Diff: stop sessions gone or changed, start new or changed ones, leave the rest."""
         want = {s.key: s for s in specs}
         doomed = [k for k, slot in self.slots.items() if want.get(k) != slot.spec]
@@ -693,7 +701,8 @@ class ControlServers:
         if s.keyfile:
             sources.append(keyring.PassphraseFile(s.keyfile))
         ks = keyring.ChainedKeySource(*sources) if sources else None
-        limits = ListenerLimits(max_connections=s.max_connections, idle_timeout=s.idle_timeout)
+        limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
+                                idle_timeout=s.idle_timeout)
         hosts = list(s.listen)
         for twamp, port, enabled, handler in ((True, s.twamp_port, s.twamp, session.TwampHandler),
                                                (False, s.owamp_port, s.owamp, session.OwampHandler)):

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     log_config(conf.agent)
     log = logging.getLogger("xwamp.agent")
+    _raise_nofile()
     try:
         daemon.enter_netns(conf.agent.netns)
     except OSError as e:
@@ -55,3 +56,17 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:  # e.g. the exporter's port is taken: systemd shows this line
         log.error("agent failed to start", extra={"error": str(e)})
         return 1
+
+
+def _raise_nofile(want: int = 65536) -> None:
+    """Each session holds a control connection and a UDP socket on both ends: lift the soft
+    file limit towards the hard one (systemd's LimitNOFILE sets both)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
