@@ -702,13 +702,13 @@ class ControlServers:
             sources.append(keyring.PassphraseFile(s.keyfile))
         ks = keyring.ChainedKeySource(*sources) if sources else None
         limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
-                                idle_timeout=s.idle_timeout)
+                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout)
         hosts = list(s.listen)
         for twamp, port, enabled, handler in ((True, s.twamp_port, s.twamp, session.TwampHandler),
                                                (False, s.owamp_port, s.owamp, session.OwampHandler)):
             if not enabled:
                 continue
-            conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_client,
+            conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_connection,
                                 max_packets=s.max_packets, max_padding=s.max_padding)
             lst = ControlListener(handler, twamp=twamp, hosts=hosts, port=port, config=conf, key_source=ks,
                                   limits=limits)

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""One ``xwamp agent`` process measuring N concurrent TWAMP sessions against its own
+server over loopback: reports loss, CPU and RSS. Prints, never asserts.
+
+    python bench/agent_scale.py                       # 1,000 sessions x 10 pps, 40 s
+    python bench/agent_scale.py --sessions 100 --duration 15
+
+Goal (issue "The agent"): < 0.1 % loss and RSS < 300 MB at 1,000 sessions x 10 pps.
+The agent is both ends here (client senders *and* reflector), so it handles twice the
+packets a router measuring 1,000 tunnels would: 2 x sessions x pps packets/s in, as many out.
+Traffic stays on 127.0.0.1. The run is bounded: --duration seconds, then SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def proc_rss_mb(pid: int) -> tuple[float, float]:
+    st = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", st).group(1)) / 1024
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", st).group(1)) / 1024
+    return rss, hwm
+
+
+def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    totals: dict[str, float] = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            key = s.name + (f"{{{s.labels['direction']}}}" if "direction" in s.labels and s.name.startswith("xwamp_packets_lost") else "")
+            if s.name in ("xwamp_session_up", "xwamp_rtt_seconds_count", "xwamp_rtt_seconds_sum", "xwamp_cycles_total",
+                          "xwamp_packets_sent_total", "xwamp_packets_received_total", "xwamp_session_restarts_total") \
+                    or s.name.startswith("xwamp_packets_lost"):
+                totals[key] = totals.get(key, 0.0) + s.value
+    return totals
+
+
+def config(sessions: int, pps: float, count: int, tw: int, ow: int, exp: int) -> str:
+    head = f"""
+[agent]
+log_level = "warning"
+[server]
+listen = ["127.0.0.1"]
+twamp_port = {tw}
+owamp_port = {ow}
+owamp = false
+max_connections = {sessions + 16}
+max_connections_per_client = {sessions + 16}
+max_sessions_per_client = {sessions + 16}
+max_sessions_per_connection = 4
+[exporter]
+port = {exp}
+"""
+    peers = "".join(f'[[peers]]\nname = "s{i:04d}"\naddress = "127.0.0.1"\nport = {tw}\n'
+                    f"interval = {1.0 / pps!r}\ncount = {count}\ntimeout = 1.0\n" for i in range(sessions))
+    return head + peers
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--pps", type=float, default=10.0, help="packets per second per session")
+    ap.add_argument("--count", type=int, default=100, help="packets per cycle (loss is settled per cycle)")
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds to run after start-up")
+    args = ap.parse_args()
+
+    tw, ow, exp = free_port(), free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "xwamp.toml"
+        path.write_text(config(args.sessions, args.pps, args.count, tw, ow, exp))
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env.pop("NOTIFY_SOCKET", None)
+        t0 = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-m", "agent", "agent", "--config", str(path)], env=env, cwd=REPO,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # ready = the exporter answers
+                try:
+                    scrape(exp)
+                    break
+                except OSError:
+                    if p.poll() is not None:
+                        print(p.stderr.read())
+                        return 1
+                    time.sleep(0.5)
+            startup = time.monotonic() - t0
+            cpu0, w0 = proc_cpu_s(p.pid), time.monotonic()
+            peak_rss = 0.0
+            end = w0 + args.duration
+            while time.monotonic() < end:
+                time.sleep(1)
+                peak_rss = max(peak_rss, proc_rss_mb(p.pid)[0])
+            cpu1, w1 = proc_cpu_s(p.pid), time.monotonic()
+            m = scrape(exp)
+            rss, hwm = proc_rss_mb(p.pid)
+            p.send_signal(signal.SIGTERM)
+            try:
+                _, err = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    sent = m.get("xwamp_packets_sent_total", 0.0)
+    recv = m.get("xwamp_packets_received_total", 0.0)
+    lost = sum(v for k, v in m.items() if k.startswith("xwamp_packets_lost_total"))
+    rtt_n = m.get("xwamp_rtt_seconds_count", 0.0)
+    cpu = (cpu1 - cpu0) / (w1 - w0)
+    print(f"sessions={args.sessions} pps_each={args.pps:g} count_per_cycle={args.count} duration_s={args.duration:g}")
+    print(f"startup_s={startup:.1f} sessions_up={m.get('xwamp_session_up', 0):.0f} "
+          f"restarts={m.get('xwamp_session_restarts_total', 0):.0f} cycles_completed={m.get('xwamp_cycles_total', 0):.0f}")
+    print(f"packets: sent={sent:.0f} received={recv:.0f} lost={lost:.0f} "
+          f"(forward={m.get('xwamp_packets_lost_total{forward}', 0):.0f} reverse={m.get('xwamp_packets_lost_total{reverse}', 0):.0f} "
+          f"unknown={m.get('xwamp_packets_lost_total{unknown}', 0):.0f})")
+    loss = 100.0 * lost / sent if sent else float("nan")
+    print(f"loss_percent={loss:.4f} (goal < 0.1)")
+    if rtt_n:
+        print(f"rtt_mean_ms={1e3 * m['xwamp_rtt_seconds_sum'] / rtt_n:.3f}")
+    print(f"cpu_cores={cpu:.2f} (user+sys of the agent, averaged over the run; host has {os.cpu_count()})")
+    print(f"rss_mb={rss:.0f} peak_rss_mb={max(peak_rss, hwm):.0f} (goal < 300)")
+    print(f"exit_code={p.returncode}")
+    tail = [ln for ln in (err or "").splitlines() if "level=error" in ln or "Traceback" in ln]
+    if tail:
+        print(f"agent errors: {len(tail)}, first: {tail[0][:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
