@@ -76,6 +76,22 @@ def test_dump_decodes_every_field() -> None:
     assert not any(sa.keys_redacted for sa in sas.values())
 
 
+def test_fast_sa_construction_equals_the_dataclass_constructor() -> None:
+    """decode builds SA without calling its __init__ (speed): it must be indistinguishable."""
+    import dataclasses
+
+    from netlink.records import SA
+
+    sas = list(dumped_sas().values())
+    for sa in sas:
+        twin = SA(**{f.name: getattr(sa, f.name) for f in dataclasses.fields(SA)})
+        assert twin == sa and hash(twin.key_id) == hash(sa.key_id) and repr(twin) == repr(sa)
+        assert type(sa) is SA
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            sa.spi = 1  # type: ignore[misc]
+    assert len({id(sa.extra) for sa in sas}) == len(sas)  # no shared mutable dict
+
+
 def test_dump_agrees_with_iproute2_text() -> None:
     """The `ip -s xfrm state` output recorded at the same moment is the oracle."""
     text = REC["ip_s_xfrm_state"]
