@@ -7,10 +7,9 @@ XFRM notifications), the key binder (:mod:`agent.binder`) and the O/TWAMP planes
 API
 ---
 :class:`XfrmFollower`
-    dumps the namespace's SAs and policies, then folds XFRM multicast notifications
-    (XFRMNLGRP_SA / _EXPIRE / _POLICY) into an ``SATable`` and a :class:`PolicyMap`,
-    and hands every event to its subscribers *after* applying it (RekeyTracker's
-    contract). ``inject(event)`` does the same for events from elsewhere (tests).
+    netlink.monitor.TableFollower (the live SATable) plus a :class:`PolicyMap` folded
+    from the same notifications; hands every event to its subscribers *after* the
+    table applied it (RekeyTracker's contract). ``inject(event)`` for tests.
 :class:`PolicyMap`
     the policy -> tunnel-endpoint mapping: a control connection between *inner*
     addresses rides an SA between *outer* ones (wire-format §2.1 "Addresses").
@@ -43,7 +42,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import errno
 import itertools
 import logging
 import os
@@ -71,7 +69,7 @@ from agent.test.packets import security_from_mode, symmetric_padding
 from agent.test.sender import PacketRecord, TestSender
 from netlink import constants as C
 from netlink.events import EventKind, XfrmEvent
-from netlink.records import IPAddress, Mode, Policy, Proto
+from netlink.records import SA, IPAddress, Mode, Policy, Proto
 from netlink.table import SATable
 
 log = logging.getLogger("xwamp.bound")
@@ -213,121 +211,78 @@ class TunnelBinder(Binder):
 
 
 class XfrmFollower:
-    """Keeps an SATable and a PolicyMap current for one network namespace.
+    """The SA table and policies of one network namespace, kept current.
 
-    Subscribes to the XFRM multicast groups *before* dumping, so nothing is missed
-    (events already reflected in the dump re-apply harmlessly: put/remove are
-    idempotent). On ENOBUFS (lost notifications) it re-dumps and emits the
-    difference as synthetic NEW_SA/DEL_SA events, so bound sessions still learn of
-    SAs that vanished meanwhile. FLUSH_SA reaches subscribers as one DEL_SA per SA
-    it removed (RekeyTracker only follows per-SA deletions).
+    SAs: :class:`netlink.monitor.TableFollower` (subscribe, dump, follow; re-dump on
+    overflow). Policies: dumped once after the follower subscribed, then folded from
+    the same notifications into a :class:`PolicyMap` (re-dumped on OVERFLOW).
+    Subscribers get every event after the table applied it (RekeyTracker's contract).
 
-    Create and start it on the loop thread that lives in the namespace (sockets
-    belong to the namespace of the thread that created them).
+    ``netns``: the namespace's name; give it even when running on a :class:`NetnsLoop`
+    thread, since the follower re-dumps from worker threads, which live in the
+    process's original namespace. ``inject(event)`` feeds events from elsewhere (tests).
     """
 
-    GROUPS = (C.XFRMNLGRP_EXPIRE, C.XFRMNLGRP_SA, C.XFRMNLGRP_POLICY)
+    def __init__(self, netns: str | None = None, sas: Iterable[SA] = (), policies: PolicyMap | None = None) -> None:
+        from netlink.monitor import TableFollower  # pyroute2 is imported by the live path only
 
-    def __init__(self, table: SATable | None = None, policies: PolicyMap | None = None) -> None:
-        self.table = table if table is not None else SATable()
+        self.netns = netns
+        self.follower = TableFollower(netns, on_event=self._on_event)
+        self.table: SATable = self.follower.table
+        for sa in sas:
+            self.table.put(sa)
         self.policies = policies if policies is not None else PolicyMap()
         self._subs: list[Callable[[XfrmEvent], None]] = []
-        self._sock: socket.socket | None = None
-        self._client: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
         self.stats = collections.Counter[str]()
 
     def subscribe(self, cb: Callable[[XfrmEvent], None]) -> None:
         self._subs.append(cb)
 
-    async def start(self) -> None:
-        from netlink.client import XfrmClient, open_xfrm_socket
+    def _dump_policies(self) -> None:
+        from netlink.client import XfrmClient
 
-        self._loop = asyncio.get_running_loop()
-        sock = open_xfrm_socket(None, rcvbuf=4 << 20)
-        try:
-            for g in self.GROUPS:
-                sock.setsockopt(C.SOL_NETLINK, C.NETLINK_ADD_MEMBERSHIP, g)
-            sock.setblocking(False)
-            self._client = XfrmClient(None)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        await self.resync()
-        self._loop.add_reader(sock.fileno(), self._on_readable)
-
-    async def resync(self) -> None:
-        """Re-dump SAs and policies; emit the difference to subscribers."""
-        assert self._loop is not None and self._client is not None
-        sas, pols = await self._loop.run_in_executor(None, lambda: (self._client.dump_sas(),
-                                                                    self._client.dump_policies()))
-        self.stats["dumps"] += 1
-        fresh = {sa.key_id: sa for sa in sas}
-        gone = [sa for sa in self.table if sa.key_id not in fresh]
+        with XfrmClient(self.netns) as xc:
+            pols = xc.dump_policies()
         self.policies.clear()
         for p in pols:
             self.policies.put(p)
-        for sa in gone:
-            self.inject(XfrmEvent(EventKind.DEL_SA, sa=sa, sa_id=sa.key_id))
-        for sa in sas:
-            self.inject(XfrmEvent(EventKind.NEW_SA, sa=sa))
 
-    def _on_readable(self) -> None:
-        from netlink.decode import decode_messages
+    async def start(self) -> None:
+        """Subscribe and dump (in a worker thread), then follow on the running loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.follower.start)
+        await loop.run_in_executor(None, self._dump_policies)  # after subscribing: no change is missed
+        self._task = loop.create_task(self.follower.run())
 
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:  # notifications were dropped: the table is stale
-                    self.stats["overflows"] += 1
-                    log.warning("XFRM notifications lost (ENOBUFS): re-dumping")
-                    assert self._loop is not None
-                    self._loop.create_task(self.resync())
-                    continue
-                log.warning("XFRM notification socket: %s", e)
-                return
-            try:
-                msgs = decode_messages(data)
-            except ValueError as e:
-                self.stats["decode_errors"] += 1
-                log.warning("undecodable XFRM notification: %s", e)
-                continue
-            for msg in msgs:
-                if msg.event is not None:
-                    self.inject(msg.event)
-
-    def inject(self, event: XfrmEvent) -> None:
-        """Apply one event to the table and policies, then tell the subscribers."""
+    def _on_event(self, event: XfrmEvent) -> None:
         self.stats[event.kind.value] += 1
-        if event.kind is EventKind.FLUSH_SA:
-            proto = event.proto
-            gone = [sa for sa in self.table if proto in (None, 0, C.IPSEC_PROTO_ANY) or int(sa.proto) == proto]
-            for sa in gone:
-                self.inject(XfrmEvent(EventKind.DEL_SA, sa=sa, sa_id=sa.key_id))
-            return
-        self.table.apply(event)
-        self.policies.apply(event)
+        if event.kind is EventKind.OVERFLOW:
+            try:  # policy notifications may be lost too (the SAs were re-dumped already)
+                self._dump_policies()
+            except Exception:
+                log.exception("re-dumping policies after an overflow failed")
+        else:
+            self.policies.apply(event)
         for cb in list(self._subs):
             try:
                 cb(event)
             except Exception:  # one subscriber's bug must not stop the table from following
                 log.exception("XFRM event subscriber failed")
 
-    def close(self) -> None:
-        if self._sock is not None:
-            if self._loop is not None:
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def inject(self, event: XfrmEvent) -> None:
+        """Apply one event to the table and policies, then tell the subscribers."""
+        if event.kind is not EventKind.OVERFLOW:
+            self.table.apply(event)
+        self._on_event(event)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self.follower.close()
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -355,6 +310,7 @@ class BinderRuntime:
         self.tracker = RekeyTracker(table, grace)
         self.clock = clock
         self._handlers: dict[Hashable, Callable[[Action], None]] = {}
+        self._bound: dict[Hashable, Binding] = {}
         self._ticker: asyncio.Task | None = None
 
     @classmethod
@@ -380,19 +336,38 @@ class BinderRuntime:
         """Route the tracker's decision about ``binding`` to ``handler`` (called once)."""
         self.tracker.watch(key, binding)
         self._handlers[key] = handler
+        self._bound[key] = binding
+        # The SA may have gone between the greeting and now: decide at once.
+        self._dispatch(self._reconcile(self.clock()))
 
     def release(self, key: Hashable) -> None:
         self.tracker.unwatch(key)
         self._handlers.pop(key, None)
+        self._bound.pop(key, None)
 
     def on_event(self, event: XfrmEvent) -> None:
-        self._dispatch(self.tracker.on_event(event, self.clock()))
+        now = self.clock()
+        actions = self.tracker.on_event(event, now)
+        if event.kind in (EventKind.FLUSH_SA, EventKind.OVERFLOW):
+            actions += self._reconcile(now)
+        self._dispatch(actions)
+
+    def _reconcile(self, now: float) -> list[Action]:
+        """Bound SAs that left the table without a DEL_SA of their own (a FLUSH_SA, or
+        notifications lost and re-dumped after an overflow): RekeyTracker follows
+        per-SA deletions only, so tell it as if each had been deleted."""
+        gone = {sa.key_id: sa for b in self._bound.values() for sa in (b.c2s, b.s2c) if sa.key_id not in self.table}
+        actions: list[Action] = []
+        for kid, sa in gone.items():
+            actions += self.tracker.on_event(XfrmEvent(EventKind.DEL_SA, sa=sa, sa_id=kid), now)
+        return actions
 
     def tick(self) -> None:
         self._dispatch(self.tracker.tick(self.clock()))
 
     def _dispatch(self, actions: list[Action]) -> None:
         for a in actions:
+            self._bound.pop(a.key, None)
             h = self._handlers.pop(a.key, None)  # the tracker no longer watches the key either
             if h is None:
                 continue

@@ -95,9 +95,10 @@ def test_tunnel_binder_binds_inner_connection_to_outer_sas() -> None:
 # ----------------------------------------------------------------------------- follower + runtime
 
 
-def test_follower_flush_becomes_deletions_and_runtime_routes_actions() -> None:
+def test_flush_stops_bound_sessions_after_grace() -> None:
+    # RekeyTracker follows per-SA deletions; the runtime turns a flush into them.
     ab, ba = sa_pair(0x1001, 0x1002)
-    fol = XfrmFollower(SATable.from_sas([ab, ba]))
+    fol = XfrmFollower(sas=[ab, ba])
     now = [0.0]
     rt = BinderRuntime.following(fol, grace=1.0, clock=lambda: now[0])
     seen: list[XfrmEvent] = []
@@ -106,7 +107,7 @@ def test_follower_flush_becomes_deletions_and_runtime_routes_actions() -> None:
     got: list = []
     rt.bind("k", binding, got.append)
     fol.inject(XfrmEvent(EventKind.FLUSH_SA, proto=int(Proto.ESP)))
-    assert [e.kind for e in seen] == [EventKind.DEL_SA, EventKind.DEL_SA] and len(fol.table) == 0
+    assert [e.kind for e in seen] == [EventKind.FLUSH_SA] and len(fol.table) == 0
     assert got == []  # grace period: a break-before-make reauth may still bring a successor
     now[0] = 1.5
     rt.tick()
@@ -116,7 +117,7 @@ def test_follower_flush_becomes_deletions_and_runtime_routes_actions() -> None:
 
 def test_runtime_rebind_on_make_before_break() -> None:
     ab, ba = sa_pair(0x1001, 0x1002)
-    fol = XfrmFollower(SATable.from_sas([ab, ba]))
+    fol = XfrmFollower(sas=[ab, ba])
     rt = BinderRuntime.following(fol, grace=5.0, clock=lambda: 0.0)
     got: list = []
     rt.bind("k", rt.binder.announce(OB, OA), got.append)
@@ -131,6 +132,28 @@ def test_runtime_rebind_on_make_before_break() -> None:
     assert len(got) == 1
 
 
+def test_overflow_redump_reconciles_and_late_bind_decides_at_once() -> None:
+    ab, ba = sa_pair(0x1001, 0x1002)
+    fol = XfrmFollower(sas=[ab, ba])
+    now = [0.0]
+    rt = BinderRuntime.following(fol, grace=1.0, clock=lambda: now[0])
+    got: list = []
+    rt.bind("k", rt.binder.announce(OB, OA), got.append)
+    # Notifications were lost; the re-dump shows a successor pair and no old pair.
+    nab, nba = sa_pair(0x2001, 0x2002, add_time=1_700_000_100)
+    fol.table.replace_all([nab, nba])
+    fol.inject(XfrmEvent(EventKind.OVERFLOW))
+    assert len(got) == 1 and isinstance(got[0], Rebind) and got[0].new_c2s.spi == 0x2001
+    # A binding whose SA vanished before bind() (between greeting and bind): decided at once.
+    b2 = rt.binder.announce(OB, OA)
+    fol.inject(delete(nab))
+    fol.inject(delete(nba))
+    rt.bind("late", b2, got.append)
+    now[0] = 2.0
+    rt.tick()
+    assert isinstance(got[-1], Stop) and got[-1].key == "late"
+
+
 # ----------------------------------------------------------------------------- loopback sessions
 
 
@@ -138,7 +161,7 @@ class _Side:
     """One end's view: its own SA table (same SAs) and its own outbound policy."""
 
     def __init__(self, sas, out_policy: Policy, cfg: BinderConfig) -> None:
-        self.follower = XfrmFollower(SATable.from_sas(sas), PolicyMap([out_policy]))
+        self.follower = XfrmFollower(sas=sas, policies=PolicyMap([out_policy]))
         self.runtime = BinderRuntime.following(self.follower, config=cfg, grace=0.3)
 
 

@@ -4,7 +4,8 @@ keyed from the live SAs (docs/wire-format.md), following a rekey and a deletion 
 
 Server in namespace B (10.77.2.1), client in A (10.77.1.1): each side runs on an
 asyncio loop in a thread that setns(2)-ed into its namespace (agent.bound.NetnsLoop),
-with an XfrmFollower keeping its SA table current from XFRM notifications. Control and
+with netlink's TableFollower (via agent.bound.XfrmFollower) keeping its SA table and
+policies current from XFRM notifications. Control and
 test traffic go between the inner addresses, so they ride the tunnel's SAs.
 """
 
@@ -114,7 +115,7 @@ class Side:
 
     def __init__(self, ns: str) -> None:
         self.loop = NetnsLoop(ns).start()
-        self.follower = XfrmFollower()
+        self.follower = XfrmFollower(ns)
         self.runtime: BinderRuntime | None = None
         self.server: BoundTwampServer | None = None
 
@@ -132,7 +133,7 @@ class Side:
             await self.server.close()
         if self.runtime is not None:
             await self.runtime.close()
-        self.follower.close()
+        await self.follower.close()
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +262,9 @@ def test_rekey_then_deletion_mid_session(lab) -> None:
             fut.result(60)
     assert res.stop_reason == "sa_deleted" and f"spi_c2s=0x{SPI_AB2:08x}" in res.stop_detail, res
     assert res.legs[-1].end == "sa_deleted" and res.rekeys == 1
+    # The server stops its side when its own kernel's SA goes (its grace period started
+    # with the deletion in B, a moment after A's).
+    wait_until(lambda: server.server.connections[-1].end is not None, 30, "server-side stop")
     old, new = server.server.connections[-2:]
     # The old connection ends "rebind" if the server's kernel lost the old SA before the
     # client hung up, else "closed" (the client's Stop-Sessions came first): both fine.
