@@ -36,7 +36,7 @@ def install(ns: str, n: int) -> float:
         a, b = (i >> 8) & 255, i & 255
         lines.append(
             f"xfrm state add src 10.1.{a}.{b} dst 10.2.{a}.{b} proto esp spi {0x10000 + i:#x} reqid {i + 1} "
-            f"mode tunnel auth-trunc 'hmac(sha256)' 0x{i:064x} 128 enc 'cbc(aes)' 0x{i:032x}\n"
+            f"mode tunnel auth-trunc 'hmac(sha256)' 0x{i + 1:064x} 128 enc 'cbc(aes)' 0x{i + 1:032x}\n"
         )
     with tempfile.NamedTemporaryFile("w", dir="/tmp", suffix=".batch", delete=False) as f:
         f.writelines(lines)

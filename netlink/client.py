@@ -55,20 +55,27 @@ def open_xfrm_socket(netns: str | None = None, rcvbuf: int = 1 << 20) -> socket.
 
 
 def warn_if_redacted(sas: Iterable[SA]) -> None:
-    """Log once per process when the kernel hands out zeroed keys (lockdown=confidentiality)."""
+    """Log once per process when the kernel hands out zeroed keys (lockdown=confidentiality).
+
+    Lockdown zeroes *every* key, so one SA with real key bytes clears the
+    suspicion (a hand-made SA may well have an all-zero test key)."""
     global _redaction_warned
     if _redaction_warned:
         return
+    keyed = False
     for sa in sas:
-        if sa.keys_redacted:
-            with _redaction_lock:
-                if not _redaction_warned:
-                    _redaction_warned = True
-                    log.warning(
-                        "the kernel returns zeroed IPsec keys (kernel lockdown=confidentiality?): "
-                        "SAs are readable but O/TWAMP keys cannot be derived from them"
-                    )
-            return
+        if any(a is not None and len(a.key) for a in (sa.crypt, sa.auth, sa.aead)):
+            if not sa.keys_redacted:
+                return
+            keyed = True
+    if keyed:
+        with _redaction_lock:
+            if not _redaction_warned:
+                _redaction_warned = True
+                log.warning(
+                    "the kernel returns zeroed IPsec keys (kernel lockdown=confidentiality?): "
+                    "SAs are readable but O/TWAMP keys cannot be derived from them"
+                )
 
 
 class XfrmClient:

@@ -409,7 +409,8 @@ class XfrmSocket(NetlinkSocket):
         sock = None
         if netns is not None:
             # Our own netns helper: never creates a missing namespace.
-            sock = create_socket(_socket.AF_NETLINK, _socket.SOCK_RAW, C.NETLINK_XFRM, netns)
+            # SOCK_DGRAM: asyncio (pyroute2 0.9 core) insists on it; for netlink it equals SOCK_RAW.
+            sock = create_socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, C.NETLINK_XFRM, netns)
         super().__init__(family=C.NETLINK_XFRM, use_socket=sock, **kwargs)
 
     def dump_sa(self) -> list[nlmsg]:

@@ -29,3 +29,16 @@ def test_json_redacts_by_default() -> None:
     assert d["crypt"]["key"] == KEY_E.hex() and d["auth"]["key"] == KEY_A.hex() and d["auth"]["trunc_bits"] == 128
     assert d["spi"] == "0x00001000" and d["proto"] == "esp" and d["mode"] == "tunnel" and d["family"] == 4
     json.dumps(d)  # every value serialisable
+
+
+def test_redaction_warning_only_when_every_key_is_zero(caplog) -> None:
+    import netlink.client as client
+
+    client._redaction_warned = False
+    client.warn_if_redacted([make_sa(enc_key=bytes(16), auth_key=bytes(32)), make_sa(spi=2)])
+    assert "zeroed" not in caplog.text  # one real key: not lockdown, just a zero test key
+    client.warn_if_redacted([make_sa(enc_key=bytes(16), auth_key=bytes(32))] * 2)
+    client.warn_if_redacted([make_sa(enc_key=bytes(16), auth_key=bytes(32))])
+    assert caplog.text.count("zeroed IPsec keys") == 1  # logged once
+    assert "0000" not in caplog.text
+    client._redaction_warned = False

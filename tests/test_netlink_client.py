@@ -81,3 +81,15 @@ def test_without_cap_net_admin_the_error_says_so() -> None:
     assert proc.returncode != 0
     assert "XfrmPermissionError" in proc.stderr and "CAP_NET_ADMIN" in proc.stderr
     assert issubclass(XfrmPermissionError, PermissionError)
+
+
+def test_pyroute2_xfrm_socket_in_a_namespace(netns: str) -> None:
+    from netlink.xfrm import XfrmSocket
+
+    ip(netns, f"xfrm policy add {POLICY} {TMPL}")
+    with XfrmSocket(netns=netns) as xs:
+        msgs = [m for m in xs.dump_policy() if m["header"]["type"] == 0x13]  # XFRM_MSG_NEWPOLICY
+        assert xs.dump_sa() == [] or all(m["header"]["type"] != 0x10 for m in xs.dump_sa())
+    assert len(msgs) == 1
+    (tmpl,) = msgs[0].get_attr("XFRMA_TMPL")
+    assert tmpl["reqid"] == 42 and tmpl["proto"] == 50 and msgs[0]["dir"] == 1
