@@ -323,6 +323,13 @@ class BinderRuntime:
     def rekeys(self) -> int:
         return self.tracker.rekeys
 
+    def counters(self) -> dict[str, int]:
+        """For exporters (wire-format §5/§6: ``xwamp_rekeys_total``,
+        ``xwamp_binder_refusals_total{reason}``): rekeys, stops, bound sessions, refusals."""
+        out = {"rekeys": self.tracker.rekeys, "stops": self.tracker.stops, "bound": len(self._bound)}
+        out.update({f"refusals_{r}": n for r, n in sorted(self.binder.refusals.items())})
+        return out
+
     @property
     def stops(self) -> int:
         return self.tracker.stops
@@ -430,7 +437,12 @@ class _BoundReflector:
             self.rec.mode = e.mode
             if e.mode & bd.IPSEC_BITS:
                 rt = self.owner.runtime
-                b = rt.binding_for("server", srv.local, srv.peer, e.mode)
+                try:  # made by the greeting's announcement; kept until the connection closes
+                    b = rt.binding_for("server", srv.local, srv.peer, e.mode)
+                except BinderRefusal as err:
+                    self.stopped = True
+                    self.rec.end, self.rec.detail = err.reason.value, err.detail
+                    return
                 self.rec.spi_c2s, self.rec.spi_s2c, self.rec.reqid = b.c2s.spi, b.s2c.spi, b.reqid
                 self.key = ("server", next(self.owner._ids))
                 rt.bind(self.key, b, self._on_action)
@@ -520,7 +532,9 @@ class BoundResult:
     bad_hmac: int = 0
     rekeys: int = 0
     legs: list[Leg] = field(default_factory=list)
-    stop_reason: str | None = None  # None: ran to completion; else machine-readable (Reason values)
+    # None: ran to completion. Else machine-readable: "sa_deleted" (wire-format §5), a binder
+    # refusal reason (§6, e.g. "no_sa"), "session_refused" or "control_error".
+    stop_reason: str | None = None
     stop_detail: str = ""
     rtts_ns: list[int] = field(default_factory=list, repr=False)
 
@@ -539,6 +553,9 @@ class BoundResult:
         rtt = self.rtt
         d["rtt"] = dataclasses.asdict(rtt) if rtt is not None else None
         return d
+
+
+RTT_SAMPLES = 1 << 17
 
 
 class SetupFailed(Exception):
@@ -698,7 +715,10 @@ class BoundTwampMeasurement:
         self.result.replies += 1
         rtt = rec.rtt_ns
         if rtt is not None:
-            self.result.rtts_ns.append(rtt)
+            rtts = self.result.rtts_ns
+            rtts.append(rtt)
+            if len(rtts) > RTT_SAMPLES:  # a long-running measurement keeps the recent half
+                del rtts[: RTT_SAMPLES // 2]
 
     async def _send_until(self, sender: TestSender, sock: socket.socket, dest: tuple[str, int],
                           action: asyncio.Future, leg: Leg, t0: float) -> None:

@@ -230,6 +230,7 @@ def test_bound_measurement_rekey_then_delete(wanted: str, caplog: pytest.LogCapt
         ends = [c.end for c in srv.connections]
         assert ends[0] == "rebind" and ends[-1] == "sa_deleted", srv.connections
         assert server.runtime.stops == 1 and server.runtime.rekeys == 1
+        assert client.runtime.counters() == {"rekeys": 1, "stops": 1, "bound": 0}
         d = res.to_dict()
         assert d["lost"] == res.sent - res.replies and d["rekeys"] == 1
 
