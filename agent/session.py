@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.aio import AsyncControlClient, ControlError, family_of
 from agent.control.server import ControlServer
-from agent.test.packets import Proto, security_from_mode, symmetric_padding
+from agent.control.modes import Mode
+from agent.test.packets import Proto, reflect_offset, security_from_mode, sender_base_len, symmetric_padding
 from agent.test import udp
 from agent.test.receiver import OwampReceiver
 from agent.test.sender import PacketRecord, Schedule
@@ -39,10 +41,10 @@ NTP_SECOND = 1 << 32
 START_LEAD_S = 0.2  # OWAMP Start Time = now + this when requesting
 
 
-async def _reflector_endpoint(host: str, port: int) -> TwampReflectorEndpoint:
-    """A started reflector endpoint on the requested port, or any port if that one is taken."""
+async def _started_endpoint(cls: type, host: str, port: int):
+    """A started endpoint of ``cls`` on the requested port, or any port if that one is taken."""
     for p in ((port, 0) if port else (0,)):
-        ep = TwampReflectorEndpoint((host, p), hardware=False)
+        ep = cls((host, p), hardware=False)
         try:
             await ep.start()
         except OSError:
@@ -52,33 +54,58 @@ async def _reflector_endpoint(host: str, port: int) -> TwampReflectorEndpoint:
             continue
         return ep
     raise OSError("no UDP port")  # pragma: no cover
+
+
+async def _reflector_endpoint(host: str, port: int) -> TwampReflectorEndpoint:
+    return await _started_endpoint(TwampReflectorEndpoint, host, port)
 
 
 async def _receiver_endpoint(host: str, port: int) -> OwampReceiverEndpoint:
-    for p in ((port, 0) if port else (0,)):
-        ep = OwampReceiverEndpoint((host, p), hardware=False)
-        try:
-            await ep.start()
-        except OSError:
-            ep.close()
-            if p == 0:
-                raise
-            continue
-        return ep
-    raise OSError("no UDP port")  # pragma: no cover
+    return await _started_endpoint(OwampReceiverEndpoint, host, port)
+
+
+def _seconds(ntp_duration: int) -> float:
+    return ntp_duration / NTP_SECOND
+
+
+def _start_ns(start_time: int) -> int | None:
+    """Request Start Time (NTP) as Unix ns; None for 0 ("as soon as possible")."""
+    return unix_ns_from_ntp(start_time) if start_time else None
 
 
 # ------------------------------------------------------------------------------ server side
 
+REFWAIT_S = 900.0  # RFC 5357 §4.2: default REFWAIT
+MAX_STOP_TIMEOUT_S = 60.0  # cap on how long a stopped session keeps its port (its request's Timeout)
+
+
+@dataclass
+class _TwSession:
+    ep: TwampReflectorEndpoint
+    peer: tuple[str, int]
+    request: m.RequestTWSession
+    timer: asyncio.TimerHandle | None = None  # pending start at the request's Start Time
+
 
 class TwampHandler:
-    """Session-Reflector side of one TWAMP control connection (agent.test.udp endpoints)."""
+    """Session-Reflector side of one TWAMP control connection (agent.test.udp endpoints).
+
+    Timing (RFC 5357): a session reflects from Start-Sessions, or from its Start Time if
+    that is later (§3.5: "not before Start-Sessions"); after Stop-Sessions it keeps
+    reflecting for its request's Timeout (§3.8, capped at ``max_stop_timeout``), then
+    closes; a running session that received nothing for ``refwait`` seconds is
+    discontinued (§4.2 REFWAIT, default 900 s).
+    """
+
+    refwait: float = REFWAIT_S
+    max_stop_timeout: float = MAX_STOP_TIMEOUT_S
 
     def __init__(self, srv: ControlServer) -> None:
         self.srv = srv
-        self.sessions: dict[bytes, tuple[TwampReflectorEndpoint, tuple[str, int] | None, int | None]] = {}
+        self.sessions: dict[bytes, _TwSession] = {}
         self.active: set[bytes] = set()
         self._loop = asyncio.get_running_loop()
+        self._refwait_task: asyncio.Task | None = None
 
     async def on_event(self, srv: ControlServer, e: ev.Event) -> None:
         if isinstance(e, ev.SessionRequested):
@@ -93,10 +120,10 @@ class TwampHandler:
                 log.info("cannot open a reflector port: %s", err)
                 srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)
                 return
-            self.sessions[e.sid] = (ep, (str(sender_ip), req.sender_port), req.dscp)
+            self.sessions[e.sid] = _TwSession(ep, (str(sender_ip), req.sender_port), req)
             srv.accept_session(m.ACCEPT_OK, ep.port, e.sid)
         elif isinstance(e, ev.StartRequested):
-            self._activate(list(self.sessions))  # RFC 5357 §4.2: reflect only after Start-Sessions
+            self._start(list(self.sessions))  # RFC 5357 §4.2: reflect only after Start-Sessions
             srv.start_ack(m.ACCEPT_OK)
         elif isinstance(e, ev.StopRequested):
             self._retire(list(self.sessions))
@@ -105,27 +132,60 @@ class TwampHandler:
             if len(known) != len(e.msg.sids):
                 srv.start_n_ack(m.ACCEPT_FAILURE, e.msg.sids)
                 return
-            self._activate(list(known))
+            self._start(list(known))
             srv.start_n_ack(m.ACCEPT_OK, e.msg.sids)
         elif isinstance(e, ev.StopNRequested):
             self._retire([s for s in e.msg.sids if s in self.sessions])
             srv.stop_n_ack(m.ACCEPT_OK, e.msg.sids)
 
-    def _activate(self, sids: list[bytes]) -> None:
+    def _start(self, sids: list[bytes]) -> None:
+        now = time.time_ns()
         for sid in sids:
-            if sid in self.active:
+            s = self.sessions[sid]
+            if sid in self.active or s.timer is not None:
                 continue
-            ep, peer, dscp = self.sessions[sid]
-            # replies carry the requested Type-P DSCP (RFC 5357 §3.5)
-            ep.add_session(sid, peer, mode=self.srv.mode, keys=self.srv.test_keys(sid), dscp=dscp)
-            self.active.add(sid)
+            at = _start_ns(s.request.start_time)
+            if at is not None and at > now:  # RFC 5357 §3.5: a later Start Time wins
+                s.timer = self._loop.call_later((at - now) / 1e9, self._activate, sid)
+            else:
+                self._activate(sid)
 
-    def _retire(self, sids: list[bytes], grace: float = 1.0) -> None:
-        """Keep reflecting late packets for a moment after the stop (RFC 5357 §3.8 Timeout)."""
+    def _activate(self, sid: bytes) -> None:
+        s = self.sessions.get(sid)
+        if s is None or sid in self.active:
+            return
+        s.timer = None
+        req = s.request
+        # Replies carry the requested Type-P DSCP (RFC 5357 §3.5); RFC 6038 Reflect Octets
+        # when negotiated (the endpoint checks the mode bit).
+        sess = s.ep.add_session(sid, s.peer, mode=self.srv.mode, keys=self.srv.test_keys(sid), dscp=req.dscp,
+                                reflect_length=req.reflect_length)
+        sess.last_rx_ns = time.time_ns()  # REFWAIT counts from the start
+        self.active.add(sid)
+        if self._refwait_task is None:
+            self._refwait_task = self._loop.create_task(self._watch_refwait())
+
+    async def _watch_refwait(self) -> None:
+        """RFC 5357 §4.2: discontinue sessions that received nothing for REFWAIT seconds."""
+        period = min(max(self.refwait / 10, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            limit = time.time_ns() - int(self.refwait * 1e9)
+            for sid in [sid for sid in self.active if sid in self.sessions]:
+                sess = self.sessions[sid].ep.session(sid)
+                if sess is not None and sess.last_rx_ns < limit:
+                    log.info("reflector session %s: nothing for %.0f s (REFWAIT): stopped", sid.hex(), self.refwait)
+                    self._retire([sid], 0.0)
+
+    def _retire(self, sids: list[bytes], grace: float | None = None) -> None:
+        """Keep reflecting late packets for the request's Timeout after the stop (RFC 5357 §3.8)."""
         for sid in sids:
-            ep = self.sessions.pop(sid)[0]
+            s = self.sessions.pop(sid)
+            if s.timer is not None:
+                s.timer.cancel()
             self.active.discard(sid)
-            self._loop.call_later(grace, self._finish, sid, ep)
+            wait = min(_seconds(s.request.timeout), self.max_stop_timeout) if grace is None else grace
+            self._loop.call_later(wait, self._finish, sid, s.ep)
 
     def _finish(self, sid: bytes, ep: TwampReflectorEndpoint) -> None:
         counters = ep.counters()
@@ -136,9 +196,13 @@ class TwampHandler:
     finished: dict[bytes, dict[str, int]] = {}  # class-wide: counters of retired sessions (tests, logs)
 
     def close(self) -> None:
-        for sid, (ep, _, _) in self.sessions.items():
-            self.finished[sid] = ep.counters()
-            ep.close()
+        if self._refwait_task is not None:
+            self._refwait_task.cancel()
+        for sid, s in self.sessions.items():
+            if s.timer is not None:
+                s.timer.cancel()
+            self.finished[sid] = s.ep.counters()
+            s.ep.close()
         self.sessions.clear()
 
 
@@ -156,14 +220,19 @@ class _OwSession:
     next_seqno: int | None = None
 
 
-def schedule_from_slots(slots: tuple[m.Slot, ...]) -> Schedule:
-    """The first slot sets the schedule (xwamp sends single-slot schedules)."""
-    s = slots[0]
-    return Schedule.poisson(s.secs) if s.kind == m.Slot.EXPONENTIAL else Schedule.fixed(s.secs)
+def schedule_from_slots(sid: bytes, slots: tuple[m.Slot, ...]) -> Schedule:
+    """The RFC 4656 §5 schedule of a session: what a receiver (perfSONAR's or ours) checks
+    send times against, so both ends must compute it from the SID and the slots."""
+    return Schedule.from_slots(sid, [(s.kind, s.value) for s in slots])
 
 
 class OwampHandler:
-    """Receiver (and sender) side of one OWAMP control connection."""
+    """Receiver (and sender) side of one OWAMP control connection.
+
+    Both roles follow the request's timing (RFC 4656 §3.5, §4.2): as sender we start at
+    Start Time (never before Start-Sessions) on the §5 schedule; as receiver we discard
+    packets whose send time is more than Timeout from their arrival or from their
+    scheduled time."""
 
     def __init__(self, srv: ControlServer) -> None:
         self.srv = srv
@@ -196,8 +265,8 @@ class OwampHandler:
             loop = asyncio.get_running_loop()
             for s in self.sessions.values():
                 if s.receiver_ep is not None and s.receiver is None:
-                    s.receiver = s.receiver_ep.add_session(s.sid, s.peer, mode=srv.mode, keys=srv.test_keys(s.sid),
-                                                           expected=s.request.num_packets)
+                    s.receiver = add_receiver_session(s.receiver_ep, s.sid, s.peer, s.request, srv.mode,
+                                                      srv.test_keys(s.sid))
                 elif s.send_sock is not None and s.task is None:
                     s.task = loop.create_task(self._send(s))
             srv.start_ack(m.ACCEPT_OK)
@@ -226,11 +295,11 @@ class OwampHandler:
     async def _send(self, s: _OwSession) -> None:
         req = s.request
         assert s.send_sock is not None and s.dest is not None
+        at = _start_ns(req.start_time)  # the task starts at Start-Sessions: never earlier
         records = await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
-            schedule=schedule_from_slots(req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False,
-            start_ns=max(unix_ns_from_ntp(req.start_time), time.time_ns()) if req.start_time else None)
+            schedule=schedule_from_slots(s.sid, req.slots), padding=req.padding_length, proto=Proto.OWAMP,
+            sock=s.send_sock, hardware=False, start_ns=at)  # None: now; a past Start Time: catch up
         s.sent = len(records)
 
     def close(self) -> None:
@@ -242,6 +311,17 @@ class OwampHandler:
             if s.send_sock is not None:
                 s.send_sock.close()
         self.sessions.clear()
+
+
+def add_receiver_session(ep: OwampReceiverEndpoint, sid: bytes, peer: tuple[str, int] | None,
+                         req: m.RequestSession, mode: int, keys) -> OwampReceiver:
+    """An OWAMP receiver for ``req`` with its RFC 4656 §4.2 validity window: Timeout (0 =
+    no check), and the §5 schedule from Start Time (when one was given)."""
+    start = _start_ns(req.start_time)
+    return ep.add_session(sid, peer, mode=mode, keys=keys, expected=req.num_packets,
+                          timeout_s=_seconds(req.timeout) if req.timeout else None,
+                          schedule=schedule_from_slots(sid, req.slots) if start is not None else None,
+                          start_ns=start)
 
 
 def fetch_records(rcv: OwampReceiver, begin: int, end: int, next_seqno: int | None) -> tuple[m.DataRecord, ...]:
@@ -271,6 +351,8 @@ class PingOptions:
     wait: float = 2.0  # how long to wait for late replies after the last packet
     timeout: float = 10.0  # control-plane answers
     test_port: int = 0  # requested reflector / receiver UDP port (0: server's choice)
+    features: int = 0  # TWAMP capability bits to select when offered (RFC 5938, RFC 6038)
+    reflect_length: int = 0  # RFC 6038 Length of padding to reflect (selects Reflect Octets)
 
 
 @dataclass
@@ -288,30 +370,49 @@ def _duration_ntp(s: float) -> int:
 
 
 async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None] | None = None) -> PingResult:
-    """One TWAMP conversation: set-up, Request-TW-Session, Start, packets, Stop."""
+    """One TWAMP conversation: set-up, Request-TW-Session, Start, packets, Stop.
+
+    ``opt.reflect_length`` > 0 selects RFC 6038 Reflect Octets (refused if the server does
+    not offer it): the request carries a random 16-bit Octets to be reflected that the
+    Accept-Session must echo, and every reply must carry our padding to be reflected."""
+    features = opt.features | (int(Mode.REFLECT_OCTETS) if opt.reflect_length else 0)
     conn = await AsyncControlClient.connect(opt.host, opt.port, twamp=True, wanted=opt.wanted, key_id=opt.key_id,
                                             key_source=opt.key_source, max_count=opt.max_count, timeout=opt.timeout,
-                                            family=family_of(opt.host))
+                                            family=family_of(opt.host), features=features)
     sock: socket.socket | None = None
     try:
+        mode = conn.cli.mode
+        reflect = opt.reflect_length if mode & Mode.REFLECT_OCTETS else 0
+        if opt.reflect_length and not reflect:
+            raise ControlError("the server does not offer RFC 6038 Reflect Octets")
         local_ip, peer_ip = conn.local[0], conn.peer[0]
         sock = udp.open_udp_socket((str(local_ip), 0), dscp=opt.dscp or None)
-        sec = security_from_mode(conn.cli.mode)
+        sec = security_from_mode(mode)
         pad = opt.padding if opt.padding is not None else symmetric_padding(Proto.TWAMP, sec)
+        refl_at = reflect_offset(mode)
+        if reflect:  # the octets to be reflected must fit in our padding
+            pad = max(pad, refl_at - sender_base_len(Proto.TWAMP, sec) + reflect)
+        token = int.from_bytes(os.urandom(2), "big") | 1 if reflect else 0
         req = m.RequestTWSession(local_ip, peer_ip, sock.getsockname()[1], opt.test_port, padding_length=pad,
-                                 timeout=_duration_ntp(opt.wait), type_p=m.typep_from_dscp(opt.dscp))
+                                 timeout=_duration_ntp(opt.wait), type_p=m.typep_from_dscp(opt.dscp),
+                                 octets_to_reflect=token, reflect_length=reflect)
         acc = await conn.request_tw_session(req)
         if not acc.ok:
             raise ControlError(f"session refused: {m.ACCEPT_NAMES[acc.accept.accept]}")
+        if reflect and acc.accept.reflected_octets != token:  # RFC 6038 §4.1: echoed as sent
+            raise ControlError("Accept-Session did not echo our Octets to be reflected")
         if await conn.start_sessions() != m.ACCEPT_OK:
             raise ControlError("Start-Sessions refused")
         records = await udp.run_twamp_sender(
-            ("", 0), (str(peer_ip), acc.accept.port), conn.cli.mode, acc.test_keys, count=opt.count,
+            ("", 0), (str(peer_ip), acc.accept.port), mode, acc.test_keys, count=opt.count,
             interval=opt.interval, schedule=opt.schedule, padding=pad, timeout=opt.wait, sock=sock,
-            on_record=on_record, hardware=False)
+            on_record=on_record, hardware=False, reflect=(refl_at, reflect) if reflect else None,
+            server_octets=acc.accept.server_octets if reflect else 0)
         await conn.stop_sessions(1)
         counters = {"sent": len(records), "replies": sum(1 for r in records if not r.lost)}
-        return PingResult(records, results.summarize(records, reflector_stateful=True), conn.cli.mode,
+        if reflect:
+            counters["reflect_mismatch"] = sum(1 for r in records if r.reflected_ok is False)
+        return PingResult(records, results.summarize(records, reflector_stateful=True), mode,
                           counters, str(peer_ip), acc.accept.sid)
     finally:
         if sock is not None:
@@ -394,14 +495,14 @@ async def owping(opt: PingOptions) -> OwpingResult:
             raise ControlError(f"reverse session refused: {m.ACCEPT_NAMES[rev.accept.accept]}")
         # Match the server's packets by address only: we do not rely on Accept-Session's Port
         # naming the server's source port for a Conf-Sender session (not checked against RFC text).
-        receiver = recv_ep.add_session(my_sid, (str(peer_ip), 0), mode=conn.cli.mode,
-                                       keys=conn.cli.test_keys(my_sid), expected=opt.count)
+        receiver = add_receiver_session(recv_ep, my_sid, (str(peer_ip), 0), rev.request, conn.cli.mode,
+                                        conn.cli.test_keys(my_sid))
         if await conn.start_sessions() != m.ACCEPT_OK:
             raise ControlError("Start-Sessions refused")
         sent = await udp.run_twamp_sender(
             ("", 0), (str(peer_ip), fwd.accept.port), conn.cli.mode, fwd.test_keys, count=opt.count,
-            schedule=schedule_from_slots((slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock, hardware=False,
-            start_ns=max(start_ns, time.time_ns()))
+            schedule=schedule_from_slots(fwd.accept.sid, (slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock,
+            hardware=False, start_ns=start_ns)  # late: catch up, later packets stay on the §5 schedule
         loop = asyncio.get_running_loop()
         end = loop.time() + opt.wait + opt.interval
         while loop.time() < end and len(receiver.records) < opt.count:

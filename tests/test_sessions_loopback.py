@@ -154,7 +154,7 @@ def test_tampered_test_packet_dropped_and_counted(mode: str) -> None:
             reply = await loop.run_in_executor(None, sock.recv, 2048)
             assert snd.on_reply(reply, 3, 64) is not None and snd.on_reply(reply, 3, 64).sender_ttl is not None
             handler = rec.handlers[0]
-            ep = handler.sessions[acc.accept.sid][0]
+            ep = handler.sessions[acc.accept.sid].ep
             counters = ep.counters()
             assert counters["bad_hmac"] == 1 and counters["reflected"] == 1
             with pytest.raises(socket.timeout):

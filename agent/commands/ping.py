@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ping", help="TWAMP client (round trip, one-way, loss)",
                               description="Run one TWAMP session against HOST and report like ping.")
     add_client_options(p, 862)
+    p.add_argument("--reflect-octets", type=int, default=0, metavar="N",
+                   help="RFC 6038 Reflect Octets: the reflector returns N octets of our padding (needs the mode)")
+    p.add_argument("--symmetrical", action="store_true",
+                   help="select RFC 6038 Symmetrical Size when offered (equal packet sizes both ways)")
     p.add_argument("-q", "--quiet", action="store_true", help="summary only")
     p.set_defaults(func=run)
 
@@ -63,10 +67,17 @@ def options(args: argparse.Namespace):
     ks = key_source(args)
     if any(m != "unauth" for m in modes) and ks is None:
         raise ValueError("authenticated modes need --keyfile or --passphrase-env (and --user)")
+    from agent.control.modes import Mode
+
+    reflect = getattr(args, "reflect_octets", 0)  # ping only (owping shares these options)
+    if not 0 <= reflect <= 0xFFFF:
+        raise ValueError("--reflect-octets is 0..65535")
+    features = int(Mode.SYMMETRICAL_SIZE) if getattr(args, "symmetrical", False) else 0
     return PingOptions(args.host, args.port, count=args.count, interval=args.interval,
                        schedule="poisson" if args.schedule == "exponential" else "fixed", padding=args.padding,
                        dscp=args.dscp, wanted=modes, key_id=args.user, key_source=ks, max_count=args.max_count,
-                       wait=args.wait, timeout=args.timeout, test_port=args.test_port)
+                       wait=args.wait, timeout=args.timeout, test_port=args.test_port, features=features,
+                       reflect_length=reflect)
 
 
 def mode_name(mode: int) -> str:

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"xwamp server: {e}", file=sys.stderr)
             return 2
     names = args.mode or (["unauth", "auth", "enc", "mixed"] if ks else ["unauth"])
-    modes = 0
+    # TWAMP capabilities the server implements (OWAMP drops them: modes.offerable):
+    # RFC 5938 individual session control, RFC 6038 Reflect Octets and Symmetrical Size.
+    modes = int(md.Mode.INDIVIDUAL_SESSION_CONTROL | md.Mode.REFLECT_OCTETS | md.Mode.SYMMETRICAL_SIZE)
     for n in names:
         modes |= md.by_name(n).bit
     try:

@@ -9,7 +9,7 @@ nothing else.
 
 Encoders are strict (they refuse values that do not fit), decoders are strict on
 sizes and enumerated values but ignore MBZ contents (lenient, so future uses of
-those octets, e.g. RFC 6038's, do not break us).
+those octets do not break us). RFC 6038's fields in formerly MBZ octets are decoded.
 """
 
 from __future__ import annotations
@@ -320,14 +320,15 @@ class _RequestBase:
         r = control_receiver if self.receiver_address.is_unspecified else self.receiver_address
         return s, r
 
-    def _preamble(self, cmd: int, conf_sender: int, conf_receiver: int, nslots: int, npackets: int) -> bytes:
+    def _preamble(self, cmd: int, conf_sender: int, conf_receiver: int, nslots: int, npackets: int,
+                  mbz: bytes = bytes(8)) -> bytes:
         v = self.ipvn
         return _PREAMBLE.pack(
             cmd, v & 0x0F, conf_sender, conf_receiver, nslots, npackets,
             self.sender_port, self.receiver_port,
             _addr_bytes(self.sender_address, v), _addr_bytes(self.receiver_address, v),
             self.sid, self.padding_length, self.start_time, self.timeout, self.type_p,
-            bytes(8), bytes(HMAC_LEN),
+            mbz, bytes(HMAC_LEN),
         )
 
     @staticmethod
@@ -341,19 +342,36 @@ class _RequestBase:
                 _addr_from(saddr, ipvn), _addr_from(raddr, ipvn), sid, pad, start, timeout, typep)
 
 
+_REFLECT = struct.Struct("!HH4s")  # RFC 6038 §4.1: the first 4 of the 8 MBZ octets at 88
+
+
 @dataclass(frozen=True, slots=True)
 class RequestTWSession(_RequestBase):
     """Request-TW-Session (cmd 5), 112 octets (RFC 5357 §3.5). Conf-Sender, Conf-Receiver,
-    Number of Schedule Slots and Number of Packets are all zero."""
+    Number of Schedule Slots and Number of Packets are all zero.
+
+    RFC 6038 Reflect Octets (mode bit 32) uses the first four of the eight MBZ octets after
+    Type-P: ``octets_to_reflect`` (2 octets at 88; the server copies them into Accept-Session's
+    Reflected Octets) and ``reflect_length`` ("Length of padding to reflect", 2 octets at 90;
+    how many octets of the sender's padding come back in each reflector packet). Zero when
+    the mode was not negotiated (docs/protocol-interop.md lists the sources of the offsets).
+    """
 
     SIZE: ClassVar[int] = 112
     COMMAND: ClassVar[int] = CMD_REQUEST_TW_SESSION
 
+    octets_to_reflect: int = 0
+    reflect_length: int = 0
+
     def __post_init__(self) -> None:
         self._check()
+        for v in (self.octets_to_reflect, self.reflect_length):
+            if not 0 <= v <= 0xFFFF:
+                raise ValueError("RFC 6038 fields are 16-bit")
 
     def pack(self) -> bytes:
-        return self._preamble(CMD_REQUEST_TW_SESSION, 0, 0, 0, 0)
+        return self._preamble(CMD_REQUEST_TW_SESSION, 0, 0, 0, 0,
+                              _REFLECT.pack(self.octets_to_reflect, self.reflect_length, bytes(4)))
 
     @staticmethod
     def hmac_offsets(n: int | None = None) -> tuple[int, ...]:
@@ -368,7 +386,8 @@ class RequestTWSession(_RequestBase):
         if cs or cr or nslots or npackets:
             # perfSONAR refuses these too: in TWAMP the roles and schedule are implied.
             raise ProtocolError("Request-TW-Session with Conf-Sender/Receiver, slots or packets set")
-        return cls(sa, ra, sport, rport, sid, pad, start, to, tp)
+        octets, length, _mbz = _REFLECT.unpack_from(data, 88)
+        return cls(sa, ra, sport, rport, sid, pad, start, to, tp, octets, length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,27 +451,36 @@ class RequestSession(_RequestBase):
         return cls(sa, ra, sport, rport, sid, pad, start, to, tp, bool(cs), bool(cr), npackets, slots)
 
 
-_ACCEPT = struct.Struct("!BBH16s12s16s")
+_ACCEPT = struct.Struct("!BBH16sHH8s16s")
 
 
 @dataclass(frozen=True, slots=True)
 class AcceptSession:
-    """Accept-Session, 48 octets, HMAC at 32 (RFC 4656 §3.5, RFC 5357 §3.5)."""
+    """Accept-Session, 48 octets, HMAC at 32 (RFC 4656 §3.5, RFC 5357 §3.5).
+
+    RFC 6038 (Reflect Octets) uses the first four of the 12 MBZ octets after the SID:
+    ``reflected_octets`` (2 at 20, the request's Octets to be reflected, echoed) and
+    ``server_octets`` (2 at 22: octets the Session-Sender puts first in the padding to be
+    reflected; 0 when the server needs none)."""
 
     SIZE: ClassVar[int] = 48
 
     accept: int
     port: int = 0
     sid: bytes = bytes(SID_LEN)
+    reflected_octets: int = 0
+    server_octets: int = 0
 
     def __post_init__(self) -> None:
         _check_accept(self.accept)
-        if not 0 <= self.port <= 0xFFFF:
-            raise ValueError("port out of range")
+        for v in (self.port, self.reflected_octets, self.server_octets):
+            if not 0 <= v <= 0xFFFF:
+                raise ValueError("port / RFC 6038 octets out of range")
         _fixed(self.sid, SID_LEN, "SID")
 
     def pack(self) -> bytes:
-        return _ACCEPT.pack(self.accept, 0, self.port, self.sid, bytes(12), bytes(16))
+        return _ACCEPT.pack(self.accept, 0, self.port, self.sid, self.reflected_octets, self.server_octets,
+                            bytes(8), bytes(16))
 
     @staticmethod
     def hmac_offsets() -> tuple[int, ...]:
@@ -460,8 +488,8 @@ class AcceptSession:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "AcceptSession":
-        accept, _mbz, port, sid, _mbz2, _hmac = _ACCEPT.unpack(_need(data, 48, "Accept-Session"))
-        return cls(_check_accept(accept), port, sid)
+        accept, _mbz, port, sid, refl, srv, _mbz2, _hmac = _ACCEPT.unpack(_need(data, 48, "Accept-Session"))
+        return cls(_check_accept(accept), port, sid, refl, srv)
 
 
 # --- Start / Stop (RFC 4656 §3.7, §3.8; RFC 5357 §3.7, §3.8) ---------------------------------

@@ -253,6 +253,8 @@ class ControlServer(_Conn):
             refuse = (m.ACCEPT_PERMANENT_LIMIT, "session limit for this connection reached")
         elif req.padding_length > self.config.max_padding:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "padding too large")
+        elif isinstance(req, m.RequestTWSession) and req.reflect_length > self.config.max_padding:
+            refuse = (m.ACCEPT_NOT_SUPPORTED, "padding to reflect too large")
         elif req.dscp is None:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "Type-P descriptor is not a DSCP")
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
@@ -285,14 +287,21 @@ class ControlServer(_Conn):
             raise UsageError(f"not waiting for {what} (waiting for {self._awaiting})")
         self._awaiting = None
 
-    def accept_session(self, accept: int, port: int = 0, sid: bytes | None = None) -> ServerSession | None:
-        """Answer the pending SessionRequested. Returns the session record if accepted."""
+    def accept_session(self, accept: int, port: int = 0, sid: bytes | None = None,
+                       server_octets: int = 0) -> ServerSession | None:
+        """Answer the pending SessionRequested. Returns the session record if accepted.
+
+        With RFC 6038 Reflect Octets negotiated, Accept-Session echoes the request's Octets
+        to be reflected and carries ``server_octets`` (0: we need none)."""
         self._answer("accept")
         assert self._pending is not None
         req, default_sid = self._pending
         self._pending = None
         use_sid = sid if sid is not None else default_sid
-        msg = m.AcceptSession(accept, port if accept == m.ACCEPT_OK else 0, use_sid if accept == m.ACCEPT_OK else bytes(16))
+        ok = accept == m.ACCEPT_OK
+        refl = ok and isinstance(req, m.RequestTWSession) and bool(self.mode & md.Mode.REFLECT_OCTETS)
+        msg = m.AcceptSession(accept, port if ok else 0, use_sid if ok else bytes(16),
+                              req.octets_to_reflect if refl else 0, server_octets if refl else 0)
         self._emit(msg.pack(), msg.hmac_offsets())
         self.state = self._resume_state
         if accept != m.ACCEPT_OK:

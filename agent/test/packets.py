@@ -34,8 +34,10 @@ truncated at the end (RFC 5357 §4.2.1: "the highest-number octets are discarded
 i.e. by 27 octets unauthenticated and by 64 octets authenticated (112 − 48). With
 RFC 6038 Symmetrical Size the sender's own packet is already the reflector's size
 (41 / 112 octets: the extra octets are MBZ), and the same rule yields equal sizes.
-RFC 6038 Reflect Octets is served by the same copy: the first octets of the sender's
-padding come back first.
+RFC 6038 Reflect Octets: the sender's "padding to be reflected" starts right after its
+base fields (14 / 48), or after the symmetrical-size MBZ octets (41 / 112) when bit 64
+was negotiated too (:func:`reflect_offset`); the reflector puts those octets first in its
+own padding (right after Sender TTL / the HMAC, i.e. at 41 / 112).
 
 Malformed, short or unauthentic input raises :class:`PacketError` (HMAC failures
 raise its subclass :class:`HmacError`); nothing else escapes a decoder.
@@ -169,6 +171,13 @@ def reflector_base_len(proto: Proto, sec: Security) -> int:
     if proto is Proto.STAMP:
         return STAMP_BASE if sec is Security.UNAUTH else STAMP_AUTH_BASE
     return TWAMP_REFLECTOR_BASE if sec is Security.UNAUTH else AUTH_REFLECTOR_BASE
+
+
+def reflect_offset(mode: int, proto: Proto = Proto.TWAMP) -> int:
+    """Where the RFC 6038 padding to be reflected starts in a sender packet of this mode:
+    after the base fields, or after the Symmetrical Size MBZ octets when bit 64 is set."""
+    sec = security_from_mode(mode)
+    return reflector_base_len(proto, sec) if mode & MODE_SYMMETRICAL_SIZE else sender_base_len(proto, sec)
 
 
 def symmetric_padding(proto: Proto, sec: Security) -> int:

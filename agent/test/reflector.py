@@ -86,9 +86,15 @@ class ReflectorSession:
         reflector_auth_span: int = REFLECTOR_AUTH_SPAN,
         twamp_light_fallback: bool = True,
         dscp: int | None = None,
+        reflect: tuple[int, int] | None = None,
     ) -> None:
         """``dscp``: DSCP for every reply (e.g. the Type-P Descriptor's); None keeps the socket's.
-        A STAMP Class of Service TLV overrides it per packet (RFC 8972 §4.4)."""
+        A STAMP Class of Service TLV overrides it per packet (RFC 8972 §4.4).
+
+        ``reflect``: RFC 6038 Reflect Octets, (offset in the sender packet where the padding
+        to be reflected starts, Length of padding to reflect). Those octets open the reply's
+        padding (right after Sender TTL / the HMAC); the reply keeps its RFC 5357 size, or
+        grows to hold them when the sender's packet was shorter."""
         if proto is Proto.OWAMP:
             raise ValueError("OWAMP has no reflector; use agent.test.receiver.OwampReceiver")
         self.proto = proto
@@ -100,6 +106,9 @@ class ReflectorSession:
         self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
         self.seq = 0
         self.last_rx_ns = 0  # receive time of the last packet, valid or not
+        if reflect is not None and (proto is not Proto.TWAMP or reflect[0] < 0 or not 0 <= reflect[1] <= 0xFFFF):
+            raise ValueError("reflect octets: TWAMP only, (offset >= 0, length 0..65535)")
+        self._reflect = reflect if reflect and reflect[1] else None
         self._seqs: dict[tuple[Hashable, int], int] = {}
         self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
@@ -173,10 +182,7 @@ class ReflectorSession:
         t3 = ts(now_ns())
         head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
         c.reflected += 1
-        if n <= TWAMP_REFLECTOR_BASE:
-            return head
-        # Answer at the sender's size: its padding minus the 27 highest-numbered octets.
-        return head + data[TWAMP_SENDER_MIN : n - (TWAMP_REFLECTOR_BASE - TWAMP_SENDER_MIN)]
+        return head + self._padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
 
     def _twamp_auth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
@@ -210,7 +216,7 @@ class ReflectorSession:
         t2 = ts(rx_ns)
         if ttl is None:
             ttl = TTL_UNKNOWN
-        pad = data[AUTH_SENDER_BASE : n - (AUTH_REFLECTOR_BASE - AUTH_SENDER_BASE)] if n > AUTH_REFLECTOR_BASE else b""
+        pad = self._padding(data, AUTH_SENDER_BASE, AUTH_REFLECTOR_BASE)
         t3 = ts(now_ns())
         body = S_REFL_AUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
         h = mac()
@@ -221,6 +227,19 @@ class ReflectorSession:
         span = cr.reflector_span
         h.update(body[:span])
         return enc(body[:16]) + body[16:] + h.finalize()[:16] + pad
+
+    def _padding(self, data: bytes, sender_base: int, reflector_base: int) -> bytes:
+        """The reply's padding. RFC 5357 §4.2.1: answer at the sender's size by re-using its
+        padding minus the highest-numbered octets the larger reflector header needs (27
+        unauthenticated, 64 authenticated: errata 5045). RFC 6038 §4.2 Reflect Octets: the
+        padding to be reflected comes first, the rest keeps that size."""
+        n = len(data)
+        pad = data[sender_base : n - (reflector_base - sender_base)] if n > reflector_base else b""
+        r = self._reflect
+        if r is None:
+            return pad
+        octets = data[r[0] : r[0] + r[1]]
+        return octets + pad[len(octets):]
 
     # ------------------------------------------------------------------ STAMP
 
@@ -304,7 +323,6 @@ class ReflectorSession:
 
     def _light(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, peer: Hashable) -> bytes:
         """A TWAMP-Light sender (14..43 octets) talking to our STAMP port: answer in TWAMP format."""
-        n = len(data)
         sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
         seq = self._next_seq(sseq, peer, -1)
         err = self._err.get(rx_ns)
@@ -313,9 +331,7 @@ class ReflectorSession:
         t3 = ts(now_ns())
         head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, TTL_UNKNOWN if ttl is None else ttl)
         self.counters.reflected += 1
-        if n <= TWAMP_REFLECTOR_BASE:
-            return head
-        return head + data[TWAMP_SENDER_MIN : n - (TWAMP_REFLECTOR_BASE - TWAMP_SENDER_MIN)]
+        return head + self._padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
 
     def forget_peer(self, peer: Hashable) -> None:
         """Drop a stateful STAMP peer's counters (SSID state, RFC 8762 §4.3.1)."""

@@ -29,6 +29,7 @@ from agent.test.packets import (
     Security,
     decode_reflector,
     encode_sender,
+    reflector_base_len,
     sender_base_len,
     symmetric_padding,
 )
@@ -112,6 +113,7 @@ class PacketRecord:
     arrival: int | None = None  # order of arrival among replies (for reordering)
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (reflector_seq, t4_ns) of extra copies
     reply_tlvs: bytes = b""
+    reflected_ok: bool | None = None  # RFC 6038: the reply carried our octets to be reflected (None: not asked)
 
     @property
     def lost(self) -> bool:
@@ -143,6 +145,7 @@ class SenderCounters:
     bad_hmac: int = 0
     malformed: int = 0
     unknown_seq: int = 0  # replies to a sequence number we never sent
+    reflect_mismatch: int = 0  # RFC 6038: replies whose reflected octets differ from what we sent
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -170,7 +173,13 @@ class TestSender:
         tlvs: Iterable[_tlv.Tlv] = (),
         reflector_auth_span: int = REFLECTOR_AUTH_SPAN,
         random_padding: bool = True,
+        reflect: tuple[int, int] | None = None,
+        server_octets: int = 0,
     ) -> None:
+        """``reflect``: RFC 6038 Reflect Octets, (offset in our packet where the padding to be
+        reflected starts, its length): those octets are random (``server_octets`` first when
+        the Accept-Session asked for them, RFC 6038 §4.2) and every reply must carry them at
+        the start of its padding (else ``counters.reflect_mismatch``)."""
         self.proto = proto
         self.security = security
         self.count = count
@@ -204,7 +213,19 @@ class TestSender:
         # RFC 4656 §4.1.2: padding SHOULD be pseudo-random; RFC 6038 symmetrical size wants
         # the octets that stand in for the reflector's fields to be zero (MBZ).
         mbz = min(padding, symmetric_padding(proto, security)) if symmetric else 0
-        self._pad = bytes(mbz) + (os.urandom(padding - mbz) if random_padding else bytes(padding - mbz))
+        pad = bytearray(mbz) + (os.urandom(padding - mbz) if random_padding else bytes(padding - mbz))
+        self._expect_reflected: bytes | None = None
+        if reflect is not None and reflect[1]:
+            start = reflect[0] - sender_base_len(proto, security)
+            if start < 0 or start + reflect[1] > padding:
+                raise ValueError("the padding to be reflected must lie inside the padding")
+            octets = bytearray(os.urandom(reflect[1]))
+            if server_octets:
+                octets[:2] = server_octets.to_bytes(2, "big")[: reflect[1]]
+            pad[start : start + reflect[1]] = octets
+            self._expect_reflected = bytes(octets)
+        self._pad = bytes(pad)
+        self._refl_at = reflector_base_len(proto, security)
         self._records: dict[int, PacketRecord] = {}
         self._arrivals = 0
 
@@ -247,6 +268,10 @@ class TestSender:
         if rec is None:
             self.counters.unknown_seq += 1
             return None
+        want = self._expect_reflected
+        reflected_ok = None if want is None else data[self._refl_at : self._refl_at + len(want)] == want
+        if reflected_ok is False:
+            self.counters.reflect_mismatch += 1
         if rec.t4_ns is not None:
             rec.duplicates.append((r.seq, rx_ns))
             self.counters.duplicates += 1
@@ -266,6 +291,7 @@ class TestSender:
         rec.reply_size = len(data)
         rec.arrival = self._arrivals
         rec.reply_tlvs = r.extra if self.proto is Proto.STAMP else b""
+        rec.reflected_ok = reflected_ok
         self._arrivals += 1
         return rec
 

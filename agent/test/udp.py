@@ -47,7 +47,14 @@ from agent import timestamping as ts
 from agent.clock import STAMP_COUNTERS
 from agent.test import tlv as _tlv
 from agent.test.keys import TestKeys
-from agent.test.packets import MODE_UNAUTHENTICATED, Proto, Security, security_from_mode
+from agent.test.packets import (
+    MODE_REFLECT_OCTETS,
+    MODE_UNAUTHENTICATED,
+    Proto,
+    Security,
+    reflect_offset,
+    security_from_mode,
+)
 from agent.test.receiver import OwampReceiver
 from agent.test.reflector import ReflectorSession
 from agent.test.sender import PacketRecord, Schedule, TestSender
@@ -301,15 +308,17 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     keys: TestKeys | None = None, *, proto: Proto = Proto.TWAMP, ptp: bool = False,
                     error_estimate=None, reflector_auth_span: int = 16, dscp: int | None = None,
                     padding: int | None = None, stamp_key: Secret | None = None,
-                    stateful: bool = True) -> ReflectorSession:
+                    stateful: bool = True, reflect_length: int = 0) -> ReflectorSession:
         """A TWAMP session from Request-TW-Session: ``mode`` is the negotiated Modes word
         (RFC 5618 mixed → unauthenticated test packets); ``peer`` the sender's (address, port),
         port 0 when unknown; ``dscp`` the Type-P Descriptor's DSCP for the replies.
-        ``padding`` needs nothing here: the reflector answers at the sender's size."""
+        ``padding`` needs nothing here: the reflector answers at the sender's size.
+        ``reflect_length``: RFC 6038 Length of padding to reflect (``mode`` must hold bit 32)."""
         del padding
+        reflect = reflect_offset(mode, proto) if reflect_length and mode & MODE_REFLECT_OCTETS else None
         sess = ReflectorSession(proto, security_from_mode(mode), keys=keys, stamp_key=stamp_key, stateful=stateful,
                                 ptp=ptp, error_estimate=error_estimate, reflector_auth_span=reflector_auth_span,
-                                dscp=dscp)
+                                dscp=dscp, reflect=None if reflect is None else (reflect, reflect_length))
         self._register(sid, peer, sess)
         return sess
 
@@ -430,9 +439,12 @@ class OwampReceiverEndpoint(_DatagramEndpoint):
 
     def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
                     keys: TestKeys | None = None, *, expected: int | None = None, ptp: bool = False,
-                    error_estimate=None) -> OwampReceiver:
+                    error_estimate=None, timeout_s: float | None = None, schedule: Schedule | None = None,
+                    start_ns: int | None = None) -> OwampReceiver:
+        """``timeout_s``, ``schedule``, ``start_ns``: the Request-Session's Timeout, §5 schedule
+        and Start Time, for the RFC 4656 §4.2 validity tests (see :class:`OwampReceiver`)."""
         rcv = OwampReceiver(security_from_mode(mode), keys=keys, ptp=ptp, error_estimate=error_estimate,
-                            expected=expected)
+                            expected=expected, timeout_s=timeout_s, schedule=schedule, start_ns=start_ns)
         self._register(sid, peer, rcv)
         return rcv
 
@@ -544,6 +556,8 @@ async def run_twamp_sender(
     on_record: Callable[[PacketRecord], None] | None = None,
     sock: socket.socket | None = None,
     spin_ns: int = 0,
+    reflect: tuple[int, int] | None = None,
+    server_octets: int = 0,
 ) -> list[PacketRecord]:
     """Send ``count`` test packets on an absolute schedule and collect the replies.
 
@@ -554,6 +568,7 @@ async def run_twamp_sender(
     ``sock``: an already bound UDP socket to use (it is not closed). ``spin_ns``: busy-wait
     that long before each send time for sub-millisecond precision (default: event-loop
     sleeps, ~1 ms granularity; the absolute schedule never drifts either way).
+    ``reflect``, ``server_octets``: RFC 6038 Reflect Octets (see :class:`TestSender`).
     """
     sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule, interval, seed)
     if proto is Proto.STAMP:
@@ -562,7 +577,7 @@ async def run_twamp_sender(
         security = security_from_mode(mode)
     sender = TestSender(proto, security, keys=keys, stamp_key=stamp_key, padding=padding, ssid=ssid, count=count,
                         schedule=sched, ptp=ptp, error_estimate=error_estimate, tlvs=tlvs,
-                        reflector_auth_span=reflector_auth_span)
+                        reflector_auth_span=reflector_auth_span, reflect=reflect, server_octets=server_octets)
     own = sock is None
     if sock is None:
         fam = _family_of(remote[0])
