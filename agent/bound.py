@@ -417,6 +417,7 @@ class ServerConnection:
     spi_s2c: int | None = None
     reqid: int | None = None
     sessions: int = 0
+    client_stop: int | None = None  # Accept of the client's Stop-Sessions (0 = normal, §5 rebind)
     end: str | None = None  # "closed", "rebind" (the client reconnects), "sa_deleted"
     detail: str = ""
 
@@ -452,6 +453,8 @@ class _BoundReflector:
                 srv.accept_session(m.ACCEPT_FAILURE)
                 return
             self.rec.sessions += 1
+        elif isinstance(e, ev.StopRequested):
+            self.rec.client_stop = e.stop.accept
         await self.inner.on_event(srv, e)
 
     def _on_action(self, a: Action) -> None:

@@ -227,6 +227,7 @@ def test_bound_measurement_rekey_then_delete(wanted: str, caplog: pytest.LogCapt
         assert res.replies >= before and res.sent == sum(leg.sent for leg in res.legs)
         assert res.replies == sum(leg.replies for leg in res.legs) and res.bad_hmac == 0
         assert res.legs[-1].end == "sa_deleted" and res.rtt is not None
+        assert srv.connections[0].client_stop == 0  # the rebind's Stop-Sessions, Accept=0
         ends = [c.end for c in srv.connections]
         assert ends[0] == "rebind" and ends[-1] == "sa_deleted", srv.connections
         assert server.runtime.stops == 1 and server.runtime.rekeys == 1
@@ -269,11 +270,12 @@ def test_wrong_announcement_no_session(tamper: dict, reason: str) -> None:
             meas = BoundTwampMeasurement(client.runtime, "127.0.0.1", srv.port, wanted=["auth+ipsec-bound"],
                                          count=5, interval=0.01)
             res = await asyncio.wait_for(meas.run(), 10)
-            await asyncio.sleep(0.1)
+            await _wait_for(lambda: srv.connections and srv.connections[-1].end is not None)
         finally:
             await srv.close()
         assert res.stop_reason == reason and res.sent == 0 and res.legs == []
         assert client.runtime.binder.refusals == {reason: 1}
-        assert all(c.sessions == 0 for c in srv.connections)
+        # one connection, closed by the client before set-up completed (draft §4.1 "MUST close")
+        assert [(c.mode, c.sessions, c.end) for c in srv.connections] == [(0, 0, "closed")]
 
     asyncio.run(main())
