@@ -44,6 +44,8 @@ class ServerConfig:
     # OWAMP Conf-Sender makes the server send a packet stream to the Receiver Address: only
     # to the control connection's peer unless allowed, or the server is a traffic cannon.
     allow_third_party_receivers: bool = False
+    # A Start Time further ahead than this is refused: the session would hold a port idle.
+    max_start_delay: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.count < MIN_COUNT or self.count & (self.count - 1):
@@ -255,6 +257,8 @@ class ControlServer(_Conn):
             refuse = (m.ACCEPT_NOT_SUPPORTED, "padding too large")
         elif isinstance(req, m.RequestTWSession) and req.reflect_length > self.config.max_padding:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "padding to reflect too large")
+        elif req.start_time and req.start_time - self._now() > int(self.config.max_start_delay * (1 << 32)):
+            refuse = (m.ACCEPT_NOT_SUPPORTED, "Start Time too far ahead")
         elif req.dscp is None:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "Type-P descriptor is not a DSCP")
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:

@@ -1,0 +1,174 @@
+"""Session timing on the server: TWAMP Start Time (RFC 5357 §3.5), the stop Timeout
+(§3.8) and REFWAIT (§4.2); the OWAMP receiver's validity window from Request-Session
+(RFC 4656 §4.2, §5); Start Times too far ahead are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+
+from agent.control import events as ev
+from agent.control import messages as m
+from agent.control.aio import AsyncControlClient, ControlListener
+from agent.control.server import ControlServer, ServerConfig
+from agent.session import OwampHandler, TwampHandler, schedule_from_slots
+from agent.test.packets import Proto, Security
+from agent.test.sender import TestSender
+from agent.timefmt import ntp_from_unix_ns
+
+LO = ipaddress.IPv4Address("127.0.0.1")
+CFG = ServerConfig(count=1024)
+NTP_S = 1 << 32
+
+
+class Recorder:
+    def __init__(self, cls) -> None:
+        self.cls = cls
+        self.handlers: list = []
+
+    def __call__(self, srv):
+        h = self.cls(srv)
+        self.handlers.append(h)
+        return h
+
+
+async def _setup(twamp: bool, factory) -> tuple[ControlListener, AsyncControlClient, socket.socket]:
+    lst = ControlListener(factory, twamp=twamp, hosts=["127.0.0.1"], port=0, config=CFG)
+    await lst.start()
+    conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], twamp=twamp)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return lst, conn, sock
+
+
+async def _probe(sock: socket.socket, snd: TestSender, n: int, dest: tuple[str, int], wait: float = 0.3) -> bool:
+    """Send packet n; True if a reply came back within ``wait``."""
+    loop = asyncio.get_running_loop()
+    sock.sendto(snd.build(n, time.time_ns()), dest)
+    try:
+        await asyncio.wait_for(loop.sock_recv(sock, 2048), wait)
+        return True
+    except (asyncio.TimeoutError, ConnectionRefusedError):
+        return False
+
+
+async def _tw_session(conn: AsyncControlClient, sock: socket.socket, **kw) -> tuple[str, int]:
+    req = m.RequestTWSession(LO, LO, sock.getsockname()[1], 0, padding_length=27, **kw)
+    acc = await conn.request_tw_session(req)
+    assert acc.ok
+    return "127.0.0.1", acc.accept.port
+
+
+def test_twamp_reflects_from_start_time_not_start_sessions() -> None:
+    async def main() -> None:
+        lst, conn, sock = await _setup(True, TwampHandler)
+        snd = TestSender(count=10)
+        try:
+            start = time.time_ns() + 700_000_000
+            dest = await _tw_session(conn, sock, start_time=ntp_from_unix_ns(start), timeout=NTP_S)
+            assert await conn.start_sessions() == 0
+            assert not await _probe(sock, snd, 0, dest)  # Start-Sessions alone does not start it
+            await asyncio.sleep(max(0.0, (start - time.time_ns()) / 1e9) + 0.05)
+            assert await _probe(sock, snd, 1, dest)
+            await conn.stop_sessions(1)
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
+
+
+def test_twamp_keeps_reflecting_for_timeout_after_stop() -> None:
+    async def main() -> None:
+        lst, conn, sock = await _setup(True, TwampHandler)
+        snd = TestSender(count=10)
+        try:
+            dest = await _tw_session(conn, sock, timeout=NTP_S * 6 // 10)  # 0.6 s
+            assert await conn.start_sessions() == 0
+            assert await _probe(sock, snd, 0, dest)
+            await conn.stop_sessions(1)
+            await asyncio.sleep(0.05)
+            assert await _probe(sock, snd, 1, dest)  # in flight within Timeout: still reflected
+            await asyncio.sleep(0.7)
+            assert not await _probe(sock, snd, 2, dest)  # past Timeout: the session is gone
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
+
+
+def test_refwait_discontinues_a_silent_session() -> None:
+    class ShortRefwait(TwampHandler):
+        refwait = 0.3
+
+    async def main() -> None:
+        rec = Recorder(ShortRefwait)
+        lst, conn, sock = await _setup(True, rec)
+        snd = TestSender(count=10)
+        try:
+            dest = await _tw_session(conn, sock, timeout=NTP_S)
+            assert await conn.start_sessions() == 0
+            assert await _probe(sock, snd, 0, dest)
+            await asyncio.sleep(0.2)
+            assert await _probe(sock, snd, 1, dest)  # traffic keeps it alive
+            await asyncio.sleep(0.8)
+            h = rec.handlers[0]
+            assert not h.active and not h.sessions
+            assert not await _probe(sock, snd, 2, dest)
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
+
+
+def test_start_time_too_far_ahead_is_refused() -> None:
+    now = ntp_from_unix_ns(time.time_ns())
+    srv = ControlServer(True, ServerConfig(count=1024, max_start_delay=60), None, local=(LO, 862), peer=(LO, 9))
+    srv.data_to_send()
+    srv.receive_data(m.SetUpResponse(1).pack())
+    srv.data_to_send()
+    evs = srv.receive_data(m.RequestTWSession(LO, LO, 1, 2, start_time=now + 120 * NTP_S).pack())
+    assert isinstance(evs[0], ev.SessionRefused) and evs[0].accept == m.ACCEPT_NOT_SUPPORTED
+    evs = srv.receive_data(m.RequestTWSession(LO, LO, 1, 2, start_time=now + 30 * NTP_S).pack())
+    assert isinstance(evs[0], ev.SessionRequested)
+
+
+def test_owamp_receiver_applies_the_requests_validity_window() -> None:
+    async def main() -> None:
+        rec = Recorder(OwampHandler)
+        lst, conn, sock = await _setup(False, rec)
+        try:
+            start = time.time_ns() + 200_000_000
+            slots = (m.Slot.seconds(m.Slot.FIXED, 0.05),)
+            acc = await conn.request_session(m.RequestSession(
+                LO, LO, sock.getsockname()[1], 0, num_packets=4, slots=slots, start_time=ntp_from_unix_ns(start),
+                timeout=NTP_S // 2))
+            assert acc.ok
+            rcv = rec.handlers[0].sessions[acc.accept.sid].receiver
+            assert rcv is None  # made at Start-Sessions
+            assert await conn.start_sessions() == 0
+            rcv = rec.handlers[0].sessions[acc.accept.sid].receiver
+            sched = schedule_from_slots(acc.accept.sid, slots)
+            snd = TestSender(Proto.OWAMP, Security.UNAUTH, count=4, schedule=sched, symmetric=False)
+            dest = ("127.0.0.1", acc.accept.port)
+            await asyncio.sleep(max(0.0, (start + sched.offset_ns(0) - time.time_ns()) / 1e9))
+            sock.sendto(snd.build(0, time.time_ns()), dest)  # on schedule
+            sock.sendto(snd.build(3, time.time_ns()), dest)  # 0.15 s early: within Timeout 0.5 s
+            sock.sendto(snd.build(2, time.time_ns() - 2_000_000_000), dest)  # claims a send 2 s ago
+            await asyncio.sleep(0.2)
+            assert rcv.counters.recorded == 2 and rcv.counters.invalid_time == 1
+            await conn.stop_sessions(1, 0, (m.SessionDescription(acc.accept.sid, 4),))
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
