@@ -8,12 +8,16 @@ import asyncio
 import ipaddress
 import logging
 import os
+import secrets
+import shutil
+import socket
+import subprocess
 
 import pytest
 
 from agent import binder as bd
 from agent.binder import BinderConfig, Rebind, Stop
-from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer, PolicyMap, TunnelBinder,
+from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer, NetnsLoop, PolicyMap, TunnelBinder,
                          XfrmFollower)
 from netlink.events import EventKind, XfrmEvent
 from netlink.fake import make_sa
@@ -279,3 +283,20 @@ def test_wrong_announcement_no_session(tamper: dict, reason: str) -> None:
         assert [(c.mode, c.sessions, c.end) for c in srv.connections] == [(0, 0, "closed")]
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_netns_loop_runs_in_its_namespace() -> None:
+    ns = f"xwbl-{secrets.token_hex(3)}"
+    if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace")
+    try:
+        async def interfaces() -> list[str]:
+            return [name for _, name in socket.if_nameindex()]
+
+        with NetnsLoop(ns) as nl:
+            assert nl.run(interfaces(), 10) == ["lo"]  # a fresh namespace has only lo
+        with pytest.raises(FileNotFoundError):
+            NetnsLoop(ns + "-missing").start()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
