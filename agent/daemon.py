@@ -40,6 +40,9 @@ log = logging.getLogger("xwamp.agent")
 STOP_TIMEOUT = 5.0  # per runner: long enough for Stop-Sessions, short of systemd's TimeoutStopSec
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
 DISCOVERY_DEBOUNCE = 0.5  # a rekey is a burst of events: rediscover once
+# Many sessions starting together (start-up, a big reload) are spread over up to this
+# long, 5 ms apart on average: a thousand simultaneous control set-ups time out.
+START_SPREAD_PER_SESSION, START_SPREAD_MAX = 0.005, 10.0
 
 
 # ----------------------------------------------------------------------------- interfaces
@@ -431,18 +434,19 @@ class Daemon:
         doomed = [k for k, slot in self.slots.items() if want.get(k) != slot.spec]
         if doomed:
             await asyncio.gather(*(self._stop_slot(k) for k in doomed), return_exceptions=True)
-        for k, spec in want.items():
-            if k not in self.slots:
-                self._start_slot(spec)
+        new = [spec for k, spec in want.items() if k not in self.slots]
+        spread = min(START_SPREAD_MAX, START_SPREAD_PER_SESSION * len(new)) if len(new) > 1 else 0.0
+        for spec in new:
+            self._start_slot(spec, random.uniform(0, spread))
         if doomed or len(want) != len(self.slots):
             log.debug("sessions applied", extra={"sessions": len(self.slots)})
         self._update_sa_metrics()
 
-    def _start_slot(self, spec: SessionSpec) -> None:
+    def _start_slot(self, spec: SessionSpec, delay: float = 0.0) -> None:
         m = self.metrics.session(spec.key, spec.tunnel, spec.origin)
         slot = _Slot(spec, m)
         self.slots[spec.key] = slot
-        slot.task = asyncio.ensure_future(self._supervise(slot))
+        slot.task = asyncio.ensure_future(self._supervise(slot, delay))
         log.info("session added", extra={"session": spec.key, "peer": str(spec.address), "origin": spec.origin})
 
     async def _stop_slot(self, key: str) -> None:
@@ -469,9 +473,11 @@ class Daemon:
             return self._runner_factory(spec, m)
         return CycleRunner(spec, m, self._client_key_source(spec))
 
-    async def _supervise(self, slot: _Slot) -> None:
+    async def _supervise(self, slot: _Slot, delay: float = 0.0) -> None:
         backoff = BACKOFF_MIN
         key = slot.spec.key
+        if delay:
+            await asyncio.sleep(delay)
         while not slot.stopping:
             runner = self._make_runner(slot.spec, slot.metrics)
             slot.runner = runner

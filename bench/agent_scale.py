@@ -98,8 +98,10 @@ def main() -> int:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("NOTIFY_SOCKET", None)
         t0 = time.monotonic()
+        # stderr to a file, not a pipe nobody reads: a full pipe would block the agent's loggers.
+        errf = open(Path(tmp) / "agent.log", "w+")
         p = subprocess.Popen([sys.executable, "-m", "agent", "agent", "--config", str(path)], env=env, cwd=REPO,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=errf, text=True)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:  # ready = the exporter answers
@@ -108,7 +110,8 @@ def main() -> int:
                     break
                 except OSError:
                     if p.poll() is not None:
-                        print(p.stderr.read())
+                        errf.seek(0)
+                        print(errf.read()[-3000:])
                         return 1
                     time.sleep(0.5)
             startup = time.monotonic() - t0
@@ -119,14 +122,22 @@ def main() -> int:
                 time.sleep(1)
                 peak_rss = max(peak_rss, proc_rss_mb(p.pid)[0])
             cpu1, w1 = proc_cpu_s(p.pid), time.monotonic()
-            m = scrape(exp)
+            t_scrape = time.monotonic()
+            try:
+                m = scrape(exp)
+            except OSError as e:
+                print(f"final scrape failed: {e} (the agent's loop is saturated)")
+                m = {}
+            t_scrape = time.monotonic() - t_scrape
             rss, hwm = proc_rss_mb(p.pid)
             p.send_signal(signal.SIGTERM)
             try:
-                _, err = p.communicate(timeout=60)
+                p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-                _, err = p.communicate()
+                p.wait()
+            errf.seek(0)
+            err = errf.read()
         finally:
             if p.poll() is None:
                 p.kill()
@@ -149,10 +160,15 @@ def main() -> int:
         print(f"rtt_mean_ms={1e3 * m['xwamp_rtt_seconds_sum'] / rtt_n:.3f}")
     print(f"cpu_cores={cpu:.2f} (user+sys of the agent, averaged over the run; host has {os.cpu_count()})")
     print(f"rss_mb={rss:.0f} peak_rss_mb={max(peak_rss, hwm):.0f} (goal < 300)")
-    print(f"exit_code={p.returncode}")
+    print(f"scrape_s={t_scrape:.2f} exit_code={p.returncode}")
     tail = [ln for ln in (err or "").splitlines() if "level=error" in ln or "Traceback" in ln]
     if tail:
         print(f"agent errors: {len(tail)}, first: {tail[0][:300]}")
+    reasons: dict[str, int] = {}
+    for r in re.findall(r'msg="session ended, restarting" session=\S+ reason=("[^"]*"|\S+)', err or ""):
+        reasons[r] = reasons.get(r, 0) + 1
+    for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"restart reason x{n}: {r}")
     return 0
 
 

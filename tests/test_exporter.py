@@ -311,3 +311,22 @@ def test_examples_pass_promtool(what: str, file: str) -> None:
         pytest.skip("promtool not installed (Debian package 'prometheus')")
     r = subprocess.run([promtool, "check", what, file], cwd=EXAMPLES, capture_output=True, timeout=60)
     assert r.returncode == 0, (r.stdout + r.stderr).decode()
+
+
+def test_fast_text_writer_matches_the_collector() -> None:
+    """render_text (the scrape path) and prometheus_client over XwampCollector (the reference)
+    must expose exactly the same samples, label escaping included."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporters.prometheus import XwampCollector, render_text
+
+    st, _ = state_with_data()
+    st.session("odd", Tunnel('we"ird\\name\nx', "192.0.2.9", "", "owamp")).observe_owamp([], 3, [], 0)
+    snap = st.snapshot()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(XwampCollector(lambda: snap))
+    reference = generate_latest(reg).decode()
+    fast = render_text(snap).decode()
+    assert samples(fast) == samples(reference)
+    types = lambda body: {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(body)}  # noqa: E731
+    assert types(fast) == types(reference)
