@@ -78,6 +78,12 @@ _REPLAY = struct.Struct("=III")  # xfrm_replay_state
 _REPLAY_ESN = struct.Struct("=IIIIII")  # xfrm_replay_state_esn without bmp[]
 _OFFLOAD = struct.Struct("=iB3x")
 _SEC_CTX = struct.Struct("=HHBBH")  # xfrm_user_sec_ctx: 8 + string
+_SA_ID_SADDR = struct.Struct("=16sIB3x16s")  # xfrm_id + saddr, at offset 56
+_SEL_ST = struct.Struct("=" + _SEL)
+_LFT_CFG = struct.Struct("=8Q")  # at 96
+_LFT_CUR = struct.Struct("=4Q")  # at 160
+_STATS = struct.Struct("=3I")  # at 192
+_SA_TAIL = struct.Struct("=IIHBBB")  # seq, reqid, family, mode, replay_window, flags at 204
 assert _SA_INFO.size == 224 and _SA_ID.size == 24 and _POL_INFO.size == 168
 assert _POL_ID.size == 64 and _TMPL.size == 64 and _ENCAP.size == 24
 
@@ -102,6 +108,9 @@ _sel_cache: dict[tuple[object, ...], Selector] = {}
 _lft_cache: dict[tuple[int, ...], LifetimeConfig] = {}
 _stats_cache: dict[tuple[int, int, int], Stats] = {}
 _name_cache: dict[bytes, str] = {}
+_sel_raw_cache: dict[tuple[bytes, int], Selector] = {}
+_lft_raw_cache: dict[bytes, LifetimeConfig] = {}
+_stats_raw_cache: dict[bytes, Stats] = {}
 _ZERO4 = ipaddress.IPv4Address(0)
 
 
@@ -158,6 +167,36 @@ def _selector(v: tuple, fallback_family: int) -> Selector:
             _sel_cache.clear()
         _sel_cache[key] = sel
     return sel
+
+
+def _selector_raw(raw: bytes, fallback_family: int) -> Selector:
+    sel = _sel_raw_cache.get((raw, fallback_family))
+    if sel is None:
+        sel = _selector(_SEL_ST.unpack(raw), fallback_family)
+        if len(_sel_raw_cache) >= _CACHE_MAX:
+            _sel_raw_cache.clear()
+        _sel_raw_cache[(raw, fallback_family)] = sel
+    return sel
+
+
+def _lifetime_raw(raw: bytes) -> LifetimeConfig:
+    lft = _lft_raw_cache.get(raw)
+    if lft is None:
+        lft = _lifetime(_LFT_CFG.unpack(raw))
+        if len(_lft_raw_cache) >= _CACHE_MAX:
+            _lft_raw_cache.clear()
+        _lft_raw_cache[raw] = lft
+    return lft
+
+
+def _stats_raw(raw: bytes) -> Stats:
+    st = _stats_raw_cache.get(raw)
+    if st is None:
+        st = _stats(_STATS.unpack(raw))
+        if len(_stats_raw_cache) >= _CACHE_MAX:
+            _stats_raw_cache.clear()
+        _stats_raw_cache[raw] = st
+    return st
 
 
 def _lifetime(v: tuple[int, ...]) -> LifetimeConfig:
@@ -310,13 +349,14 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     data[a_off:a_end] (an XFRMA_SA among them, as in DELSA, is skipped)."""
     if len(data) - info_off < SA_INFO_SIZE:
         raise XfrmDecodeError("xfrm_usersa_info truncated")
-    v = _SA_INFO.unpack_from(data, info_off)
-    # v[0:12] selector, v[12:15] xfrm_id (daddr, spi, proto), v[15] saddr,
-    # v[16:24] lifetime cfg, v[24:28] lifetime cur, v[28:31] stats,
-    # v[31] seq, v[32] reqid, v[33] family, v[34] mode, v[35] replay_window, v[36] flags
-    family = v[33]
+    # Unpack only what differs per SA; the selector, lifetime config and
+    # stats are looked up by their raw bytes (cheaper than building 20 ints,
+    # several of them 2**64-1, only to find the same record again).
+    daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
+    cur = _LFT_CUR.unpack_from(data, info_off + 160)
+    seq_, reqid, family, mode, rwin, flags = _SA_TAIL.unpack_from(data, info_off + 204)
     mark = if_id = encap = replay = None
-    crypt_at = auth_at = aead_at = 0
+    crypt_at = auth_at = aead_at = None
     auth_kind = 0
     extra: dict[str, object] = {}
     unpack_nla = _NLA.unpack_from
@@ -332,20 +372,20 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         # Algorithms: remember where, decode once after the loop (the kernel
         # sends ALG_AUTH and ALG_AUTH_TRUNC for the same key; TRUNC wins).
         if atype == C.XFRMA_ALG_CRYPT:
-            crypt_at = off - ((alen + 3) & ~3)
+            crypt_at = (s, e)
         elif atype == C.XFRMA_ALG_AUTH_TRUNC:
-            auth_at, auth_kind = off - ((alen + 3) & ~3), atype
+            auth_at, auth_kind = (s, e), atype
         elif atype == C.XFRMA_ALG_AUTH:
             if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
-                auth_at, auth_kind = off - ((alen + 3) & ~3), atype
+                auth_at, auth_kind = (s, e), atype
         elif atype == C.XFRMA_ALG_AEAD:
-            aead_at = off - ((alen + 3) & ~3)
+            aead_at = (s, e)
         elif atype == C.XFRMA_REPLAY_VAL:
             if e - s < _REPLAY.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_VAL truncated")
             if replay is None or not replay.esn:  # an ESN state is the authoritative one
                 oseq, seq, _bitmap = _REPLAY.unpack_from(data, s)
-                replay = _replay((oseq, seq, v[35], False))
+                replay = _replay((oseq, seq, rwin, False))
         elif atype == C.XFRMA_REPLAY_ESN_VAL:
             if e - s < _REPLAY_ESN.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_ESN_VAL truncated")
@@ -372,26 +412,36 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             extra["lastused"] = _U64.unpack_from(data, s)[0]
         elif atype != C.XFRMA_SA:
             _sa_extra(data, atype, s, e, family, extra)
-    crypt = _algo_at(data, crypt_at, C.XFRMA_ALG_CRYPT) if crypt_at else None
-    auth = _algo_at(data, auth_at, auth_kind) if auth_at else None
-    aead = _algo_at(data, aead_at, C.XFRMA_ALG_AEAD) if aead_at else None
-    proto = v[14]
-    mode = v[34]
+    crypt = _algo(data, crypt_at[0], crypt_at[1], C.XFRMA_ALG_CRYPT) if crypt_at else None
+    auth = _algo(data, auth_at[0], auth_at[1], auth_kind) if auth_at else None
+    aead = _algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD) if aead_at else None
+    # Cache lookups inlined (this runs once per SA of a dump); misses take the slow path.
+    if family == C.AF_INET:
+        a_src = _addr_cache.get(saddr[:4]) or _addr(family, saddr)
+        a_dst = _addr_cache.get(daddr[:4]) or _addr(family, daddr)
+    else:
+        a_src, a_dst = _addr(family, saddr), _addr(family, daddr)
+    raw = data[info_off : info_off + 56]
+    sel = _sel_raw_cache.get((raw, family)) or _selector_raw(raw, family)
+    raw = data[info_off + 96 : info_off + 160]
+    lft = _lft_raw_cache.get(raw) or _lifetime_raw(raw)
+    raw = data[info_off + 192 : info_off + 204]
+    stats = _stats_raw_cache.get(raw) or _stats_raw(raw)
     return _build_sa((
         family,
-        _addr(family, v[15]),
-        _addr(family, v[12]),
-        _ntohl(v[13]),
+        a_src,
+        a_dst,
+        _ntohl(spi),
         _PROTOS.get(proto, proto),
         _MODES.get(mode, mode),
-        v[32],
-        v[36],
-        v[35],
-        _selector(v[0:12], family),
-        _lifetime(v[16:24]),
-        LifetimeCurrent(v[24], v[25], v[26], v[27]),
-        _stats(v[28:31]),
-        v[31],
+        reqid,
+        flags,
+        rwin,
+        sel,
+        lft,
+        LifetimeCurrent(*cur),
+        stats,
+        seq_,
         crypt,
         auth,
         aead,
@@ -401,11 +451,6 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         extra,
         replay,
     ))
-
-
-def _algo_at(data: bytes, at: int, kind: int) -> Algorithm:
-    # at = the attribute's header; its length was validated by the caller's walk.
-    return _algo(data, at + 4, at + _NLA.unpack_from(data, at)[0], kind)
 
 
 _U32_EXTRAS = {
@@ -723,7 +768,15 @@ def feed_dump(data: bytes, seq: int, want_type: int, result: DumpResult) -> None
     try:
         items = result.items
         attrs = _attrs
-        for mtype, mflags, mseq, _pid, s, e in iter_raw(data):
+        unpack_hdr = _NLMSGHDR.unpack_from
+        n = len(data)
+        off = 0
+        while n - off >= 16:  # iter_raw, inlined: this loop runs once per SA
+            mlen, mtype, mflags, mseq, _pid = unpack_hdr(data, off)
+            if mlen < 16 or off + mlen > n:
+                raise XfrmDecodeError(f"netlink message length {mlen} does not fit the buffer")
+            s, e = off + 16, off + mlen
+            off += (mlen + 3) & ~3
             if mseq != seq:
                 continue
             if mflags & C.NLM_F_DUMP_INTR:
