@@ -85,6 +85,11 @@ def test_ikev2_psk_tunnel_traffic_and_rekey(psk_lab):
     assert sa_b[ab]["packets"] == 3  # and decrypted by B
     assert sa_b[ba]["packets"] == 3 and sa_a[ba]["packets"] == 3  # the replies, the other way
 
+    # The IKE key-source export: SK_d and the CHILD_SA nonces from charon's key log
+    # rebuild exactly the ESP keys the kernel holds (RFC 7296 §2.17, no PFS): first for
+    # the CHILD_SA made in IKE_AUTH (IKE_SA_INIT nonces), then for the rekeyed one.
+    check_keysource(Path(lab("keys", "xss").strip().splitlines()[-1]), a, [(ab, ba)])
+
     print(lab("rekey", "xss"))
     new_a, new_b = esp_states(a), esp_states(b)
     ab2, ba2, reqid2 = assert_pair(new_a, new_b)
@@ -93,10 +98,7 @@ def test_ikev2_psk_tunnel_traffic_and_rekey(psk_lab):
     ping(b, IB, IA, 2)
     assert esp_states(b)[ba2]["packets"] == 2 and esp_states(a)[ba2]["packets"] == 2
 
-    # The IKE key-source export: SK_d and the CHILD_SA nonces from charon's key log
-    # rebuild exactly the ESP keys the kernel holds (RFC 7296 §2.17, no PFS).
-    keyfile = Path(lab("keys", "xss").strip().splitlines()[-1])
-    check_keysource(keyfile, a, [(ab2, ba2)])
+    check_keysource(Path(lab("keys", "xss").strip().splitlines()[-1]), a, [(ab2, ba2)])
 
 
 def check_keysource(keyfile: Path, ns: str, pairs) -> None:
