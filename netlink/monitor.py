@@ -18,7 +18,6 @@ import asyncio
 import errno
 import logging
 import select
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable

@@ -82,9 +82,7 @@ def dump(s: socket.socket, msg_type: int, label: str, out: list) -> None:
     while True:
         data = s.recv(1 << 16)
         out.append({"label": label, "hex": data.hex()})
-        if int.from_bytes(data[4:6], sys.byteorder) in (2, 3) or b"\x03\x00\x02\x00" in data[:8]:
-            # NLMSG_DONE / NLMSG_ERROR ends the dump (multi-part: check every header)
-            pass
+        # NLMSG_ERROR (2) / NLMSG_DONE (3) in any header of the datagram ends the dump.
         off, done = 0, False
         while off + 16 <= len(data):
             ln = int.from_bytes(data[off : off + 4], sys.byteorder)
