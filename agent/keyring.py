@@ -220,10 +220,29 @@ class ChainedKeySource:
         return None
 
 
-def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext,
-                      max_count: int | None = None) -> Secret | None:
-    """The 16-octet Token key for ``key_id``: the source's own ``token_key`` if it has one
-    and answers, else PBKDF2 of its passphrase with the greeting's Salt and Count."""
+@dataclass(frozen=True, slots=True)
+class Pbkdf2Job:
+    """A pending PBKDF2 (RFC 4656 §3.1): a pure function of its fields, so the I/O adapter
+    may run it in a worker thread (``cryptography`` releases the GIL) while the event loop
+    serves other connections. Calling it returns the 16-octet Token key."""
+
+    passphrase: Secret = field(repr=False)
+    salt: bytes
+    count: int
+
+    def __call__(self) -> Secret:
+        return pbkdf2_key(self.passphrase, self.salt, self.count)
+
+    def __repr__(self) -> str:
+        return f"Pbkdf2Job(count={self.count})"
+
+
+def token_key_or_job(source: object, key_id: str, ctx: HandshakeContext,
+                     max_count: int | None = None) -> Secret | Pbkdf2Job | None:
+    """The 16-octet Token key for ``key_id`` if the source's own ``token_key`` answers, else
+    the PBKDF2 of its passphrase with the greeting's Salt and Count still to run, else None
+    (unknown identity). Key-source hooks run here, on the caller's thread; only the pure
+    derivation is left for later."""
     direct = getattr(source, "token_key", None)
     if direct is not None:
         k = direct(key_id, ctx)
@@ -236,7 +255,14 @@ def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext,
         return None
     if max_count is not None:
         check_count(ctx.count, max_count)  # before spending PBKDF2 time on it
-    return pbkdf2_key(pw, ctx.salt, ctx.count)
+    return Pbkdf2Job(pw, ctx.salt, ctx.count)
+
+
+def resolve_token_key(source: object, key_id: str, ctx: HandshakeContext,
+                      max_count: int | None = None) -> Secret | None:
+    """The 16-octet Token key for ``key_id``, derived at once (see :func:`token_key_or_job`)."""
+    k = token_key_or_job(source, key_id, ctx, max_count)
+    return k() if isinstance(k, Pbkdf2Job) else k
 
 
 def _as_session_keys(k: object) -> SessionKeys:
@@ -250,34 +276,62 @@ def client_token(source: object, key_id: str, ctx: HandshakeContext, challenge: 
                  max_count: int) -> tuple[bytes, SessionKeys] | None:
     """Client side of RFC 4656 §3.1: (Token, session keys), or None if no key for key_id.
     Raises ProtocolError if the server's Count exceeds ``max_count``."""
-    hook = getattr(source, "make_token", None)
-    if hook is not None:
-        made = hook(key_id, ctx, challenge)
-        if made is not None:
-            token, keys = made
-            if len(token) != 64:
-                raise ValueError("make_token must return a 64-octet token")
-            return bytes(token), _as_session_keys(keys)
+    made = hooked_client_token(source, key_id, ctx, challenge)
+    if made is not None:
+        return made
     key = resolve_token_key(source, key_id, ctx, max_count)
     if key is None:
         return None
+    return make_client_token(key, challenge)
+
+
+def make_client_token(key: Secret, challenge: bytes) -> tuple[bytes, SessionKeys]:
+    """RFC 4656 §3.1: fresh random session keys and the Token carrying them under ``key``."""
     keys = SessionKeys.random()
     return encrypt_token(key, challenge, keys), keys
+
+
+def hooked_client_token(source: object, key_id: str, ctx: HandshakeContext,
+                        challenge: bytes) -> tuple[bytes, SessionKeys] | None:
+    """The source's ``make_token`` answer (derived-key modes), or None to use the RFC Token."""
+    hook = getattr(source, "make_token", None)
+    if hook is None:
+        return None
+    made = hook(key_id, ctx, challenge)
+    if made is None:
+        return None
+    token, keys = made
+    if len(token) != 64:
+        raise ValueError("make_token must return a 64-octet token")
+    return bytes(token), _as_session_keys(keys)
+
+
+def hooked_open_token(source: object, key_id: str, ctx: HandshakeContext, challenge: bytes,
+                      token: bytes) -> SessionKeys | None:
+    """The source's ``open_token`` answer, or None to use the RFC Token (may raise TokenRejected)."""
+    hook = getattr(source, "open_token", None)
+    if hook is None:
+        return None
+    keys = hook(key_id, ctx, challenge, token)
+    return None if keys is None else _as_session_keys(keys)
+
+
+def open_client_token(key: Secret, challenge: bytes, token: bytes) -> SessionKeys:
+    """Server side of RFC 4656 §3.1 once the Token key is known; TokenRejected if wrong."""
+    try:
+        return decrypt_token(key, token, challenge)
+    except ProtocolError:
+        raise TokenRejected("token does not decrypt to the challenge") from None
 
 
 def server_open_token(source: object, key_id: str, ctx: HandshakeContext, challenge: bytes,
                       token: bytes) -> SessionKeys | None:
     """Server side: the client's session keys, None for an unknown identity; raises
     TokenRejected when the Token does not prove possession of the key."""
-    hook = getattr(source, "open_token", None)
-    if hook is not None:
-        keys = hook(key_id, ctx, challenge, token)
-        if keys is not None:
-            return _as_session_keys(keys)
+    keys = hooked_open_token(source, key_id, ctx, challenge, token)
+    if keys is not None:
+        return keys
     key = resolve_token_key(source, key_id, ctx)
     if key is None:
         return None
-    try:
-        return decrypt_token(key, token, challenge)
-    except ProtocolError:
-        raise TokenRejected("token does not decrypt to the challenge") from None
+    return open_client_token(key, challenge, token)

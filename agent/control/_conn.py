@@ -20,9 +20,17 @@ class UsageError(RuntimeError):
     """A send_* method was called in a state where it is not allowed (our bug, not the peer's)."""
 
 
+KeyContinuation = Callable[[object, "BaseException | None"], list[ev.Event]]
+
+
 class _Conn:
-    def __init__(self, twamp: bool) -> None:
+    def __init__(self, twamp: bool, defer_keys: bool = False) -> None:
         self.twamp = twamp
+        # defer_keys: hand slow key derivations to the I/O adapter (ev.KeyNeeded) instead of
+        # running them inside receive_data(), so one client's PBKDF2 never stalls the others.
+        self.defer_keys = defer_keys
+        self._key_cont: KeyContinuation | None = None
+        self._key_state = ""
         self.owamp = not twamp
         self._send = SendStream()
         self._recv = RecvStream()
@@ -52,20 +60,55 @@ class _Conn:
         if self.closed:
             return []
         out: list[ev.Event] = []
-        try:
+
+        def run() -> None:
             self._recv.feed(bytes(data))
             if len(self._recv.plain) > MAX_BUFFER:
                 raise ProtocolError("peer sent too much unanswered data")
-            while not self.closed:
+            while not self.closed and self.state != "wait-key":
                 step = self._step()
                 if step is None:
                     break
                 out.extend(step)
+
+        self._guarded(run, out)
+        return out
+
+    def _guarded(self, fn: Callable[[], None], out: list[ev.Event]) -> None:
+        try:
+            fn()
         except ProtocolError as e:
             out.append(self._fail(str(e)))
         except Exception:  # a bug must not take the server down: close this connection only
             log.exception("control state machine error (connection closed)")
             out.append(self._fail("internal error"))
+
+    # --- slow key derivations ---
+    def _derive(self, job: Callable[[], object], cont: KeyContinuation) -> list[ev.Event]:
+        """Run ``job`` now, or (defer_keys) ask the adapter for it; ``cont(result, error)``
+        finishes the step either way."""
+        if not self.defer_keys:
+            try:
+                result = job()
+            except Exception as e:  # handed to cont, which decides what it means
+                return cont(None, e)
+            return cont(result, None)
+        self._key_cont, self._key_state, self.state = cont, self.state, "wait-key"
+        return [ev.KeyNeeded(job)]
+
+    def key_ready(self, result: object = None, error: BaseException | None = None) -> list[ev.Event]:
+        """The adapter's answer to ev.KeyNeeded: the job's result, or the exception it raised.
+        Returns the events that completes, including those of input buffered meanwhile."""
+        if self._key_cont is None:
+            raise UsageError("no key derivation pending")
+        cont, self._key_cont = self._key_cont, None
+        out: list[ev.Event] = []
+        if self.closed:  # closed meanwhile (EOF, shutdown): nothing to finish
+            return out
+        self.state = self._key_state
+        self._guarded(lambda: out.extend(cont(result, error)), out)
+        if not self.closed:
+            out.extend(self.receive_data(b""))
         return out
 
     def _step(self) -> list[ev.Event] | None:  # pragma: no cover - abstract

@@ -129,7 +129,8 @@ class ControlListener:
         handler: ConnectionHandler | None = None
         srv: ControlServer | None = None
         try:
-            srv = ControlServer(self.twamp, self.config, self.key_source, local=local, peer=peer, refuse=busy)
+            srv = ControlServer(self.twamp, self.config, self.key_source, local=local, peer=peer, refuse=busy,
+                                defer_keys=True)
             if busy:
                 self.stats["refused"] += 1
                 writer.write(srv.data_to_send())
@@ -176,6 +177,9 @@ class ControlListener:
                 await writer.drain()
             if pending:
                 e = pending.pop(0)
+                if isinstance(e, ev.KeyNeeded):  # PBKDF2 in a worker thread: other clients go on
+                    pending.extend(srv.key_ready(*await run_key_job(e)))
+                    continue
                 if isinstance(e, ev.ProtocolFailure):
                     self.stats["protocol_errors"] += 1
                     log.info("control peer %s: %s", srv.peer, e.reason)
@@ -225,6 +229,17 @@ async def _graceful_close(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.close()
 
 
+async def run_key_job(e: ev.KeyNeeded) -> tuple[object, BaseException | None]:
+    """Run a handshake's key derivation in the loop's default executor: (result, error).
+    ``cryptography``'s PBKDF2 releases the GIL, so the loop keeps serving meanwhile."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, e.job), None
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # handed to the state machine, which answers for it
+        return None, err
+
+
 # ------------------------------------------------------------------------------ client
 
 
@@ -251,7 +266,8 @@ class AsyncControlClient:
         except (OSError, asyncio.TimeoutError) as e:
             raise ControlError(f"cannot connect to {host} port {port}: {e or 'timeout'}") from None
         cli = ControlClient(twamp, wanted, key_id, key_source, max_count, features,
-                            local=_addr(writer.get_extra_info("sockname")), peer=_addr(writer.get_extra_info("peername")))
+                            local=_addr(writer.get_extra_info("sockname")), peer=_addr(writer.get_extra_info("peername")),
+                            defer_keys=True)
         self = cls(cli, reader, writer, timeout)
         try:
             g = await self._wait(ev.GreetingReceived)
@@ -281,6 +297,11 @@ class AsyncControlClient:
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
         while True:
             await self._flush()
+            job = next((e for e in self._events if isinstance(e, ev.KeyNeeded)), None)
+            if job is not None:  # up to max_count PBKDF2 iterations: off the loop
+                i = self._events.index(job)
+                self._events[i:i + 1] = self.cli.key_ready(*await run_key_job(job))
+                continue
             for i, e in enumerate(self._events):
                 if isinstance(e, kind):
                     return self._events.pop(i)

@@ -21,8 +21,16 @@ from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import UsageError, _Conn
 from agent.control.messages import ProtocolError
-from agent.control.security import DEFAULT_MAX_COUNT, RecvStream, SendStream
-from agent.keyring import HandshakeContext, IPAddress, client_token
+from agent.control.security import DEFAULT_MAX_COUNT, RecvStream, SendStream, SessionKeys
+from agent.keyring import (
+    HandshakeContext,
+    IPAddress,
+    Pbkdf2Job,
+    hooked_client_token,
+    make_client_token,
+    token_key_or_job,
+)
+from netlink.secret import Secret
 
 
 class ControlClient(_Conn):
@@ -36,8 +44,9 @@ class ControlClient(_Conn):
         features: int = 0,
         local: tuple[IPAddress, int] | None = None,
         peer: tuple[IPAddress, int] | None = None,
+        defer_keys: bool = False,
     ) -> None:
-        super().__init__(twamp)
+        super().__init__(twamp, defer_keys)
         self.wanted = list(wanted)
         self.key_id = key_id
         self._key_source = key_source
@@ -86,21 +95,41 @@ class ControlClient(_Conn):
                 validate(ctx)
             except Exception as e:
                 raise ProtocolError(f"key source refused the greeting: {e}") from None
-        if sec.control_crypto:
-            if self._key_source is None:
-                raise ProtocolError("an authenticated mode needs a key source")
-            made = client_token(self._key_source, self.key_id, ctx, g.challenge, self.max_count)
-            if made is None:
-                raise ProtocolError(f"no key for identity {self.key_id!r}")
-            token, keys = made
-            self._out += m.SetUpResponse(mode, self.key_id, token, client_iv).pack()
-            self._keys = keys
-            self._test_plane_secure = sec.test_auth
-            self._send = SendStream(keys, client_iv)
-        else:
+        greeted: list[ev.Event] = [ev.GreetingReceived(g, mode)]
+        if not sec.control_crypto:
             self._out += m.SetUpResponse(mode).pack()
+            self.state = "server-start"
+            return greeted
+        if self._key_source is None:
+            raise ProtocolError("an authenticated mode needs a key source")
+        # Key-source hooks run here; only PBKDF2 (up to max_count iterations) may leave the loop.
+        made = hooked_client_token(self._key_source, self.key_id, ctx, g.challenge)
+        if made is not None:
+            return greeted + self._send_setup(mode, made, sec.test_auth, client_iv)
+        key = token_key_or_job(self._key_source, self.key_id, ctx, self.max_count)
+        if key is None:
+            raise ProtocolError(f"no key for identity {self.key_id!r}")
+
+        def derived(result: object, error: BaseException | None) -> list[ev.Event]:
+            if error is not None or not isinstance(result, Secret):
+                raise ProtocolError("key derivation failed")
+            return self._send_setup(mode, make_client_token(result, g.challenge), sec.test_auth, client_iv)
+
+        self.state = "server-start"  # what the derivation resumes to
+        if isinstance(key, Pbkdf2Job):
+            return greeted + self._derive(key, derived)
+        return greeted + derived(key, None)
+
+    def _send_setup(self, mode: int, made: tuple[bytes, SessionKeys], test_auth: bool,
+                    client_iv: bytes) -> list[ev.Event]:
+        """Set-Up-Response with the Token; our direction is encrypted from now on (RFC 4656 §3.1)."""
+        token, keys = made
+        self._out += m.SetUpResponse(mode, self.key_id, token, client_iv).pack()
+        self._keys = keys
+        self._test_plane_secure = test_auth
+        self._send = SendStream(keys, client_iv)
         self.state = "server-start"
-        return [ev.GreetingReceived(g, mode)]
+        return []
 
     def _on_server_start(self) -> list[ev.Event] | None:
         if not self._have(m.ServerStart.SIZE if self._keys is None else m.ServerStart.CLEAR):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from agent.control import messages as m
 from agent.test.keys import TestKeys
@@ -21,6 +22,16 @@ class ProtocolFailure(Event):
     ``reason`` is safe to log: it never contains key material."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class KeyNeeded(Event):
+    """The handshake waits for a slow, pure key derivation (PBKDF2, RFC 4656 §3.1; only
+    with ``defer_keys=True``). Run ``job()`` off the event loop, then hand its result (or
+    the exception it raised) to the machine's ``key_ready()``; input that arrives
+    meanwhile is buffered. ``job`` holds key material: it is kept out of repr."""
+
+    job: Callable[[], object] = field(repr=False)
 
 
 @dataclass(frozen=True)

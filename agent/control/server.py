@@ -26,8 +26,17 @@ from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import UsageError, _Conn
 from agent.control.messages import ProtocolError
-from agent.control.security import DEFAULT_SERVER_COUNT, MIN_COUNT, RecvStream, SendStream
-from agent.keyring import HandshakeContext, IPAddress, TokenRejected, server_open_token
+from agent.control.security import DEFAULT_SERVER_COUNT, MIN_COUNT, RecvStream, SendStream, SessionKeys
+from agent.keyring import (
+    HandshakeContext,
+    IPAddress,
+    Pbkdf2Job,
+    TokenRejected,
+    hooked_open_token,
+    open_client_token,
+    token_key_or_job,
+)
+from netlink.secret import Secret
 from agent.timefmt import ntp_from_unix_ns
 
 log = logging.getLogger(__name__)
@@ -70,8 +79,9 @@ class ControlServer(_Conn):
         refuse: bool = False,
         now_ntp: Callable[[], int] | None = None,
         uptime_ntp: int | None = None,
+        defer_keys: bool = False,
     ) -> None:
-        super().__init__(twamp)
+        super().__init__(twamp, defer_keys)
         self.config = config
         self._key_source = key_source
         self.local = local
@@ -142,21 +152,46 @@ class ControlServer(_Conn):
         ctx = HandshakeContext(self._ctx.role, self._ctx.protocol, self.local, self.peer, resp.mode,
                                self.greeting.salt, self.greeting.count, self.greeting.unused)
         self._ctx = ctx
-        server_iv = os.urandom(16)
-        if sec.control_crypto:
+        if not sec.control_crypto:
+            return self._start_control(None, sec.test_auth, resp.client_iv)
+        challenge = self.greeting.challenge
+        # Key-source hooks run here (they may keep state); only PBKDF2 may leave the loop.
+        try:
+            keys = hooked_open_token(self._key_source, resp.key_id, ctx, challenge, resp.token)
+            key = None if keys is not None else token_key_or_job(self._key_source, resp.key_id, ctx)
+        except TokenRejected:
+            return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+        except Exception:
+            log.exception("key source failed")
+            return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
+        if keys is not None:
+            return self._start_control(keys, sec.test_auth, resp.client_iv)
+        if key is None:
+            return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
+
+        def opened(result: object, error: BaseException | None) -> list[ev.Event]:
+            if error is not None:
+                log.error("key derivation failed: %s", type(error).__name__)
+                return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key derivation failed")
+            assert isinstance(result, Secret)
             try:
-                keys = server_open_token(self._key_source, resp.key_id, ctx, self.greeting.challenge, resp.token)
+                opened_keys = open_client_token(result, challenge, resp.token)
             except TokenRejected:
                 return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
-            except Exception:
-                log.exception("key source failed")
-                return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
-            if keys is None:
-                return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
+            return self._start_control(opened_keys, sec.test_auth, resp.client_iv)
+
+        if isinstance(key, Pbkdf2Job):
+            return self._derive(key, opened)
+        return opened(key, None)
+
+    def _start_control(self, keys: SessionKeys | None, test_auth: bool, client_iv: bytes) -> list[ev.Event]:
+        """Server-Start Accept=0; with keys, both directions switch to AES-CBC + HMAC (RFC 4656 §3.1)."""
+        server_iv = os.urandom(16)
+        if keys is not None:
             self._keys = keys
-            self._test_plane_secure = sec.test_auth
+            self._test_plane_secure = test_auth
             self._send = SendStream(keys, server_iv)
-            self._switch_recv(RecvStream(keys, resp.client_iv))
+            self._switch_recv(RecvStream(keys, client_iv))
         start = m.ServerStart(m.ACCEPT_OK, server_iv, self._uptime).pack()
         self._out += start[:32]  # clear part; Start-Time opens our stream and our HMAC chain
         self._emit(start[32:])
