@@ -93,3 +93,29 @@ def test_pyroute2_xfrm_socket_in_a_namespace(netns: str) -> None:
     assert len(msgs) == 1
     (tmpl,) = msgs[0].get_attr("XFRMA_TMPL")
     assert tmpl["reqid"] == 42 and tmpl["proto"] == 50 and msgs[0]["dir"] == 1
+
+
+def test_table_follower_runs_on_asyncio(netns: str) -> None:
+    import asyncio
+
+    from netlink.events import XfrmEvent
+
+    seen: list[XfrmEvent] = []
+
+    async def main() -> None:
+        follower = TableFollower(netns, on_event=seen.append)
+        task = asyncio.create_task(follower.run())
+        await asyncio.sleep(0.3)  # subscribed and dumped
+        proc = await asyncio.create_subprocess_exec("ip", "-n", netns, "xfrm", "policy", "add", *POLICY.split(), *TMPL.split())
+        assert await proc.wait() == 0
+        for _ in range(50):
+            if seen:
+                break
+            await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        follower.close()
+
+    asyncio.run(main())
+    assert [e.kind for e in seen] == [EventKind.NEW_POLICY]
