@@ -17,7 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 VAGRANT = REPO / "vagrant"
 LAB = REPO / "lab"
-SCRIPTS = sorted([*LAB.glob("*.sh"), *(VAGRANT / "provision").glob("*.sh"), REPO / "tools/lab/strongswan.sh"])
+SCRIPTS = sorted([*LAB.glob("*.sh"), *(VAGRANT / "provision").glob("*.sh"),
+                  REPO / "tools/lab/strongswan.sh", REPO / "tools/lab/agents.sh"])
 
 NODE_A = {"XW_NAME": "a", "XW_PEER": "b", "XW_LOCAL_OUTER": "192.0.2.1", "XW_REMOTE_OUTER": "192.0.2.2",
           "XW_LOCAL_INNER": "10.77.1.1", "XW_REMOTE_INNER": "10.77.2.1"}
