@@ -68,7 +68,8 @@ down() {
             for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -KILL "$pid" 2>/dev/null || true
         fi
-        rm -f "$state/$n/charon.pid"
+        # Key material does not outlive the lab (logs and configs stay for debugging).
+        rm -f "$state/$n/charon.pid" "$state/$n/keys.log" "$state/$n/ike-keys.json"
     done
     ip netns del "$A" 2>/dev/null || true
     ip netns del "$B" 2>/dev/null || true
