@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 APT_PKGS := iproute2 iputils-ping kmod busybox-static qemu-system-x86 procps \
-	strongswan-charon strongswan-swanctl prometheus ruby
+	strongswan-charon strongswan-swanctl openssl curl prometheus ruby shellcheck vagrant vagrant-libvirt
 
 .PHONY: demo test deps venv clean
 demo: deps venv
