@@ -75,6 +75,11 @@ def _start_ns(start_time: int) -> int | None:
 
 # ------------------------------------------------------------------------------ server side
 
+
+def _control_ips(srv: ControlServer, req: m.RequestSession | m.RequestTWSession) -> tuple:
+    """(peer, local) addresses of the control connection; the request's when unknown."""
+    return (srv.peer[0] if srv.peer else req.sender_address, srv.local[0] if srv.local else req.receiver_address)
+
 REFWAIT_S = 900.0  # RFC 5357 §4.2: default REFWAIT
 MAX_STOP_TIMEOUT_S = 60.0  # cap on how long a stopped session keeps its port (its request's Timeout)
 
@@ -111,8 +116,7 @@ class TwampHandler:
         if isinstance(e, ev.SessionRequested):
             req = e.request
             assert isinstance(req, m.RequestTWSession)
-            peer_ip = srv.peer[0] if srv.peer else req.sender_address
-            local_ip = srv.local[0] if srv.local else req.receiver_address
+            peer_ip, local_ip = _control_ips(srv, req)
             sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)
             try:
                 ep = await _reflector_endpoint(str(local_ip), req.receiver_port)
@@ -242,8 +246,7 @@ class OwampHandler:
         if isinstance(e, ev.SessionRequested):
             req = e.request
             assert isinstance(req, m.RequestSession)
-            peer_ip = srv.peer[0] if srv.peer else req.sender_address
-            local_ip = srv.local[0] if srv.local else req.receiver_address
+            peer_ip, local_ip = _control_ips(srv, req)
             try:
                 if req.conf_receiver:  # we receive what the client sends
                     sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)

@@ -4,9 +4,8 @@ come back with Fetch-Session."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from agent.commands.ping import add_client_options, mode_name, options
+from agent.commands.ping import add_client_options, mode_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,25 +29,14 @@ def _line(name: str, s) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import json
 
-    from agent.control.aio import ControlError
-    from agent.keyring import KeyFileError
+    from agent.commands._runtime import run_client
     from agent.session import owping
 
-    try:
-        opt = options(args)
-    except (ValueError, OSError, KeyFileError) as e:
-        print(f"xwamp owping: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = asyncio.run(owping(opt))
-    except (ControlError, OSError) as e:
-        print(f"xwamp owping: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    rc, res = run_client("owping", args, owping)
+    if res is None:
+        return rc
     if args.json:
         doc = {"protocol": "owamp", "peer": args.host, "mode": mode_name(res.mode),
                "forward": res.forward.to_dict(), "reverse": res.reverse.to_dict(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 MODES = ("unauth", "auth", "enc", "mixed")
 
@@ -88,36 +87,26 @@ def mode_name(mode: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import json
 
     from agent import results
-    from agent.control.aio import ControlError
-    from agent.keyring import KeyFileError
+    from agent.commands._runtime import run_client
     from agent.session import twamp_ping
 
-    try:
-        opt = options(args)
-    except (ValueError, OSError, KeyFileError) as e:
-        print(f"xwamp ping: {e}", file=sys.stderr)
-        return 2
-    if args.count < 1 or args.interval < 0 or not 0 <= args.dscp < 64:
-        print("xwamp ping: --count >= 1, --interval >= 0, --dscp 0..63", file=sys.stderr)
-        return 2
+    def before() -> str | None:
+        if args.count < 1 or args.interval < 0 or not 0 <= args.dscp < 64:
+            return "--count >= 1, --interval >= 0, --dscp 0..63"
+        if not args.json:
+            print(f"TWAMP {args.host} port {args.port}: {args.count} packets, interval {args.interval}s", flush=True)
+        return None
 
     def on_record(rec) -> None:
         if not args.json and not args.quiet:
             print(results.format_reply(rec, args.host), flush=True)
 
-    if not args.json:
-        print(f"TWAMP {args.host} port {args.port}: {args.count} packets, interval {args.interval}s", flush=True)
-    try:
-        res = asyncio.run(twamp_ping(opt, on_record))
-    except (ControlError, OSError) as e:
-        print(f"xwamp ping: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    rc, res = run_client("ping", args, lambda opt: twamp_ping(opt, on_record), before)
+    if res is None:
+        return rc
     if args.json:
         doc = {"protocol": "twamp", "peer": res.peer, "mode": mode_name(res.mode), "sid": res.sid.hex(),
                "summary": res.summary.to_dict(), "records": [r.as_dict() for r in res.records]}

@@ -52,9 +52,9 @@ def read_key_file(path: Path) -> bytes:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import signal
     import sys
 
+    from agent.commands._runtime import wait_until_stopped
     from agent.test.packets import Proto, Security
     from agent.test.reflector import ReflectorSession
     from agent.test.udp import TwampReflectorEndpoint
@@ -84,21 +84,8 @@ def run(args: argparse.Namespace) -> int:
         mode = "authenticated (key " + key.fingerprint() + ")" if key is not None else "unauthenticated"
         print(f"xwamp reflect: STAMP/TWAMP-Light {mode}, {'stateful' if args.stateful else 'stateless'}, "
               f"listening on {host}:{ep.port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
         try:
-            if args.duration > 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), args.duration)
-                except asyncio.TimeoutError:
-                    pass
-            else:
-                await stop.wait()
+            await wait_until_stopped(args.duration)
         finally:
             ep.close()
 

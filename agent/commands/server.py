@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import signal
 
+    from agent.commands._runtime import wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
     from agent.control.server import ServerConfig
@@ -74,21 +74,8 @@ def run(args: argparse.Namespace) -> int:
             for a in lst.addresses:
                 print(f"xwamp server: {'TWAMP' if lst.twamp else 'OWAMP'} on {a[0]} port {a[1]}, "
                       f"modes {', '.join(names)}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
         try:
-            if args.duration > 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), args.duration)
-                except asyncio.TimeoutError:
-                    pass
-            else:
-                await stop.wait()
+            await wait_until_stopped(args.duration)
         finally:
             for lst in listeners:
                 await lst.close()

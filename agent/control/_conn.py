@@ -6,7 +6,8 @@ import logging
 from typing import Callable
 
 from agent.control import events as ev
-from agent.control.messages import ProtocolError
+from agent.control import messages as m
+from agent.control.messages import HMAC_LEN, ProtocolError
 from agent.control.security import RecvStream, SendStream, SessionKeys, derive_test_keys
 from agent.keyring import HandshakeContext
 from agent.test.keys import TestKeys
@@ -116,6 +117,20 @@ class _Conn:
 
     def _have(self, n: int) -> bool:
         return len(self._recv.plain) >= n
+
+    def _take(self, n: int, hmac_offsets: tuple[int, ...]) -> bytes | None:
+        """The next complete message of ``n`` octets, its HMACs checked; None if incomplete."""
+        if not self._have(n):
+            return None
+        plain = self._recv.take(n)
+        self._recv.verify(plain, hmac_offsets)
+        return plain
+
+    def _take_stop(self) -> m.StopSessions | None:
+        """A complete Stop-Sessions (either direction; OWAMP's carries session descriptions)."""
+        n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
+        plain = None if n is None else self._take(n, (n - HMAC_LEN,))
+        return None if plain is None else m.StopSessions.unpack(plain, owamp=self.owamp)
 
     def _switch_recv(self, stream: RecvStream) -> None:
         """Start decrypting: what is already buffered beyond the handshake is ciphertext."""

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from agent.control import events as ev
 from agent.control import messages as m

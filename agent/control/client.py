@@ -206,12 +206,9 @@ class ControlClient(_Conn):
         raise ProtocolError("internal: unknown pending answer")  # pragma: no cover
 
     def _read_stop(self) -> list[ev.Event] | None:
-        n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
-        if n is None or not self._have(n):
+        stop = self._take_stop()
+        if stop is None:
             return None
-        plain = self._recv.take(n)
-        self._recv.verify(plain, (n - 16,))
-        stop = m.StopSessions.unpack(plain, owamp=self.owamp)
         if self._pending and self._pending[0][0] == "stop":
             self._pending.popleft()
         self.state = "ready"
@@ -257,13 +254,6 @@ class ControlClient(_Conn):
         self._fetch_stage = None
         self._pending.popleft()
         return [ev.FetchResult(ack, stage[1], stage[2], recs)]
-
-    def _take(self, n: int, hmac_offsets: tuple[int, ...]) -> bytes | None:
-        if not self._have(n):
-            return None
-        plain = self._recv.take(n)
-        self._recv.verify(plain, hmac_offsets)
-        return plain
 
     # ------------------------------------------------------------------ requests
     def _ready(self, *states: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Union
 
 from agent.timefmt import ErrorEstimate

@@ -241,12 +241,9 @@ class ControlServer(_Conn):
             self._awaiting, self.state = "start", "wait-app"
             return [ev.StartRequested()]
         if cmd == m.CMD_STOP_SESSIONS:
-            n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
-            if n is None or not self._have(n):
+            stop = self._take_stop()
+            if stop is None:
                 return None
-            plain = self._recv.take(n)
-            self._recv.verify(plain, (n - 16,))
-            stop = m.StopSessions.unpack(plain, owamp=self.owamp)
             if self.twamp:
                 self.sessions.clear()
                 self.state = "request"
@@ -275,13 +272,6 @@ class ControlServer(_Conn):
             self._awaiting, self.state = "stop-n", "wait-app"
             return [ev.StopNRequested(parsed)]
         raise ProtocolError(f"unknown command {cmd}")  # pragma: no cover - _allowed filters
-
-    def _take(self, n: int, hmac_offsets: tuple[int, ...]) -> bytes | None:
-        if not self._have(n):
-            return None
-        plain = self._recv.take(n)
-        self._recv.verify(plain, hmac_offsets)
-        return plain
 
     def _on_request(self, req: m.RequestSession | m.RequestTWSession) -> list[ev.Event]:
         self._resume_state = self.state

@@ -161,6 +161,22 @@ def _check_crypto(proto: Proto, sec: Security, crypto: Crypto) -> None:
         raise ValueError("O/TWAMP authenticated/encrypted mode needs a matching TwampTestCrypto")
 
 
+def session_crypto(proto: Proto, sec: Security, keys=None, stamp_key=None,
+                   reflector_auth_span: int = 16) -> TwampTestCrypto | StampCrypto | None:
+    """The per-session crypto a mode needs: none (unauthenticated), STAMP's HMAC-SHA-256
+    (RFC 8762 §4.4; STAMP has no encrypted mode), or O/TWAMP's AES + HMAC-SHA1 from the
+    control plane's TestKeys (RFC 4656 §4.1.2). ValueError when the keys are missing."""
+    if sec is Security.UNAUTH:
+        return None
+    if proto is Proto.STAMP:
+        if stamp_key is None or sec is Security.ENCRYPTED:
+            raise ValueError("STAMP authenticated mode needs stamp_key (no encrypted mode)")
+        return StampCrypto(stamp_key)
+    if keys is None:
+        raise ValueError("authenticated/encrypted O/TWAMP needs TestKeys")
+    return TwampTestCrypto(keys, sec is Security.ENCRYPTED, reflector_auth_span)
+
+
 def sender_base_len(proto: Proto, sec: Security) -> int:
     if proto is Proto.STAMP:
         return STAMP_BASE if sec is Security.UNAUTH else STAMP_AUTH_BASE

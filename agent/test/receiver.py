@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from agent.test.counters import Counters
 from agent.test.clockerr import ErrSource, PackedErrorEstimate
-from agent.test.crypto import TwampTestCrypto
 from agent.test.keys import TestKeys
-from agent.test.packets import TTL_UNKNOWN, HmacError, PacketError, Proto, Security, decode_sender
+from agent.test.packets import TTL_UNKNOWN, HmacError, PacketError, Proto, Security, decode_sender, session_crypto
 from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns, unix_ns_from_ntp, unix_ns_from_ptp
 
 # RFC 4656 §3.8 data record (checked against perfSONAR's encoder):
@@ -40,7 +40,7 @@ class ArrivalRecord:
 
 
 @dataclass(slots=True)
-class ReceiverCounters:
+class ReceiverCounters(Counters):
     received: int = 0
     recorded: int = 0
     short: int = 0
@@ -48,9 +48,6 @@ class ReceiverCounters:
     duplicates: int = 0
     out_of_range: int = 0  # seq >= expected count
     invalid_time: int = 0  # RFC 4656 §4.2: send time more than Timeout off
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class OwampReceiver:
@@ -81,11 +78,7 @@ class OwampReceiver:
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
-        self.crypto: TwampTestCrypto | None = None
-        if security is not Security.UNAUTH:
-            if keys is None:
-                raise ValueError("authenticated/encrypted OWAMP needs TestKeys")
-            self.crypto = TwampTestCrypto(keys, security is Security.ENCRYPTED)
+        self.crypto = session_crypto(Proto.OWAMP, security, keys)
         self.records: list[ArrivalRecord] = []
         self._seen: set[int] = set()
 

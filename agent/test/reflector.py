@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hmac as _hmac
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
+from agent.test.counters import Counters
 from agent.test.clockerr import ErrSource, PackedErrorEstimate
 from agent.test.crypto import REFLECTOR_AUTH_SPAN, StampCrypto, TwampTestCrypto
 from agent.test.keys import TestKeys
@@ -44,6 +45,7 @@ from agent.test.packets import (
     PacketError,
     Proto,
     Security,
+    session_crypto,
 )
 from agent.test import tlv as _tlv
 from agent.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
@@ -54,16 +56,13 @@ _compare = _hmac.compare_digest
 
 
 @dataclass(slots=True)
-class ReflectorCounters:
+class ReflectorCounters(Counters):
     received: int = 0
     reflected: int = 0
     short: int = 0  # shorter than the mode's sender format
     bad_hmac: int = 0  # failed authentication (tampered or wrong key)
     malformed_tlv: int = 0  # STAMP TLV block that did not parse (reflected as padding)
     tlv_hmac_failed: int = 0  # RFC 8972 HMAC TLV present and wrong (I flag set)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def dropped(self) -> int:
@@ -116,21 +115,12 @@ class ReflectorSession:
         self._err.get(time.time_ns())  # first read loads libc/adjtimex: not on the first packet
         # STAMP listeners also answer TWAMP-Light senders that send fewer than 44 octets.
         self._light_fallback = twamp_light_fallback and proto is Proto.STAMP and security is Security.UNAUTH
-        self._tcrypto: TwampTestCrypto | None = None
-        self._scrypto: StampCrypto | None = None
-        if security is not Security.UNAUTH:
-            if proto is Proto.STAMP:
-                if security is Security.ENCRYPTED:
-                    raise ValueError("STAMP has no encrypted mode")
-                if stamp_key is None:
-                    raise ValueError("STAMP authenticated mode needs stamp_key")
-                self._scrypto = StampCrypto(stamp_key)
-            else:
-                if keys is None:
-                    raise ValueError("authenticated/encrypted TWAMP needs TestKeys")
-                self._tcrypto = TwampTestCrypto(keys, security is Security.ENCRYPTED, reflector_auth_span)
-                self._fast = self._tcrypto.fast_ops()
-        elif stamp_key is not None and proto is Proto.STAMP:
+        crypto = session_crypto(proto, security, keys, stamp_key, reflector_auth_span)
+        self._tcrypto: TwampTestCrypto | None = crypto if isinstance(crypto, TwampTestCrypto) else None
+        self._scrypto: StampCrypto | None = crypto if isinstance(crypto, StampCrypto) else None
+        if self._tcrypto is not None:
+            self._fast = self._tcrypto.fast_ops()
+        if crypto is None and stamp_key is not None and proto is Proto.STAMP:
             self._scrypto = StampCrypto(stamp_key)  # unauthenticated base, HMAC TLV still checked
         if proto is Proto.TWAMP:
             self.reflect = self._twamp_unauth if security is Security.UNAUTH else self._twamp_auth  # type: ignore[method-assign]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable
 
 from agent.test import tlv as _tlv
+from agent.test.counters import Counters
 from agent.test.clockerr import ErrSource, PackedErrorEstimate
 from agent.test.crypto import REFLECTOR_AUTH_SPAN, StampCrypto, TwampTestCrypto
 from agent.test.keys import TestKeys
@@ -31,6 +32,7 @@ from agent.test.packets import (
     encode_sender,
     reflector_base_len,
     sender_base_len,
+    session_crypto,
     symmetric_padding,
 )
 from agent.test.schedule import SlotSchedule
@@ -138,7 +140,7 @@ class PacketRecord:
 
 
 @dataclass(slots=True)
-class SenderCounters:
+class SenderCounters(Counters):
     sent: int = 0
     replies: int = 0
     duplicates: int = 0
@@ -146,9 +148,6 @@ class SenderCounters:
     malformed: int = 0
     unknown_seq: int = 0  # replies to a sequence number we never sent
     reflect_mismatch: int = 0  # RFC 6038: replies whose reflected octets differ from what we sent
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class TestSender:
@@ -190,16 +189,8 @@ class TestSender:
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         self._err = PackedErrorEstimate(error_estimate, ptp)
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
-        self.crypto: TwampTestCrypto | StampCrypto | None = None
-        if security is not Security.UNAUTH:
-            if proto is Proto.STAMP:
-                if stamp_key is None or security is Security.ENCRYPTED:
-                    raise ValueError("STAMP authenticated mode needs stamp_key (no encrypted mode)")
-                self.crypto = StampCrypto(stamp_key)
-            else:
-                if keys is None:
-                    raise ValueError("authenticated/encrypted O/TWAMP needs TestKeys")
-                self.crypto = TwampTestCrypto(keys, security is Security.ENCRYPTED, reflector_auth_span)
+        self.crypto: TwampTestCrypto | StampCrypto | None = session_crypto(proto, security, keys, stamp_key,
+                                                                            reflector_auth_span)
         self._tlv_crypto = StampCrypto(stamp_key) if proto is Proto.STAMP and stamp_key is not None else None
         self._tlvs = list(tlvs)
         if proto is Proto.STAMP and padding:
