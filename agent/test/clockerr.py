@@ -26,9 +26,9 @@ class PackedErrorEstimate:
         self._at = -(1 << 62)
         self._fn: Callable[[], int] | None
         if isinstance(source, ErrorEstimate):
-            self._fn, self._value = None, source.pack()
+            self._fn, self._value = None, self._z(source.pack())
         elif isinstance(source, int):
-            self._fn, self._value = None, source
+            self._fn, self._value = None, self._z(source)
         elif source is None:
             from agent.clock import ClockErrorCache
 
@@ -44,10 +44,14 @@ class PackedErrorEstimate:
         else:
             self._fn, self._value = source, 0
 
+    def _z(self, packed: int) -> int:
+        # RFC 8186: Z must say which format the timestamp beside it is in, whatever the source claimed.
+        return (packed & ~0x4000) | (0x4000 if self.ptp else 0)
+
     def get(self, now_ns: int) -> int:
         fn = self._fn
         if fn is not None and now_ns - self._at >= _REFRESH_NS:
-            self._value = fn()
+            self._value = self._z(fn())
             self._at = now_ns
         return self._value
 

@@ -48,6 +48,7 @@ from agent.clock import STAMP_COUNTERS
 from agent.test import tlv as _tlv
 from agent.test.keys import TestKeys
 from agent.test.packets import (
+    MODE_PTP_TIMESTAMPS,
     MODE_REFLECT_OCTETS,
     MODE_UNAUTHENTICATED,
     Proto,
@@ -316,6 +317,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         ``reflect_length``: RFC 6038 Length of padding to reflect (``mode`` must hold bit 32)."""
         del padding
         reflect = reflect_offset(mode, proto) if reflect_length and mode & MODE_REFLECT_OCTETS else None
+        # RFC 8186: a negotiated PTPv2 mode bit means PTP timestamps (and Z = 1) in every reply.
+        ptp = ptp or (proto is Proto.TWAMP and bool(mode & MODE_PTP_TIMESTAMPS))
         sess = ReflectorSession(proto, security_from_mode(mode), keys=keys, stamp_key=stamp_key, stateful=stateful,
                                 ptp=ptp, error_estimate=error_estimate, reflector_auth_span=reflector_auth_span,
                                 dscp=dscp, reflect=None if reflect is None else (reflect, reflect_length))
@@ -575,6 +578,8 @@ async def run_twamp_sender(
         security = Security.AUTH if stamp_key is not None and mode & 2 else Security.UNAUTH
     else:
         security = security_from_mode(mode)
+        # RFC 8186 mode bit: our timestamps go out in PTP format too (the Z bit says so).
+        ptp = ptp or (proto is Proto.TWAMP and bool(mode & MODE_PTP_TIMESTAMPS))
     sender = TestSender(proto, security, keys=keys, stamp_key=stamp_key, padding=padding, ssid=ssid, count=count,
                         schedule=sched, ptp=ptp, error_estimate=error_estimate, tlvs=tlvs,
                         reflector_auth_span=reflector_auth_span, reflect=reflect, server_octets=server_octets)
