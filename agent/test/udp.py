@@ -461,6 +461,7 @@ class OwampReceiverEndpoint(_DatagramEndpoint):
             return
         cfg = self.ts_config
         hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        n_sw = n_user = 0
         for _ in range(self.batch):
             try:
                 data, anc, _flags, addr = sock.recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
@@ -471,11 +472,18 @@ class OwampReceiverEndpoint(_DatagramEndpoint):
             rx, src, ttl, _tos = decode_ancillary(anc, hw)
             if rx is None:
                 rx, src = self.now_ns(), "user"
+                n_user += 1
+            elif src == "sw":
+                n_sw += 1
             rcv = self._lookup(peer_key(addr))
             if rcv is None:
                 self.unknown_peer += 1
                 continue
             rcv.on_packet(data, rx, ttl, src)
+        if n_sw and hw is None:  # as the reflector: hardware-configured stamps were counted by rx_stamp
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
+        if n_user:
+            STAMP_COUNTERS.add("rx", "user", n_user)
 
 
 # --------------------------------------------------------------------------- sender
@@ -493,6 +501,7 @@ class _SenderSocket:
     def on_readable(self) -> None:
         sock, sender = self.sock, self.sender
         hw = self.cfg if (self.cfg is not None and self.cfg.hardware_rx) else None
+        n_sw = n_user = 0
         while True:
             try:
                 data, anc, _f, _addr = sock.recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
@@ -503,6 +512,9 @@ class _SenderSocket:
             rx, src, ttl, _tos = decode_ancillary(anc, hw)
             if rx is None:
                 rx, src = time.time_ns(), "user"
+                n_user += 1
+            elif src == "sw":
+                n_sw += 1
             if not self.expect:
                 continue
             rec = sender.on_reply(data, rx, ttl, src)
@@ -510,6 +522,12 @@ class _SenderSocket:
                 self.on_record(rec)
             if sender.counters.replies >= sender.count:
                 self.done.set()
+        # T4 sources in the process-wide counters too (the reflector counts its T2s the same way);
+        # with hardware RX configured, timestamping.rx_stamp already counted hw/sw.
+        if n_sw and hw is None:
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
+        if n_user:
+            STAMP_COUNTERS.add("rx", "user", n_user)
         if self.cfg is not None:
             self.drain_tx()
 
@@ -639,4 +657,9 @@ async def run_twamp_sender(
         loop.remove_reader(sock.fileno())
         if own:
             sock.close()
-    return sender.records()
+    records = sender.records()
+    # Packets whose kernel TX stamp never came keep T1 = the user stamp written in them: count those.
+    n_user = sum(1 for r in records if r.t1_kernel_ns is None)
+    if n_user:
+        STAMP_COUNTERS.add("tx", "user", n_user)
+    return records

@@ -1,0 +1,72 @@
+"""The test engine's four timestamps, their sources and the Error Estimate it writes, on loopback.
+
+Real UDP through agent.test.udp, checked against the issue's rules: T1 in the packet
+is a user stamp taken just before the send and the kernel TX stamp replaces it for
+computation (both kept); T2 is the reflector's kernel RX stamp; T4 ours; every packet's
+Error Estimate is the clock's (adjtimex), with Z = 1 when PTP format was negotiated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent.clock import STAMP_COUNTERS, ClockErrorCache
+from agent.results import summarize
+from agent.test.clockerr import PackedErrorEstimate
+from agent.test.packets import MODE_PTP_TIMESTAMPS, MODE_UNAUTHENTICATED
+from agent.test.udp import TwampReflectorEndpoint, run_twamp_sender
+from agent.timefmt import ErrorEstimate
+
+N = 8
+
+
+def _session(mode: int, **kw) -> tuple[list, dict[str, int]]:
+    async def main() -> list:
+        async with TwampReflectorEndpoint(("127.0.0.1", 0)) as ep:
+            ep.add_session(b"e" * 16, ("127.0.0.1", 0), mode, **kw)
+            return await run_twamp_sender(("127.0.0.1", 0), ("127.0.0.1", ep.port), mode,
+                                          count=N, interval=0.002, timeout=2.0, hardware=False)
+
+    before = STAMP_COUNTERS.snapshot()
+    recs = asyncio.run(asyncio.wait_for(main(), 20))
+    after = STAMP_COUNTERS.snapshot()
+    return recs, {k: after[k] - before[k] for k in after}
+
+
+def test_four_timestamps_sources_and_counts() -> None:
+    recs, delta = _session(MODE_UNAUTHENTICATED)
+    assert len(recs) == N and not any(r.lost for r in recs)
+    for r in recs:
+        assert r.t1_kernel_ns is not None and r.t1_source == "sw"  # kernel TX stamp replaces T1 ...
+        assert r.t1_ns <= r.t1_kernel_ns  # ... and the user T1 written in the packet is kept
+        assert r.t1_kernel_ns <= r.t2_ns < r.t3_ns <= r.t4_ns  # one clock on loopback
+        assert r.t4_source == "sw"
+        assert r.rtt_ns == (r.t4_ns - r.t1_kernel_ns) - (r.t3_ns - r.t2_ns)
+    assert summarize(recs).stamp_sources == {"tx_sw": N, "rx_sw": N}
+    # Process-wide (exporter) counters: T1 kernel TX, T2 at the reflector and T4 here, none in user space.
+    assert delta["tx_sw"] == N and delta["rx_sw"] == 2 * N
+    assert delta["rx_user"] == delta["tx_user"] == 0
+
+
+def test_packets_carry_the_clocks_error_estimate() -> None:
+    recs, _ = _session(MODE_UNAUTHENTICATED)
+    cache = ClockErrorCache(refresh_s=0)
+    now = {cache.packed(), cache.packed()}  # the kernel state is what both ends read
+    for r in recs:
+        assert r.t1_error in now and r.reflector_error in now and r.t4_error in now
+        assert not r.t1_error & 0x4000 and not r.reflector_error & 0x4000  # NTP format: Z = 0
+
+
+def test_negotiated_ptp_mode_means_ptp_timestamps_and_z_bit() -> None:
+    recs, _ = _session(MODE_UNAUTHENTICATED | MODE_PTP_TIMESTAMPS)
+    for r in recs:
+        assert r.t1_error & 0x4000 and r.reflector_error & 0x4000  # RFC 8186 Z bit, both ends
+        assert r.t1_kernel_ns <= r.t2_ns < r.t3_ns <= r.t4_ns  # PTP-format T2/T3 decoded right
+        assert 0 < r.rtt_ns < 50_000_000
+
+
+def test_fixed_error_estimate_gets_the_z_bit_of_the_format_written() -> None:
+    ee = ErrorEstimate.from_seconds(1e-6, synced=True)  # Z = 0 as given
+    assert PackedErrorEstimate(ee, ptp=True).get(0) == ee.pack() | 0x4000
+    assert PackedErrorEstimate(ee.pack() | 0x4000, ptp=False).get(0) == ee.pack()
+    assert PackedErrorEstimate(lambda: ee.pack(), ptp=True).get(0) & 0x4000
