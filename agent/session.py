@@ -180,6 +180,7 @@ class TwampHandler:
                 if sess is not None and sess.last_rx_ns < limit:
                     log.info("reflector session %s: nothing for %.0f s (REFWAIT): stopped", sid.hex(), self.refwait)
                     self._retire([sid], 0.0)
+                    self.srv.sessions.pop(sid, None)  # no longer counts against the session caps
 
     def _retire(self, sids: list[bytes], grace: float | None = None) -> None:
         """Keep reflecting late packets for the request's Timeout after the stop (RFC 5357 §3.8)."""

@@ -119,7 +119,7 @@ def test_refwait_discontinues_a_silent_session() -> None:
             assert await _probe(sock, snd, 1, dest)  # traffic keeps it alive
             await asyncio.sleep(0.8)
             h = rec.handlers[0]
-            assert not h.active and not h.sessions
+            assert not h.active and not h.sessions and not h.srv.sessions
             assert not await _probe(sock, snd, 2, dest)
         finally:
             sock.close()
@@ -170,5 +170,27 @@ def test_owamp_receiver_applies_the_requests_validity_window() -> None:
             sock.close()
             await conn.close()
             await lst.close()
+
+    asyncio.run(main())
+
+
+def test_receiver_endpoint_passes_the_validity_window_through() -> None:
+    from agent.test.sender import Schedule
+    from agent.test.udp import OwampReceiverEndpoint
+
+    async def main() -> None:
+        ep = OwampReceiverEndpoint(("127.0.0.1", 0), hardware=False)
+        await ep.start()
+        try:
+            start = time.time_ns()
+            rcv = ep.add_session(b"s" * 16, ("127.0.0.1", 0), timeout_s=0.5, schedule=Schedule.fixed(1.0),
+                                 start_ns=start, expected=3)
+            snd = TestSender(Proto.OWAMP, Security.UNAUTH, count=3, symmetric=False)
+            assert rcv.on_packet(snd.build(0, start), start + 1000, 64) is not None
+            assert rcv.on_packet(snd.build(1, start), start + 1000, 64) is None  # 1 s off its schedule
+            assert rcv.on_packet(snd.build(2, start - 2 * 10**9), start, 64) is None  # 2 s in flight
+            assert rcv.counters.invalid_time == 2
+        finally:
+            ep.close()
 
     asyncio.run(main())
