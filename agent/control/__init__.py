@@ -10,7 +10,9 @@ security   PBKDF2 key, Token, per-direction AES-CBC streams chained across messa
            control HMAC chain, test-session key derivation (-> agent.test.keys.TestKeys).
 client     ``ControlClient``: sans-IO client state machine (TWAMP and OWAMP).
 server     ``ControlServer``: sans-IO server state machine with per-connection limits.
-events     the events both machines return from ``receive_data()``.
+events     the events both machines return from ``receive_data()``; with
+           ``defer_keys=True`` a ``KeyNeeded`` hands the PBKDF2 to the adapter
+           (answer with ``key_ready()``), which runs it in a worker thread.
 aio        ``ControlListener`` (TCP server: limits, isolation, idle timeout) and
            ``AsyncControlClient``.
 

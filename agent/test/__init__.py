@@ -15,6 +15,7 @@ Modules:
 * :mod:`agent.test.udp` — asyncio adapters: ``TwampReflectorEndpoint``,
   ``OwampReceiverEndpoint``, ``run_twamp_sender`` (see its docstring for the
   control plane's calls).
+* :mod:`agent.test.counters` — ``Counters.as_dict()`` shared by the per-session counter records.
 * :mod:`agent.results` (outside this package) — statistics of ``PacketRecord`` lists.
 
 The keys come from the control plane as :class:`agent.test.keys.TestKeys`.
