@@ -82,6 +82,7 @@ def _control_ips(srv: ControlServer, req: m.RequestSession | m.RequestTWSession)
 
 REFWAIT_S = 900.0  # RFC 5357 §4.2: default REFWAIT
 MAX_STOP_TIMEOUT_S = 60.0  # cap on how long a stopped session keeps its port (its request's Timeout)
+MAX_CATCH_UP_S = 1.0  # an OWAMP sender catches up on a Start Time at most this (or Timeout) late
 
 
 @dataclass
@@ -300,10 +301,13 @@ class OwampHandler:
         req = s.request
         assert s.send_sock is not None and s.dest is not None
         at = _start_ns(req.start_time)  # the task starts at Start-Sessions: never earlier
+        now = time.time_ns()
+        if at is not None and now - at > max(_seconds(req.timeout), MAX_CATCH_UP_S) * 1e9:
+            at = now  # a Start Time long past (skewed client clock): no burst of overdue packets
         records = await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
             schedule=schedule_from_slots(s.sid, req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False, start_ns=at)  # None: now; a past Start Time: catch up
+            sock=s.send_sock, hardware=False, start_ns=at)  # None: now; a recent past Start Time: catch up
         s.sent = len(records)
 
     def close(self) -> None:
