@@ -194,3 +194,32 @@ def test_receiver_endpoint_passes_the_validity_window_through() -> None:
             ep.close()
 
     asyncio.run(main())
+
+
+def test_owamp_server_sender_does_not_burst_on_a_long_past_start_time() -> None:
+    async def main() -> None:
+        lst, conn, sock = await _setup(False, OwampHandler)
+        try:
+            my_sid = m.make_sid(LO, ntp_from_unix_ns(time.time_ns()))
+            acc = await conn.request_session(m.RequestSession(
+                LO, LO, 0, sock.getsockname()[1], sid=my_sid, conf_sender=True, conf_receiver=False, num_packets=3,
+                slots=(m.Slot.seconds(m.Slot.FIXED, 0.3),), start_time=ntp_from_unix_ns(time.time_ns()) - 3600 * NTP_S))
+            assert acc.ok
+            assert await conn.start_sessions() == 0
+            await asyncio.sleep(0.15)
+            early = 0
+            while True:
+                try:
+                    sock.recv(2048)
+                    early += 1
+                except BlockingIOError:
+                    break
+            assert early == 0  # an hour-old Start Time: the schedule starts now, packet 0 at +0.3 s
+            await asyncio.sleep(0.3)
+            assert sock.recv(2048)  # then it does arrive
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
