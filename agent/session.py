@@ -197,9 +197,16 @@ class TwampHandler:
         counters = ep.counters()
         ep.close()
         log.info("reflector session %s: %s", sid.hex(), counters)
-        self.finished[sid] = counters
+        self._remember(sid, counters)
 
     finished: dict[bytes, dict[str, int]] = {}  # class-wide: counters of retired sessions (tests, logs)
+    MAX_FINISHED = 1024  # the most recent ones only: a long-running server must not grow without bound
+
+    def _remember(self, sid: bytes, counters: dict[str, int]) -> None:
+        done = self.finished
+        done[sid] = counters
+        while len(done) > self.MAX_FINISHED:
+            del done[next(iter(done))]
 
     def close(self) -> None:
         if self._refwait_task is not None:
@@ -207,7 +214,7 @@ class TwampHandler:
         for sid, s in self.sessions.items():
             if s.timer is not None:
                 s.timer.cancel()
-            self.finished[sid] = s.ep.counters()
+            self._remember(sid, s.ep.counters())
             s.ep.close()
         self.sessions.clear()
 
