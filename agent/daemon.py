@@ -246,8 +246,15 @@ class Daemon:
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        t.add_done_callback(self._task_done)
         return t
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            # A bug in a reload or rediscovery must be seen, and must not stop the agent.
+            e = t.exception()
+            log.error("background task failed", exc_info=(type(e), e, e.__traceback__))
 
     async def _start(self) -> None:
         self._setup_binder()

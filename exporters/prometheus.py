@@ -11,9 +11,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
+import os
+import pickle
 import platform
+import struct
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -291,14 +297,15 @@ class MetricsServer:
     """``GET /metrics`` on the asyncio loop that owns the state."""
 
     MAX_HEADER = 16384
-    TIMEOUT = 10.0
+    TIMEOUT = 60.0  # the scraper's scrape_timeout is the real limit
     MAX_CLIENTS = 16
 
-    def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int, worker: bool = True) -> None:
         self._snapshot = snapshot
         self.host, self.port = host, port
         self._server: asyncio.Server | None = None
         self._clients = 0
+        self.worker = RenderWorker() if worker else None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
@@ -310,6 +317,8 @@ class MetricsServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self.worker is not None:
+            await self.worker.close()
 
     @property
     def sockname(self) -> tuple[str, int]:
@@ -355,10 +364,17 @@ class MetricsServer:
         snap = self._snapshot()  # on the loop: consistent
         accept = headers.get("accept")
         gz = "gzip" in headers.get("accept-encoding", "")
-        loop = asyncio.get_running_loop()
-        body, ctype = await loop.run_in_executor(None, _render_encoded, snap, accept, gz)
+        body, ctype = await self._render(snap, accept, gz)
         await self._reply(writer, 200, body, ctype, head_only=method == "HEAD",
                           extra={"Content-Encoding": "gzip"} if gz else None)
+
+    async def _render(self, snap: Snapshot, accept: str | None, gz: bool) -> tuple[bytes, str]:
+        if self.worker is not None:
+            try:
+                return await self.worker.render(snap, accept, gz)
+            except (OSError, EOFError, ValueError, pickle.PickleError, asyncio.IncompleteReadError) as e:
+                log.warning("render worker failed, rendering in a thread", extra={"error": str(e) or type(e).__name__})
+        return await asyncio.get_running_loop().run_in_executor(None, _render_encoded, snap, accept, gz)
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
@@ -377,3 +393,80 @@ class MetricsServer:
 def _render_encoded(snap: Snapshot, accept: str | None, gz: bool) -> tuple[bytes, str]:
     body, ctype = render(snap, accept)
     return (gzip.compress(body, 1) if gz else body), ctype
+
+
+_LEN = struct.Struct("!I")
+
+
+class RenderWorker:
+    """Renders scrapes in a child process. A thousand tunnels are ~150k samples, a few
+    hundred ms of CPU: in a thread that would hold the GIL against the loop that times the
+    test packets (and the scrape itself crawls under contention). The child gets a pickled
+    snapshot (metrics only, no keys) on stdin and answers on stdout; it exits on EOF.
+    Any failure falls back to a thread (MetricsServer._render)."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("NOTIFY_SOCKET", None)  # only the agent talks to systemd
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from exporters.prometheus import worker_main; worker_main()",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=root)
+
+    async def render(self, snap: Snapshot, accept: str | None, gz: bool) -> tuple[bytes, str]:
+        async with self._lock:  # one request in flight: the pipe is a simple request/answer stream
+            if self._proc is None or self._proc.returncode is not None:
+                self._proc = await self._spawn()
+            proc = self._proc
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                data = pickle.dumps((snap, accept, gz), protocol=pickle.HIGHEST_PROTOCOL)
+                proc.stdin.write(_LEN.pack(len(data)) + data)
+                await proc.stdin.drain()
+                (n,) = _LEN.unpack(await proc.stdout.readexactly(_LEN.size))
+                body, ctype = pickle.loads(await proc.stdout.readexactly(n))
+                return body, ctype
+            except BaseException:
+                await self._kill()  # a half-read stream cannot be reused
+                raise
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 2)
+        except asyncio.TimeoutError:
+            self._proc = proc
+            await self._kill()
+
+
+def worker_main() -> None:
+    """The render child: length-prefixed pickles in, rendered bodies out, until EOF."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the agent: the agent stops us (EOF)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = inp.read(_LEN.size)
+        if len(head) < _LEN.size:
+            return
+        (n,) = _LEN.unpack(head)
+        snap, accept, gz = pickle.loads(inp.read(n))
+        data = pickle.dumps(_render_encoded(snap, accept, gz), protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(_LEN.pack(len(data)) + data)
+        out.flush()

@@ -4,6 +4,7 @@ exporter, parse it with prometheus_client's parser, compare with the session sta
 from __future__ import annotations
 
 import asyncio
+import os
 import gzip
 import re
 import shutil
@@ -330,3 +331,29 @@ def test_fast_text_writer_matches_the_collector() -> None:
     assert samples(fast) == samples(reference)
     types = lambda body: {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(body)}  # noqa: E731
     assert types(fast) == types(reference)
+
+
+def test_render_worker_process_serves_and_recovers(caplog) -> None:
+    """Scrapes are rendered in a child process (off the loop's GIL); if it dies, the next
+    scrape starts a new one, and a broken worker falls back to a thread."""
+    st, _ = state_with_data()
+
+    async def go() -> None:
+        srv = MetricsServer(st.snapshot, "127.0.0.1", 0)
+        await srv.start()
+        try:
+            status, _, body = await _http(srv.port)
+            assert status == 200 and b"xwamp_packets_sent_total" in body
+            proc = srv.worker._proc
+            assert proc is not None and proc.returncode is None and proc.pid != os.getpid()
+            proc.kill()
+            await proc.wait()
+            status, _, body2 = await _http(srv.port)  # the dead child is noticed, replaced or bypassed
+            assert status == 200 and samples(body2.decode()) == samples(body.decode())
+            status, _, body3 = await _http(srv.port)
+            assert status == 200 and srv.worker._proc is not None and srv.worker._proc.returncode is None
+        finally:
+            await srv.close()
+        assert srv.worker._proc is None
+
+    asyncio.run(go())
