@@ -12,6 +12,7 @@ from a plain blocking NETLINK_XFRM socket and decoded by the fast decoder
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import socket
 import threading
@@ -133,8 +134,17 @@ class XfrmClient:
                 req = x.encode_message(x.xfrm_dump_request(), msg_type, C.NLM_F_REQUEST | C.NLM_F_DUMP, seq)
                 self._send(req, what)
                 result = DumpResult()
-                while not result.done:
-                    feed_dump(self._recv(what), seq, reply_type, result)
+                # A dump creates ~15 GC-tracked objects per SA and no cycles; the
+                # cyclic collector re-scanning a growing list of them costs up to
+                # a quarter of the decode time at 50k SAs. Pause it meanwhile.
+                gc_was_on = gc.isenabled()
+                gc.disable()
+                try:
+                    while not result.done:
+                        feed_dump(self._recv(what), seq, reply_type, result)
+                finally:
+                    if gc_was_on:
+                        gc.enable()
                 if result.error:
                     raise kernel_error(result.error, what, result.error_msg)
                 if not result.interrupted:
