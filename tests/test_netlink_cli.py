@@ -42,3 +42,19 @@ def test_redaction_warning_only_when_every_key_is_zero(caplog) -> None:
     assert caplog.text.count("zeroed IPsec keys") == 1  # logged once
     assert "0000" not in caplog.text
     client._redaction_warned = False
+
+
+def test_kernel_without_netlink_xfrm_is_a_clear_error(monkeypatch) -> None:
+    import errno
+
+    import pytest
+
+    import netlink.client as client
+    from netlink.errors import XfrmUnavailableError
+
+    def no_xfrm(*args, **kwargs):
+        raise OSError(errno.EPROTONOSUPPORT, "Protocol not supported")
+
+    monkeypatch.setattr(client, "create_socket", no_xfrm)
+    with pytest.raises(XfrmUnavailableError, match="xfrm_user"):
+        client.XfrmClient()
