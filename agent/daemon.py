@@ -466,7 +466,7 @@ class Daemon:
             try:
                 await asyncio.wait_for(runner.stop(), STOP_TIMEOUT)
             except Exception as e:
-                log.warning("session did not stop cleanly", extra={"session": key, "error": str(e)})
+                log.warning("session did not stop cleanly", extra={"session": key, "error": str(e) or type(e).__name__})
         if slot.task is not None:
             slot.task.cancel()
             await asyncio.gather(slot.task, return_exceptions=True)

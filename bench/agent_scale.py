@@ -14,6 +14,7 @@ Traffic stays on 127.0.0.1. The run is bounded: --duration seconds, then SIGTERM
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import signal
@@ -58,7 +59,12 @@ def scrape(port: int) -> dict[str, float]:
     longer on 150k samples than the agent takes to serve them."""
     global LAST_FETCH_S
     t = time.monotonic()
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+    # Like Prometheus itself: ask for gzip (a thousand tunnels are ~16 MB of text).
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        raw = r.read()
+        gz = r.headers.get("Content-Encoding") == "gzip"
+    body = (gzip.decompress(raw) if gz else raw).decode()
     LAST_FETCH_S = time.monotonic() - t
     totals: dict[str, float] = {}
     for line in body.splitlines():

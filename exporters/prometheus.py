@@ -3,14 +3,16 @@
 * :class:`XwampCollector` — a prometheus_client custom Collector over a
   :class:`agent.metrics.Snapshot` provider;
 * :func:`render` — one scrape body for a snapshot, content-negotiated (text or OpenMetrics);
-* :class:`MetricsServer` — a small asyncio HTTP server on the agent's loop: it takes the
-  snapshot on the loop (consistent, no locks) and renders in a worker thread (so a large
-  scrape never delays test packets).
+* :class:`MetricsServer` — a small asyncio HTTP server on its own thread and loop: it has
+  the snapshot taken on the agent's loop (one callback: consistent, no locks) and renders
+  it in a child process (:class:`RenderWorker`), so a large scrape neither waits behind
+  nor delays the test packets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gzip
 import logging
@@ -19,6 +21,7 @@ import pickle
 import platform
 import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -294,31 +297,88 @@ def render_text(s: Snapshot) -> bytes:
 
 
 class MetricsServer:
-    """``GET /metrics`` on the asyncio loop that owns the state."""
+    """``GET /metrics``. ``start()`` must be awaited on the loop that owns the state."""
 
     MAX_HEADER = 16384
     TIMEOUT = 60.0  # the scraper's scrape_timeout is the real limit
     MAX_CLIENTS = 16
 
-    def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int, worker: bool = True) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int, worker: bool = True,
+                 threaded: bool = True) -> None:
         self._snapshot = snapshot
         self.host, self.port = host, port
         self._server: asyncio.Server | None = None
         self._clients = 0
         self.worker = RenderWorker() if worker else None
+        self.threaded = threaded
+        self._main: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
+        """Bind (errors such as EADDRINUSE raise here) and serve from the exporter thread."""
+        self._main = asyncio.get_running_loop()
+        if not self.threaded:
+            return await self._bind()
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="xwamp-exporter", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(ready)
+
+    async def _bind(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
         if self.port == 0:  # tests: learn the ephemeral port
             self.port = self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
+    async def _unbind(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
         if self.worker is not None:
             await self.worker.close()
+
+    def _thread_main(self, ready: concurrent.futures.Future) -> None:
+        # The exporter's own loop: HTTP and pipe I/O never wait behind a busy measurement
+        # loop; only the snapshot itself is taken there (one callback).
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._bind())
+        except BaseException as e:
+            ready.set_exception(e)
+            loop.close()
+            return
+        ready.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._unbind())
+            loop.close()
+
+    async def close(self) -> None:
+        if not self.threaded:
+            return await self._unbind()
+        if self._thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            self._thread = None
+
+    async def _take_snapshot(self) -> Snapshot:
+        """The snapshot, taken on the loop that owns the state (consistent, lock-free)."""
+        main = self._main
+        if main is None or main is asyncio.get_running_loop():
+            return self._snapshot()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                fut.set_result(self._snapshot())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                fut.set_exception(e)
+
+        main.call_soon_threadsafe(take)
+        return await asyncio.wrap_future(fut)
 
     @property
     def sockname(self) -> tuple[str, int]:
@@ -361,7 +421,7 @@ class MetricsServer:
                                      "text/html; charset=utf-8", head_only=method == "HEAD")
         if path != "/metrics":
             return await self._reply(writer, 404, b"not found\n")
-        snap = self._snapshot()  # on the loop: consistent
+        snap = await self._take_snapshot()
         accept = headers.get("accept")
         gz = "gzip" in headers.get("accept-encoding", "")
         body, ctype = await self._render(snap, accept, gz)
@@ -386,6 +446,9 @@ class MetricsServer:
         hdr += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(hdr) + "\r\n\r\n").encode("latin-1"))
         if not head_only:
+            # Hand the whole body to the transport: drain() at the default 64 KiB high-water
+            # mark would cost a loop round trip per 64 KiB of a multi-MB scrape.
+            writer.transport.set_write_buffer_limits(high=max(len(body), 1 << 16))
             writer.write(body)
         await writer.drain()
 
@@ -396,6 +459,7 @@ def _render_encoded(snap: Snapshot, accept: str | None, gz: bool) -> tuple[bytes
 
 
 _LEN = struct.Struct("!I")
+PIPE_LIMIT = 4 << 20
 
 
 class RenderWorker:
@@ -416,7 +480,8 @@ class RenderWorker:
         env.pop("NOTIFY_SOCKET", None)  # only the agent talks to systemd
         return await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from exporters.prometheus import worker_main; worker_main()",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=root)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=root,
+            limit=PIPE_LIMIT)  # a big read buffer: fewer loop round trips per MB
 
     async def render(self, snap: Snapshot, accept: str | None, gz: bool) -> tuple[bytes, str]:
         async with self._lock:  # one request in flight: the pipe is a simple request/answer stream
