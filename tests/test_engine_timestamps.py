@@ -12,10 +12,13 @@ import asyncio
 
 from agent.clock import STAMP_COUNTERS, ClockErrorCache
 from agent.results import summarize
+from agent.test import udp as udp_mod
 from agent.test.clockerr import PackedErrorEstimate
 from agent.test.packets import MODE_PTP_TIMESTAMPS, MODE_UNAUTHENTICATED
+from agent.test.sender import TestSender
 from agent.test.udp import TwampReflectorEndpoint, run_twamp_sender
 from agent.timefmt import ErrorEstimate
+from agent.timestamping import Stamp, StampSource
 
 N = 8
 
@@ -70,3 +73,27 @@ def test_fixed_error_estimate_gets_the_z_bit_of_the_format_written() -> None:
     assert PackedErrorEstimate(ee, ptp=True).get(0) == ee.pack() | 0x4000
     assert PackedErrorEstimate(ee.pack() | 0x4000, ptp=False).get(0) == ee.pack()
     assert PackedErrorEstimate(lambda: ee.pack(), ptp=True).get(0) & 0x4000
+
+
+def test_tx_stamp_before_the_user_t1_is_refused() -> None:
+    snd = TestSender(error_estimate=1)
+    snd.build(0, 1_000)
+    assert not snd.on_tx_stamp(0, 999, "sw")  # a stamp of some earlier packet
+    assert snd.records()[0].t1_kernel_ns is None and snd.counters.tx_stamp_rejected == 1
+    assert snd.on_tx_stamp(0, 1_500, "sw") and snd.records()[0].t1_best_ns == 1_500
+
+
+def test_tx_stamps_stay_with_their_packets_after_a_send_used_up_a_key(monkeypatch) -> None:
+    # Packet 1's first send failed with EAGAIN on a kernel that still took an OPT_ID key
+    # for it (before 6.8): our keys 0, 1, 2 are the kernel's 0, 2, 3.
+    snd = TestSender(error_estimate=1)
+    for n, t in enumerate((1_000, 2_000, 3_000)):
+        snd.build(n, t)
+    stamps = [(0, 1_100), (2, 2_100), (3, 3_100)]
+    monkeypatch.setattr(udp_mod.ts, "drain_tx_stamps", lambda sock, config=None: [
+        (k, Stamp(ns, StampSource.SW)) for k, ns in stamps])
+    reader = udp_mod._SenderSocket(None, snd, None, {0: 0, 1: 1, 2: 2}, None, True)  # type: ignore[arg-type]
+    reader.key_slack = 1
+    reader.drain_tx()
+    assert [r.t1_kernel_ns for r in snd.records()] == [1_100, 2_100, 3_100]
+    assert snd.counters.tx_stamp_rejected == 0

@@ -148,6 +148,7 @@ class SenderCounters(Counters):
     malformed: int = 0
     unknown_seq: int = 0  # replies to a sequence number we never sent
     reflect_mismatch: int = 0  # RFC 6038: replies whose reflected octets differ from what we sent
+    tx_stamp_rejected: int = 0  # kernel TX stamps before the packet's own user T1: a misattributed OPT_ID key
 
 
 class TestSender:
@@ -237,11 +238,23 @@ class TestSender:
         self.counters.sent += 1
         return data
 
-    def on_tx_stamp(self, seq: int, ns: int, source: str) -> None:
+    def on_tx_stamp(self, seq: int, ns: int, source: str) -> bool:
+        """The kernel TX stamp of packet ``seq``; it replaces T1 in the computations. Refused
+        (False, counted) if it precedes the user T1: the kernel cannot stamp a packet before
+        it was handed over, so the stamp belongs to another packet; T1 stays the user stamp."""
         rec = self._records.get(seq)
-        if rec is not None:
-            rec.t1_kernel_ns = ns
-            rec.t1_source = source
+        if rec is None:
+            return False
+        if ns < rec.t1_ns:
+            self.counters.tx_stamp_rejected += 1
+            return False
+        rec.t1_kernel_ns = ns
+        rec.t1_source = source
+        return True
+
+    def t1_user_ns(self, seq: int) -> int | None:
+        rec = self._records.get(seq)
+        return None if rec is None else rec.t1_ns
 
     # ------------------------------------------------------------------ receiving
 

@@ -497,6 +497,9 @@ class _SenderSocket:
         self.sock, self.sender, self.cfg, self.tx_keys = sock, sender, cfg, tx_keys
         self.done, self.expect = done, expect_replies
         self.on_record: Callable[[PacketRecord], None] | None = None
+        # Failed sends that may have used up an OPT_ID key anyway (kernels before 6.8 did on
+        # EAGAIN, commit 488b6d91): the kernel's key is then ours + 0..key_slack.
+        self.key_slack = 0
 
     def on_readable(self) -> None:
         sock, sender = self.sock, self.sender
@@ -532,10 +535,19 @@ class _SenderSocket:
             self.drain_tx()
 
     def drain_tx(self) -> None:
+        sender, keys = self.sender, self.tx_keys
         for key, stamp in ts.drain_tx_stamps(self.sock, config=self.cfg):
-            seq = self.tx_keys.pop(key, None)
+            if self.key_slack:
+                # The stamp is of our key - d, d in 0..slack: take the latest of those packets
+                # handed over before the stamp (an earlier stamp cannot be a later packet's).
+                for k in range(key, max(key - self.key_slack, 0) - 1, -1):
+                    t1 = sender.t1_user_ns(keys.get(k, -1))
+                    if t1 is not None and t1 <= stamp.ns:
+                        key = k
+                        break
+            seq = keys.pop(key, None)
             if seq is not None:
-                self.sender.on_tx_stamp(seq, stamp.ns, stamp.source.value)
+                sender.on_tx_stamp(seq, stamp.ns, stamp.source.value)
 
 
 async def _sleep_until_ns(t_ns: int, spin_ns: int = 0) -> None:
@@ -639,8 +651,10 @@ async def run_twamp_sender(
                         next_key += 1
                     break
                 except BlockingIOError:  # send queue full: let the loop run, then retry
+                    reader.key_slack += 1
                     await asyncio.sleep(0.0005)
                 except OSError as e:  # unreachable etc.: recorded as lost
+                    reader.key_slack += 1
                     log.debug("send seq %d: %s", n, e)
                     break
         if proto is Proto.OWAMP or count == 0:
