@@ -54,6 +54,21 @@ WANTED = ("xwamp_session_up", "xwamp_rtt_seconds_count", "xwamp_rtt_seconds_sum"
 LAST_FETCH_S = 0.0
 
 
+def children_rss_mb(pid: int) -> float:
+    """RSS of the agent's children (the exporter's render worker)."""
+    total = 0.0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    for k in kids:
+        try:
+            total += proc_rss_mb(int(k))[0]
+        except (OSError, AttributeError):
+            pass
+    return total
+
+
 def scrape(port: int) -> dict[str, float]:
     """Sum the few series the report needs. A plain line scan: the full parser would take
     longer on 150k samples than the agent takes to serve them."""
@@ -146,6 +161,7 @@ def main() -> int:
                 m = {}
             t_scrape = time.monotonic() - t_scrape
             rss, hwm = proc_rss_mb(p.pid)
+            kids = children_rss_mb(p.pid)
             p.send_signal(signal.SIGTERM)
             try:
                 p.wait(timeout=60)
@@ -171,11 +187,17 @@ def main() -> int:
           f"(forward={m.get('xwamp_packets_lost_total{forward}', 0):.0f} reverse={m.get('xwamp_packets_lost_total{reverse}', 0):.0f} "
           f"unknown={m.get('xwamp_packets_lost_total{unknown}', 0):.0f})")
     loss = 100.0 * lost / sent if sent else float("nan")
+    # Sent packets are counted per completed cycle; the share of the configured rate that
+    # went out shows whether the loop kept the schedule (late packets are not lost ones).
+    nominal = args.sessions * args.pps * (startup + (w1 - w0))
+    print(f"send_rate_fraction~{sent / nominal:.2f} of {args.sessions * args.pps:.0f} pps configured "
+          f"(completed cycles only: an underestimate)")
     print(f"loss_percent={loss:.4f} (goal < 0.1)")
     if rtt_n:
         print(f"rtt_mean_ms={1e3 * m['xwamp_rtt_seconds_sum'] / rtt_n:.3f}")
     print(f"cpu_cores={cpu:.2f} (user+sys of the agent, averaged over the run; host has {os.cpu_count()})")
-    print(f"rss_mb={rss:.0f} peak_rss_mb={max(peak_rss, hwm):.0f} (goal < 300)")
+    print(f"rss_mb={rss:.0f} peak_rss_mb={max(peak_rss, hwm):.0f} (goal < 300) "
+          f"render_worker_rss_mb={kids:.0f}")
     print(f"scrape: http_s={LAST_FETCH_S:.2f} (agent side: snapshot + render + transfer) total_s={t_scrape:.2f} "
           f"exit_code={p.returncode}")
     tail = [ln for ln in (err or "").splitlines() if "level=error" in ln or "Traceback" in ln]
