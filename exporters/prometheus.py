@@ -342,6 +342,7 @@ class MetricsServer:
         # The exporter's own loop: HTTP and pipe I/O never wait behind a busy measurement
         # loop; only the snapshot itself is taken there (one callback).
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # this thread's loop, for whatever asks for "the" loop
         self._loop = loop
         try:
             loop.run_until_complete(self._bind())
@@ -352,8 +353,18 @@ class MetricsServer:
         ready.set_result(None)
         try:
             loop.run_forever()
+        except Exception:  # through our log format, not threading's raw traceback on stderr
+            log.exception("exporter thread failed")
         finally:
-            loop.run_until_complete(self._unbind())
+            try:
+                loop.run_until_complete(self._unbind())
+                pending = asyncio.all_tasks(loop)  # scrapes in flight at shutdown
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            except Exception:
+                log.exception("exporter shutdown failed")
             loop.close()
 
     async def close(self) -> None:

@@ -392,6 +392,8 @@ def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
             p.kill()
             p.wait()
     assert p.returncode == 0, "".join(lines)
+    bad = [x for x in "".join(lines).splitlines() if x.strip() and not x.startswith("{")]
+    assert not bad, bad
     records = [json.loads(x) for x in "".join(lines).splitlines() if x.strip()]
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     assert records[-1]["msg"] == "agent stopped"
