@@ -263,9 +263,9 @@ class Daemon:
         if self._sa_source is not None:
             try:
                 self._load_table(await self._sa_source.dump())
-            except OSError as e:
+            except Exception as e:  # EPERM, no XFRM, an undecodable record: measure what we can
                 log.warning("cannot read the SA database: discovery and SA metrics off until it works",
-                            extra={"error": str(e)})
+                            extra={"error": str(e) or type(e).__name__})
             self._spawn(self._follow_sas())
             self._spawn(self._refresh_sas())
         if self._want_exporter and self.config.exporter.enabled:
@@ -377,8 +377,8 @@ class Daemon:
             await asyncio.sleep(self.config.agent.sa_refresh_interval)
             try:
                 self._load_table(await self._sa_source.dump())
-            except OSError as e:
-                log.warning("SA re-dump failed", extra={"error": str(e)})
+            except Exception as e:
+                log.warning("SA re-dump failed", extra={"error": str(e) or type(e).__name__})
 
     def _sas_changed(self) -> None:
         """Schedule one fold of the table into SA metrics + rediscovery: a rekey or a

@@ -397,3 +397,30 @@ def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
     records = [json.loads(x) for x in "".join(lines).splitlines() if x.strip()]
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     assert records[-1]["msg"] == "agent stopped"
+
+
+def test_unreadable_sa_database_does_not_stop_the_agent(tmp_path: Path) -> None:
+    from netlink.errors import XfrmDecodeError
+
+    h = Harness(tmp_path, PEERS)
+
+    class Broken(FakeSAs):
+        def __init__(self, exc: Exception) -> None:
+            super().__init__([])
+            self.exc = exc
+
+        async def dump(self) -> list:
+            raise self.exc
+
+    for exc in (PermissionError(1, "Operation not permitted"), XfrmDecodeError("bad attribute")):
+        h.sas = Broken(exc)
+
+        async def main() -> None:
+            d = h.daemon()
+            task = asyncio.ensure_future(d.run())
+            await asyncio.wait_for(d.ready.wait(), 10)
+            assert sorted(d.slots) == ["peer:a", "peer:b"] and len(d.table) == 0
+            d.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
+
+        asyncio.run(main())
