@@ -145,13 +145,13 @@ class Tap:
                     got.setdefault(int.from_bytes(data[ihl + 8 : ihl + 12], "big"), sec * 1_000_000_000 + nsec)
 
     def passages(self) -> dict[int, tuple[int, int]]:
-        """{seq: (into R, out of R)} for packets seen both ways; closes the sockets."""
-        try:
-            rin, rout = self._read("r0"), self._read("r1")
-        finally:
-            for s in self.socks.values():
-                s.close()
+        """{seq: (into R, out of R)} for packets seen both ways."""
+        rin, rout = self._read("r0"), self._read("r1")
         return {k: (rin[k], rout[k]) for k in rin.keys() & rout.keys()}
+
+    def close(self) -> None:
+        for s in self.socks.values():
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -265,11 +265,12 @@ def test_path_delay_shows_in_rtt_and_forward_one_way_only(path: Path) -> None:
         assert r.t1_error in real and r.reflector_error in real and r.t4_error in real
 
     _tc(path.r, "qdisc", "add", "dev", "r1", "root", "netem", "delay", "10ms")
+    tap = Tap.open(path.lr)
     try:
-        tap = Tap.open(path.lr)
         delayed = _measure(path, SHARED_CLOCK)
         seen = tap.passages()
     finally:
+        tap.close()
         _tc(path.r, "qdisc", "del", "dev", "r1", "root")
     assert sorted(seen) == list(range(N)), "the tap in R missed packets"
 
