@@ -263,8 +263,9 @@ class Binder:
         self.ike = ike
         self.refusals: collections.Counter[str] = collections.Counter()
 
-    def _refuse(self, reason: Reason, detail: str) -> BinderRefusal:
-        return self.count(BinderRefusal(reason, detail))
+    def _refuse(self, reason: Reason, detail: str, count: bool = True) -> BinderRefusal:
+        refusal = BinderRefusal(reason, detail)
+        return self.count(refusal) if count else refusal
 
     def count(self, refusal: BinderRefusal) -> BinderRefusal:
         """Count and log a refusal raised elsewhere (e.g. by a Binding's key derivation)."""
@@ -277,30 +278,34 @@ class Binder:
             return None
         return self.ike.by_child_spis(c2s.spi, s2c.spi) or self.ike.by_reqid(c2s.reqid)
 
-    def _finish(self, role: Literal["client", "server"], ann: Announcement, c2s: SA, s2c: SA) -> Binding:
+    def _finish(self, role: Literal["client", "server"], ann: Announcement, c2s: SA, s2c: SA,
+                count: bool = True) -> Binding:
         for sa in (c2s, s2c):
             try:
                 ik.check_usable(sa)
             except BinderRefusal as e:
-                raise self._refuse(e.reason, e.detail) from None
+                raise self._refuse(e.reason, e.detail, count) from None
         ike = self._ike_for(c2s, s2c)
         if ann.root == Root.SKEYSEED and (ike is None or ike.skeyseed is None):
-            raise self._refuse(Reason.NO_IKE_SOURCE, f"spi=0x{c2s.spi:08x} reqid={c2s.reqid}")
+            raise self._refuse(Reason.NO_IKE_SOURCE, f"spi=0x{c2s.spi:08x} reqid={c2s.reqid}", count)
         b = Binding(role, ann, c2s, s2c, ike, self.config)
         log.debug("bound %s", b.describe())
         return b
 
     # --- server -------------------------------------------------------------
 
-    def announce(self, server: IPAddress, client: IPAddress) -> Binding:
-        """Find the SA pair of this control connection and the announcement naming it."""
+    def announce(self, server: IPAddress, client: IPAddress, *, count: bool = True) -> Binding:
+        """Find the SA pair of this control connection and the announcement naming it.
+
+        ``count=False``: a probe (the Server-Greeting deciding whether to offer the IPsec
+        modes); finding no SA then is not a refusal, and is neither counted nor logged."""
         server, client = _addr(server), _addr(client)
         # Inbound candidates (client->server), best first: ESP before AH (an AH+ESP bundle
         # keys from ESP), newest first; the pair is the first whose CHILD_SA (same reqid)
         # also has an outbound SA. A handful of SAs per host pair: effectively O(1).
         inbound = [sa for sa in self.table.between(client, server) if int(sa.proto) in (Proto.ESP, Proto.AH)]
         if not inbound:
-            raise self._refuse(Reason.NO_SA, f"no SA {client}->{server}")
+            raise self._refuse(Reason.NO_SA, f"no SA {client}->{server}", count)
         inbound.sort(key=lambda sa: (int(sa.proto) == Proto.ESP, sa.current.add_time), reverse=True)
         c2s = s2c = None
         for cand in inbound:
@@ -311,10 +316,10 @@ class Binder:
                 break
         if c2s is None or s2c is None:
             best = inbound[0]
-            raise self._refuse(Reason.NO_REVERSE_SA, f"spi=0x{best.spi:08x} reqid={best.reqid}")
+            raise self._refuse(Reason.NO_REVERSE_SA, f"spi=0x{best.spi:08x} reqid={best.reqid}", count)
         ann = Announcement(c2s.spi, int(c2s.proto), self.config.root, self.config.prf,
                            FLAG_SID_BOUND if self.config.sid_bound else 0, s2c.spi)
-        return self._finish("server", ann, c2s, s2c)
+        return self._finish("server", ann, c2s, s2c, count)
 
     def offerable(self, binding: Binding, protocol: str = "twamp") -> int:
         """The IPsec bits a server may offer with this binding (wire-format §1)."""
@@ -392,16 +397,20 @@ class BinderKeySource:
             self._bindings.popitem(last=False)
         return b
 
-    def binding(self, ctx: HandshakeContext) -> Binding:
-        """The connection's binding; on the client, validates the greeting on first use."""
+    def binding(self, ctx: HandshakeContext, *, probe: bool = False) -> Binding:
+        """The connection's binding; on the client, validates the greeting on first use.
+
+        ``probe``: the server's greeting asking whether there is an SA pair at all. A
+        miss is then no refusal (the IPsec modes are simply not offered); it counts once
+        a client picks an IPsec mode on such a connection, through the other hooks."""
         b = self._bindings.get(self._conn(ctx))
         if b is not None:
             return b
         if ctx.local is None or ctx.peer is None:
-            raise self.binder._refuse(Reason.NO_SA, "connection addresses unknown")
+            raise self.binder._refuse(Reason.NO_SA, "connection addresses unknown", not probe)
         if ctx.role == "client":
             return self._remember(ctx, self.binder.accept(ctx.greeting_unused, ctx.local[0], ctx.peer[0]))
-        return self._remember(ctx, self.binder.announce(ctx.local[0], ctx.peer[0]))
+        return self._remember(ctx, self.binder.announce(ctx.local[0], ctx.peer[0], count=not probe))
 
     def forget(self, ctx: HandshakeContext) -> None:
         self._bindings.pop(self._conn(ctx), None)
@@ -414,7 +423,7 @@ class BinderKeySource:
     def greeting_extra(self, ctx: HandshakeContext) -> bytes | None:
         """Server: the announcement, or None when this connection has no usable SA pair."""
         try:
-            b = self.binding(ctx)
+            b = self.binding(ctx, probe=True)
         except BinderRefusal:
             return None
         return b.announcement.pack()

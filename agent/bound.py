@@ -149,6 +149,10 @@ class PolicyMap:
         elif kind is EventKind.FLUSH_POLICY:
             self.clear()
 
+    def out_policies(self) -> list[Policy]:
+        """The outbound ALLOW policies with templates (the ones naming tunnels)."""
+        return [p for p in self._by_key.values() if int(p.direction) == 1 and p.action == 0 and p.templates]
+
     def outer(self, local: IPAddress, peer: IPAddress) -> Outer | None:
         """The tunnel carrying local -> peer, or None (no tunnel-mode policy: transport
         mode or host-to-host, where the SA's addresses are the connection's own)."""
@@ -198,9 +202,9 @@ class TunnelBinder(Binder):
         o = self.policies.outer(local, peer) if self.policies is not None else None
         return (o.local, o.peer) if o is not None else (local, peer)
 
-    def announce(self, server: IPAddress, client: IPAddress) -> Binding:
+    def announce(self, server: IPAddress, client: IPAddress, *, count: bool = True) -> Binding:
         s, c = self.outer(server, client)
-        return super().announce(s, c)
+        return super().announce(s, c, count=count)
 
     def accept(self, unused: bytes, client: IPAddress, server: IPAddress) -> Binding:
         c, s = self.outer(client, server)

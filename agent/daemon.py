@@ -5,9 +5,14 @@ Pieces, all on one event loop:
 * the **supervisor** (:class:`Daemon`): one :class:`SessionRunner` per measured peer —
   configured ``[[peers]]`` plus tunnels discovered in the SA table — restarted with
   backoff when they fail, diffed on SIGHUP so unchanged sessions keep running;
-* the **SA follower**: a dump of the kernel's SAs into a :class:`netlink.table.SATable`,
-  kept current by XFRM events and re-dumped every ``agent.sa_refresh_interval``
-  (kernel counters, lost events); the binder and discovery read that table;
+* the **SA/policy follower**: a dump of the kernel's SAs into a :class:`netlink.table.SATable`
+  and of its policies into an :class:`agent.bound.PolicyMap`, both kept current by the
+  same XFRM events and re-dumped every ``agent.sa_refresh_interval`` (kernel counters,
+  lost events); discovery and the binder read them;
+* the **binder runtime** (:class:`agent.bound.BinderRuntime`): a TunnelBinder (a control
+  connection between a tunnel's *inner* addresses binds to its tunnel-mode SA pair,
+  found through the outbound policy) and the rekey tracker: a rekey rebinds the bound
+  sessions on the new pair, an SA deleted with no successor stops them (reason exported);
 * the O/TWAMP **server** (agent.control.aio listeners with agent.session handlers);
 * the **exporter** (exporters.prometheus.MetricsServer) over :class:`agent.metrics.MetricsState`.
 
@@ -18,8 +23,10 @@ supervisor is tested with fakes and the real control/test planes are wired in be
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
+import itertools
 import logging
 import os
 import random
@@ -91,11 +98,16 @@ ServerFactory = Callable[[cfg.ServerSection], Server]
 
 
 class SASource(Protocol):
-    """Where the SA table comes from (the kernel through netlink, or a test's fake)."""
+    """Where the SA table comes from (the kernel through netlink, or a test's fake).
+    ``events()`` yields SA and policy events; an optional ``dump_policies()`` (absent
+    on fakes without policies) feeds the PolicyMap."""
 
     async def dump(self) -> list[SA]: ...
 
     def events(self) -> AsyncIterator[Any]: ...  # netlink.events.XfrmEvent
+
+
+SA_GRACE = 5.0  # a bound SA deleted: wait this long for its successor before stopping the session
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -124,9 +136,31 @@ def _selector_net(sa: SA) -> Any:
         return None
 
 
-def discover(table: SATable, d: cfg.DiscoverySection, is_local: Callable[[IPAddress], bool]) -> list[SessionSpec]:
+def _inner_ends(policies: Any, o: SA, local: Callable[[IPAddress], bool]) -> tuple[IPAddress, IPAddress] | None:
+    """For a tunnel-mode SA: the (local, remote) *inner* host addresses its outbound
+    policy carries, when the selector names one host each side and the local one is
+    ours. Traffic between the outer addresses does not go through the tunnel, so a
+    tunnel is measured between these (the agents listen there)."""
+    if policies is None or int(o.mode) != 1:  # XFRM_MODE_TUNNEL
+        return None
+    for p in policies.out_policies():
+        s = p.selector
+        full = 32 if s.saddr.version == 4 else 128
+        if s.prefixlen_s != full or s.prefixlen_d != full:
+            continue
+        if not any(t.saddr == o.saddr and t.daddr == o.daddr and (not t.reqid or t.reqid == o.reqid)
+                   for t in p.templates):
+            continue
+        if local(s.saddr) and not local(s.daddr):
+            return s.saddr, s.daddr
+    return None
+
+
+def discover(table: SATable, d: cfg.DiscoverySection, is_local: Callable[[IPAddress], bool],
+             policies: Any = None) -> list[SessionSpec]:
     """Tunnels to measure: each outbound/inbound SA pair whose local end is ours and whose
-    remote end passes the filters. Keyed by (remote, reqid): stable across rekeys."""
+    remote end passes the filters. Keyed by (remote, reqid): stable across rekeys.
+    Tunnel mode with a host-to-host policy: measured between the inner addresses."""
     if not d.enabled:
         return []
     local_cache: dict[IPAddress, bool] = {}
@@ -154,14 +188,25 @@ def discover(table: SATable, d: cfg.DiscoverySection, is_local: Callable[[IPAddr
             if net is None or not any(net.version == s.version and net.overlaps(s) for s in d.selectors):
                 continue
         key = f"sa:{remote}/{o.reqid}"
-        tunnel = Tunnel(name=f"{remote}/{o.reqid}", peer=str(remote), reqid=str(o.reqid), protocol=d.session.protocol)
-        out[key] = SessionSpec(key, tunnel, "discovered", remote, o.saddr, d.session)
+        inner = _inner_ends(policies, o, local)
+        src, dst = inner if inner is not None else (o.saddr, remote)
+        tunnel = Tunnel(name=f"{remote}/{o.reqid}", peer=str(dst), reqid=str(o.reqid), protocol=d.session.protocol)
+        out[key] = SessionSpec(key, tunnel, "discovered", dst, src, d.session)
     return [out[k] for k in sorted(out)]
 
 
-def configured(c: cfg.Config) -> list[SessionSpec]:
-    return [SessionSpec(p.key, Tunnel(p.name, str(p.address), "", p.session.protocol), "configured",
-                        p.address, p.source, p.session) for p in c.peers]
+def configured(c: cfg.Config, policies: Any = None) -> list[SessionSpec]:
+    """Configured peers; one carried by a tunnel-mode policy (given its ``source``) is
+    labelled with the tunnel's reqid, so its session and SA series line up."""
+    out = []
+    for p in c.peers:
+        reqid = ""
+        if policies is not None and p.source is not None:
+            o = policies.outer(p.source, p.address)
+            reqid = str(o.reqid) if o is not None and o.reqid else ""
+        out.append(SessionSpec(p.key, Tunnel(p.name, str(p.address), reqid, p.session.protocol), "configured",
+                               p.address, p.source, p.session))
+    return out
 
 
 # ----------------------------------------------------------------------------- supervisor
@@ -196,6 +241,8 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.table = SATable()
+        self.policies: Any = None  # agent.bound.PolicyMap, with the binder
+        self.runtime: Any = None  # agent.bound.BinderRuntime
         self.binder: Any = None
         self.metrics = metrics or MetricsState(config.exporter.buckets, config.exporter.ipdv_buckets)
         self._runner_factory = runner_factory
@@ -261,6 +308,7 @@ class Daemon:
         if self._sa_source is None:
             self._sa_source = default_sa_source(self.config.agent.netns)
         if self._sa_source is not None:
+            await self._load_policies()  # before the SAs: their discovery maps through policies
             try:
                 self._load_table(await self._sa_source.dump())
             except Exception as e:  # EPERM, no XFRM, an undecodable record: measure what we can
@@ -289,6 +337,8 @@ class Daemon:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.runtime is not None:
+            await self.runtime.close()
         if self.exporter is not None:
             await self.exporter.close()
             self.exporter = None
@@ -335,13 +385,14 @@ class Daemon:
         self.server = srv
 
     def _setup_binder(self) -> None:
-        try:
-            from agent import binder as b
-        except ImportError:  # pragma: no cover - binder always ships now
-            return
-        with contextlib.suppress(ValueError):
-            b.register_modes()
-        self.binder = b.Binder(self.table)
+        from agent import bound
+
+        # One table, one policy map, one runtime: the server, every client session and
+        # discovery see the same (netlink-event-fed) view of the kernel.
+        self.policies = bound.PolicyMap()
+        self.runtime = bound.BinderRuntime(self.table, self.policies, grace=SA_GRACE)
+        self.runtime.start()  # the ticker: grace periods end in a Stop
+        self.binder = self.runtime.binder
         binder = self.binder
         self.metrics.refusal_sources.append(lambda: binder.refusals)
 
@@ -349,7 +400,26 @@ class Daemon:
 
     def _load_table(self, sas: list[SA]) -> None:
         self.table.replace_all(sas)  # the same object: the binder holds it
+        if self.runtime is not None:
+            # Bound SAs that vanished between dumps (lost events) are treated as deleted.
+            from netlink.events import EventKind, XfrmEvent
+
+            self.runtime.on_event(XfrmEvent(EventKind.OVERFLOW))
         self._sas_changed()
+
+    async def _load_policies(self) -> None:
+        dump = getattr(self._sa_source, "dump_policies", None)
+        if dump is None or self.policies is None:
+            return
+        try:
+            pols = await dump()
+        except Exception as e:
+            log.warning("cannot read the IPsec policies: tunnel-mode binding off until it works",
+                        extra={"error": str(e) or type(e).__name__})
+            return
+        self.policies.clear()
+        for p in pols:
+            self.policies.put(p)
 
     async def _follow_sas(self) -> None:
         assert self._sa_source is not None
@@ -359,9 +429,13 @@ class Daemon:
                 async for ev in self._sa_source.events():
                     backoff = BACKOFF_MIN
                     if getattr(getattr(ev, "kind", None), "name", "") == "OVERFLOW":
+                        await self._load_policies()
                         self._load_table(await self._sa_source.dump())  # events were lost: re-dump
                         continue
                     self.table.apply(ev)
+                    if self.runtime is not None:
+                        self.policies.apply(ev)
+                        self.runtime.on_event(ev)  # after the table applied it (RekeyTracker's contract)
                     self._sas_changed()
                 return
             except asyncio.CancelledError:
@@ -375,6 +449,7 @@ class Daemon:
         assert self._sa_source is not None
         while True:
             await asyncio.sleep(self.config.agent.sa_refresh_interval)
+            await self._load_policies()
             try:
                 self._load_table(await self._sa_source.dump())
             except Exception as e:
@@ -392,10 +467,9 @@ class Daemon:
 
     def _do_rediscover(self) -> None:
         self._rediscover = None
-        if self.config.discovery.enabled:
-            self._spawn(self._apply_sessions(self._desired(self.config)))  # folds SA metrics too
-        else:
-            self._update_sa_metrics()
+        # Configured peers depend on the SAs too (a tunnel's reqid labels them): always
+        # diff; unchanged sessions are left alone. Folds SA metrics too.
+        self._spawn(self._apply_sessions(self._desired(self.config)))
 
     def _update_sa_metrics(self) -> None:
         by_remote: dict[IPAddress, list[SA]] = {}
@@ -404,12 +478,17 @@ class Daemon:
             by_remote.setdefault(sa.saddr, []).append(sa)
         for key, slot in self.slots.items():
             spec = slot.spec
-            sas = by_remote.get(spec.address, [])
-            if spec.origin == "discovered":
+            remote, local = spec.address, spec.local
+            if self.policies is not None and local is not None:
+                o = self.policies.outer(local, remote)
+                if o is not None:  # tunnel mode: the SAs run between the outer addresses
+                    remote, local = o.peer, o.local
+            sas = by_remote.get(remote, [])
+            if spec.tunnel.reqid:
                 reqid = int(spec.tunnel.reqid)
                 sas = [sa for sa in sas if sa.reqid == reqid]
-            outs = [sa for sa in sas if sa.daddr == spec.address and (spec.local is None or sa.saddr == spec.local)]
-            ins = [sa for sa in sas if sa.saddr == spec.address and (spec.local is None or sa.daddr == spec.local)]
+            outs = [sa for sa in sas if sa.daddr == remote and (local is None or sa.saddr == local)]
+            ins = [sa for sa in sas if sa.saddr == remote and (local is None or sa.daddr == local)]
             if spec.origin == "configured" and outs:
                 # A configured peer: the tunnel is the reqid of the newest outbound SA.
                 best = max(outs, key=lambda s: (s.current.add_time, s.reqid))
@@ -426,9 +505,10 @@ class Daemon:
     # ---- sessions ---------------------------------------------------------------------
 
     def _desired(self, c: cfg.Config) -> list[SessionSpec]:
-        specs = configured(c)
+        specs = configured(c, self.policies)
         taken = {s.address for s in specs}
-        specs += [s for s in discover(self.table, c.discovery, self._is_local) if s.address not in taken]
+        specs += [s for s in discover(self.table, c.discovery, self._is_local, self.policies)
+                  if s.address not in taken]
         return specs
 
     async def _apply_sessions(self, specs: list[SessionSpec]) -> None:
@@ -478,7 +558,7 @@ class Daemon:
     def _make_runner(self, spec: SessionSpec, m: SessionMetrics) -> SessionRunner:
         if self._runner_factory is not None:
             return self._runner_factory(spec, m)
-        return CycleRunner(spec, m, self._client_key_source(spec))
+        return CycleRunner(spec, m, self._client_key_source(spec), self.runtime)
 
     async def _supervise(self, slot: _Slot, delay: float = 0.0) -> None:
         backoff = BACKOFF_MIN
@@ -516,10 +596,8 @@ class Daemon:
         from agent import keyring
 
         sources: list[Any] = []
-        if self.binder is not None:
-            from agent.binder import BinderKeySource
-
-            sources.append(BinderKeySource(self.binder))
+        if self.runtime is not None:
+            sources.append(self.runtime.keys)  # shared: the runner reads back the binding it made
         if spec.session.keyfile:
             sources.append(keyring.PassphraseFile(spec.session.keyfile))
         return keyring.ChainedKeySource(*sources) if sources else None
@@ -576,23 +654,37 @@ def _newest(sas: list[SA]) -> SA | None:
 # ----------------------------------------------------------------------------- real planes
 
 
+REBIND_TIMEOUT = 10.0  # after a rekey, the peer may need a moment to see the new pair (wire-format §5)
+_bind_ids = itertools.count(1)
+
+
+class SessionStopped(Exception):
+    """The session's SA binding ended it (reason first: ``sa_deleted: spi...``); key-free."""
+
+
 class CycleRunner:
     """A configured or discovered peer, measured in cycles of ``count`` packets.
 
-    TWAMP: one control connection for the runner's life; each cycle is Request-TW-Session,
+    TWAMP: one control connection at a time; each cycle is Request-TW-Session,
     Start-Sessions, the packets, Stop-Sessions; then its records go to the metrics.
     :meth:`stop` interrupts the packets and still sends Stop-Sessions before closing.
+    In an IPsec-derived mode the connection is bound to its SA pair (``runtime``, an
+    agent.bound.BinderRuntime): on a rekey the cycle is cut short, Stop-Sessions
+    (Accept=0) sent and the connection re-established on the new pair (``rebinds``);
+    when the SA dies with no successor the runner ends with :class:`SessionStopped`.
     OWAMP: each cycle is one agent.session.owping conversation (both directions + fetch)."""
 
-    def __init__(self, spec: SessionSpec, metrics: SessionMetrics, key_source: Any) -> None:
+    def __init__(self, spec: SessionSpec, metrics: SessionMetrics, key_source: Any, runtime: Any = None) -> None:
         self.spec = spec
         self.metrics = metrics
         self.key_source = key_source
+        self.runtime = runtime
         self._task: asyncio.Task | None = None
         self._sender: asyncio.Future | None = None
         self._stopping = False
         self._cycles = 0
         self.stop_sent = False
+        self.binding: Any = None  # the live agent.binder.Binding, for snapshots (repr is key-free)
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._twamp() if self.spec.session.protocol == "twamp" else self._owamp())
@@ -614,9 +706,45 @@ class CycleRunner:
         await asyncio.gather(self._task, return_exceptions=True)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"peer": str(self.spec.address), "cycles": self._cycles, "up": self.metrics.up}
+        return {"peer": str(self.spec.address), "cycles": self._cycles, "up": self.metrics.up,
+                "binding": repr(self.binding) if self.binding is not None else ""}
 
     async def _twamp(self) -> None:
+        from agent.binder import Rebind
+
+        rebind_deadline: float | None = None
+        while not self._stopping:
+            refusals = dict(self.runtime.binder.refusals) if self.runtime is not None else {}
+            try:
+                action = await self._twamp_connection()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if rebind_deadline is not None and time.monotonic() < rebind_deadline and not self._stopping:
+                    log.info("re-establishing on the new SA pair failed, retrying",
+                             extra={"session": self.spec.key, "error": str(e) or type(e).__name__})
+                    await asyncio.sleep(0.5)
+                    continue
+                if self.runtime is not None and dict(self.runtime.binder.refusals) != refusals:
+                    self.metrics.stop_binder_refused += 1
+                raise
+            rebind_deadline = None
+            if action is None:
+                return
+            if isinstance(action, Rebind):
+                self.metrics.rebinds += 1
+                log.info("rekey: rebinding the session on the new SA pair",
+                         extra={"session": self.spec.key, "spi_c2s": f"0x{action.new_c2s.spi:08x}",
+                                "spi_s2c": f"0x{action.new_s2c.spi:08x}", "reqid": action.old.reqid})
+                rebind_deadline = time.monotonic() + REBIND_TIMEOUT
+                continue
+            self.metrics.stop_sa_deleted += 1
+            raise SessionStopped(f"{action.reason.value}: spi_c2s=0x{action.old.c2s.spi:08x} "
+                                 f"spi_s2c=0x{action.old.s2c.spi:08x} reqid={action.old.reqid}")
+
+    async def _twamp_connection(self) -> Any:
+        """One control connection: cycles until stopped (None) or the binder acts (Rebind/Stop)."""
+        from agent.binder import IPSEC_BITS, Stop
         from agent.control import messages as m
         from agent.control.aio import AsyncControlClient, ControlError, family_of
         from agent.test import udp
@@ -627,10 +755,31 @@ class CycleRunner:
         conn = await AsyncControlClient.connect(host, t.effective_port, twamp=True, wanted=t.modes,
                                                 key_id=t.user or "", key_source=self.key_source,
                                                 family=family_of(host))
+        loop = asyncio.get_running_loop()
+        action: asyncio.Future = loop.create_future()
+        key: tuple[str, str, int] | None = None
         try:
+            mode = conn.cli.mode
+            if self.runtime is not None and mode & IPSEC_BITS:
+                assert conn.greeting is not None
+                self.binding = self.runtime.binding_for("client", conn.local, conn.peer, mode, conn.greeting.unused)
+
+                def on_action(a: Any) -> None:
+                    if not action.done():
+                        action.set_result(a)
+                    if self._sender is not None and not self._sender.done():
+                        self._sender.cancel()  # the cycle ends now; Stop-Sessions follows
+
+                key = ("daemon", self.spec.key, next(_bind_ids))
+                self.runtime.bind(key, self.binding, on_action)  # may decide at once (SA already gone)
+                self.metrics.sa_keyed = True
+                log.info("session bound to its SA pair",
+                         extra={"session": self.spec.key, "spi_c2s": f"0x{self.binding.c2s.spi:08x}",
+                                "spi_s2c": f"0x{self.binding.s2c.spi:08x}", "reqid": self.binding.reqid,
+                                "mode": f"0x{mode:08x}"})
             local_ip, peer_ip = conn.local[0], conn.peer[0]
-            pad = t.padding if t.padding is not None else symmetric_padding(Proto.TWAMP, security_from_mode(conn.cli.mode))
-            while not self._stopping:
+            pad = t.padding if t.padding is not None else symmetric_padding(Proto.TWAMP, security_from_mode(mode))
+            while not self._stopping and not action.done():
                 sock = udp.open_udp_socket((str(local_ip), 0), dscp=t.dscp or None)
                 try:
                     req = m.RequestTWSession(local_ip, peer_ip, sock.getsockname()[1], 0, padding_length=pad,
@@ -642,26 +791,40 @@ class CycleRunner:
                         raise ControlError("Start-Sessions refused")
                     self.metrics.up = True
                     self._sender = asyncio.ensure_future(udp.run_twamp_sender(
-                        ("", 0), (str(peer_ip), acc.accept.port), conn.cli.mode, acc.test_keys, count=t.count,
+                        ("", 0), (str(peer_ip), acc.accept.port), mode, acc.test_keys, count=t.count,
                         interval=t.interval, schedule=t.schedule, padding=pad, timeout=t.timeout, sock=sock,
                         hardware=False))
+                    if action.done():  # decided while we set up: no packets on a dead pair
+                        self._sender.cancel()
                     records = None
                     try:
                         records = await self._sender
                     except asyncio.CancelledError:
-                        if not self._stopping:
+                        if not self._stopping and not action.done():
                             raise  # we were cancelled, not just the packets
-                    await conn.stop_sessions(1)
+                    # wire-format §5: Accept=0 before re-establishing on a new pair; after a
+                    # Stop the tunnel is gone and the message may never arrive (Accept=2 says why).
+                    outcome = action.result() if action.done() else None
+                    if isinstance(outcome, Stop):
+                        with contextlib.suppress(ControlError, OSError, asyncio.TimeoutError):
+                            await asyncio.wait_for(conn.stop_sessions(1, m.ACCEPT_INTERNAL_ERROR), 2.0)
+                    else:
+                        await conn.stop_sessions(1)
                     self.stop_sent = True
                     if records is None:
-                        return
+                        break
                     self.metrics.observe_cycle(records, reflector_stateful=True)
                     self._cycles += 1
                 finally:
                     self._sender = None
                     sock.close()
+            return action.result() if action.done() else None
         finally:
+            if key is not None:
+                self.runtime.release(key)
+            self.binding = None
             self.metrics.up = False
+            self.metrics.sa_keyed = False
             await conn.close()
 
     async def _owamp(self) -> None:
@@ -686,6 +849,11 @@ class ControlServers:
         self.section = s
         self.daemon = daemon
         self.listeners: list[Any] = []
+        # What agent.bound's bound reflector reports to (its "owner"): the runtime whose
+        # tracker ends a connection's sessions when its SA dies, and recent connections.
+        self.runtime = daemon.runtime
+        self.connections: collections.deque = collections.deque(maxlen=256)
+        self._ids = itertools.count(1)
 
     def _modes(self, twamp: bool) -> int:
         from agent.control import modes as md
@@ -707,17 +875,20 @@ class ControlServers:
 
         s = self.section
         sources: list[Any] = []
-        if self.daemon.binder is not None:
-            from agent.binder import BinderKeySource
-
-            sources.append(BinderKeySource(self.daemon.binder))
+        if self.runtime is not None:
+            sources.append(self.runtime.keys)  # the reflectors read back the bindings it made
         if s.keyfile:
             sources.append(keyring.PassphraseFile(s.keyfile))
         ks = keyring.ChainedKeySource(*sources) if sources else None
         limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
                                 max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout)
         hosts = list(s.listen)
-        for twamp, port, enabled, handler in ((True, s.twamp_port, s.twamp, session.TwampHandler),
+        twamp_handler: Any = session.TwampHandler
+        if self.runtime is not None:
+            from agent.bound import _BoundReflector
+
+            twamp_handler = lambda srv: _BoundReflector(srv, self)  # noqa: E731 - follows its SA
+        for twamp, port, enabled, handler in ((True, s.twamp_port, s.twamp, twamp_handler),
                                                (False, s.owamp_port, s.owamp, session.OwampHandler)):
             if not enabled:
                 continue
@@ -767,6 +938,13 @@ class _NetlinkSource:
     async def dump(self) -> list[SA]:
         # A big dump decodes for a while: keep the loop (test packets) free meanwhile.
         return await asyncio.get_running_loop().run_in_executor(None, self._dump)
+
+    def _dump_policies(self) -> list[Any]:
+        with self._nlc.XfrmClient(self._netns) as client:
+            return list(client.dump_policies())
+
+    async def dump_policies(self) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._dump_policies)
 
     async def events(self) -> AsyncIterator[Any]:
         from netlink import monitor

@@ -91,7 +91,10 @@ def _err_seconds(packed: int) -> float:
 
 COUNTER_FIELDS = ("sent", "received", "lost_forward", "lost_reverse", "lost_unknown",
                   "dup_forward", "dup_reverse", "reordered", "owd_untrusted_forward",
-                  "owd_untrusted_reverse", "cycles", "restarts", "rekeys")
+                  "owd_untrusted_reverse", "cycles", "restarts", "rekeys",
+                  # the control connection's SA binding (agent.bound): re-established on the
+                  # successor pair after a rekey; ended because the bound SA died / was refused
+                  "rebinds", "stop_sa_deleted", "stop_binder_refused")
 
 
 class SessionMetrics:
@@ -110,7 +113,8 @@ class SessionMetrics:
         self.ipdv_reverse = Histogram(ipdv_buckets)
         self.ipdv_round_trip = Histogram(ipdv_buckets)
         self.up = False  # control connection established and test sessions running
-        self.sa_bound = False  # keyed/bound to a live SA pair
+        self.sa_bound = False  # the tunnel has a live SA pair
+        self.sa_keyed = False  # the control connection is bound to and keyed from that pair
         self.peer_clock_error: float | None = None  # reflector's Error Estimate, seconds
         self.last_reply = 0.0  # unix seconds
         self._recent: dict[int, tuple[int | None, int | None, int | None]] = {}
@@ -129,6 +133,9 @@ class SessionMetrics:
     cycles: int
     restarts: int
     rekeys: int
+    rebinds: int
+    stop_sa_deleted: int
+    stop_binder_refused: int
 
     # --- hot path (loop thread) ------------------------------------------------
 
@@ -248,6 +255,7 @@ class SessionMetrics:
             histograms={n: getattr(self, n).snapshot() for n in HISTOGRAMS},
             up=self.up,
             sa_bound=self.sa_bound,
+            sa_keyed=self.sa_keyed,
             peer_clock_error=self.peer_clock_error,
             last_reply=self.last_reply,
         )
@@ -266,6 +274,7 @@ class SessionSnapshot:
     sa_bound: bool
     peer_clock_error: float | None
     last_reply: float
+    sa_keyed: bool = False
 
 
 # --- kernel SA counters --------------------------------------------------------

@@ -81,11 +81,18 @@ SESSION_COUNTERS: tuple[tuple[str, str, str | None, tuple[tuple[str | None, str]
      "direction", (("forward", "owd_untrusted_forward"), ("reverse", "owd_untrusted_reverse"))),
     ("cycles", "Measurement cycles completed (loss is settled per cycle).", None, ((None, "cycles"),)),
     ("session_restarts", "Times the session was (re)started after a failure.", None, ((None, "restarts"),)),
+    ("session_rebinds", "Times the session's control connection was re-established on the successor SA "
+     "pair after a rekey (IPsec-bound modes).", None, ((None, "rebinds"),)),
+    ("session_stops", "Sessions ended by their SA binding: sa_deleted (the bound SA died with no successor), "
+     "binder_refused (the binder refused the connection).", "reason",
+     (("sa_deleted", "stop_sa_deleted"), ("binder_refused", "stop_binder_refused"))),
 )
 # (name, help, value or None to omit the series)
 SESSION_GAUGES: tuple[tuple[str, str, Callable[[Any], float | None]], ...] = (
     ("session_up", "1 when the control connection is up and test packets flow.", lambda ss: 1 if ss.up else 0),
     ("session_sa_bound", "1 when the tunnel has a live SA in each direction.", lambda ss: 1 if ss.sa_bound else 0),
+    ("session_sa_keyed", "1 when the control connection is bound to the tunnel's SA pair and keyed from it "
+     "(an IPsec-derived mode).", lambda ss: 1 if ss.sa_keyed else 0),
     ("peer_clock_error_seconds", "The reflector's clock Error Estimate, as last reported.",
      lambda ss: ss.peer_clock_error),
     ("last_reply_timestamp_seconds", "Unix time of the last reply.", lambda ss: ss.last_reply or None),

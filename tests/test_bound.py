@@ -300,3 +300,23 @@ def test_netns_loop_runs_in_its_namespace() -> None:
             NetnsLoop(ns + "-missing").start()
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_greeting_to_a_peer_without_sa_is_not_a_refusal() -> None:
+    """The server asks the binder on every greeting whether to offer the IPsec modes;
+    a peer with no SA is the normal case for unauth clients, not a refusal. It counts
+    once a client actually picks an IPsec mode on such a connection."""
+    from agent.binder import BinderKeySource, Modes
+    from agent.ipsec_keys import BinderRefusal
+    from agent.keyring import HandshakeContext
+
+    rt = BinderRuntime(SATable(), PolicyMap())
+    ks = rt.keys
+    assert isinstance(ks, BinderKeySource)
+    conn = ((LO, 862), (ip("127.0.0.9"), 40000))
+    for _ in range(3):
+        assert ks.greeting_extra(HandshakeContext("server", "twamp", *conn, 1)) is None
+    assert not rt.binder.refusals
+    with pytest.raises(BinderRefusal):
+        ks.token_key("", HandshakeContext("server", "twamp", *conn, 2 | int(Modes.IPSEC_BOUND)))
+    assert rt.binder.refusals == {"no_sa": 1}

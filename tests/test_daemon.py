@@ -424,3 +424,144 @@ def test_unreadable_sa_database_does_not_stop_the_agent(tmp_path: Path) -> None:
             assert await asyncio.wait_for(task, 10) == 0
 
         asyncio.run(main())
+
+
+# --- tunnel-mode binding, rekeys and signals on the real planes (loopback) ---------------
+
+
+def _tunnel_sa_pair(spi_ab: int, spi_ba: int, add_time: int = 1_700_000_000) -> tuple:
+    """A CHILD_SA between outer addresses 192.0.2.1 (A) <-> 192.0.2.2 (B), reqid 7."""
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    ab = make_sa(a, b, spi=spi_ab, reqid=7, add_time=add_time, enc_key=os.urandom(16), auth_key=os.urandom(32))
+    ba = make_sa(b, a, spi=spi_ba, reqid=7, add_time=add_time, enc_key=os.urandom(16), auth_key=os.urandom(32))
+    return ab, ba
+
+
+def _out_policy(src: str, dst: str, tsrc: str, tdst: str) -> Any:
+    from netlink.records import Direction, Mode, Policy, PolicyTemplate, Proto, Selector
+
+    ip = ipaddress.ip_address
+    return Policy(Selector(2, ip(src), ip(dst), 32, 32), Direction.OUT, 0, 0, 0,
+                  (PolicyTemplate(2, ip(tsrc), ip(tdst), 0, Proto.ESP, Mode.TUNNEL, 7),))
+
+
+class FakeXfrm(FakeSAs):
+    """SAs plus policies: both ends of a tunnel as one table sees them. The client
+    (127.0.0.1) sits behind A, the server (127.0.0.2) behind B; the control connection
+    runs between these inner addresses, the SAs between the outer ones."""
+
+    def __init__(self, sas: list) -> None:
+        super().__init__(sas)
+        self.policies = [_out_policy("127.0.0.1", "127.0.0.2", "192.0.2.1", "192.0.2.2"),
+                         _out_policy("127.0.0.2", "127.0.0.1", "192.0.2.2", "192.0.2.1")]
+
+    async def dump_policies(self) -> list:
+        return list(self.policies)
+
+
+def test_discovery_measures_tunnel_mode_sas_between_inner_addresses() -> None:
+    ab, _ = _tunnel_sa_pair(0x100, 0x200)
+    from agent.bound import PolicyMap
+    from netlink.table import SATable
+
+    t = SATable()
+    t.replace_all(list(_tunnel_sa_pair(0x100, 0x200)))
+    pm = PolicyMap([_out_policy("10.77.1.1", "10.77.2.1", "192.0.2.1", "192.0.2.2")])
+    mine = {ipaddress.ip_address(a) for a in ("192.0.2.1", "10.77.1.1")}
+    d = cfg.DiscoverySection(enabled=True)
+    (spec,) = dm.discover(t, d, lambda a: a in mine, pm)
+    assert (str(spec.local), str(spec.address)) == ("10.77.1.1", "10.77.2.1")
+    assert spec.key == "sa:192.0.2.2/7" and spec.tunnel.reqid == "7"
+    (plain,) = dm.discover(t, d, lambda a: a in mine)  # no policy: the outer addresses, as before
+    assert str(plain.address) == "192.0.2.2"
+
+
+def test_bound_session_rebinds_on_rekey_stops_on_delete_and_survives_signals(tmp_path: Path, monkeypatch) -> None:
+    """One daemon serves and measures itself across a (fake) tunnel on loopback, in
+    unauth+ipsec-bound: bound to the tunnel-mode pair through the policies; a
+    make-before-break rekey rebinds it; deleting the pair stops it (sa_deleted), after
+    which it falls back to unauth with no no_sa refusal counted for the greetings. Then
+    a real SIGHUP leaves it running and a real SIGTERM sends Stop-Sessions and returns 0."""
+    monkeypatch.setattr(dm, "SA_GRACE", 0.3)
+    tw, ow = _free_port(), _free_port()
+    peer = f"""
+[[peers]]
+name = "t"
+address = "127.0.0.2"
+source = "127.0.0.1"
+port = {tw}
+interval = 0.01
+count = 30
+timeout = 0.3
+mode = ["unauth+ipsec-bound", "unauth"]
+"""
+    text = f"""
+[server]
+listen = ["127.0.0.2"]
+twamp_port = {tw}
+owamp_port = {ow}
+modes = ["unauth", "unauth+ipsec-bound"]
+[exporter]
+enabled = false
+""" + peer
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    ab, ba = _tunnel_sa_pair(0xA0B00001, 0xB0A00001)
+    src = FakeXfrm([ab, ba])
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        d = dm.Daemon(cfg.load(path), str(path), sa_source=src, notify=lambda *l: True)
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 20)
+        key = "peer:t"
+        m = d.metrics.sessions[key]
+        assert m.tunnel.reqid == "7"  # labelled with the tunnel the policy names
+        await until(lambda: m.sa_keyed and m.cycles >= 1, 20)
+        r = d.slots[key].runner
+        assert (r.binding.c2s.spi, r.binding.s2c.spi) == (0xA0B00001, 0xB0A00001)
+        await until(lambda: m.sa_bound)  # the SA fold found the outer pair through the policy
+        # make-before-break rekey
+        nab, nba = _tunnel_sa_pair(0xA0B00002, 0xB0A00002, add_time=1_700_000_100)
+        for sa in (nab, nba):
+            src.queue.put_nowait(XfrmEvent(EventKind.NEW_SA, sa=sa))
+        for sa in (ab, ba):
+            src.queue.put_nowait(XfrmEvent(EventKind.DEL_SA, sa=sa, sa_id=sa.key_id))
+        await until(lambda: m.rebinds == 1 and r.binding is not None and r.binding.c2s.spi == 0xA0B00002, 20)
+        sent = m.sent
+        await until(lambda: m.sent > sent + 10)
+        assert d.slots[key].runner is r and m.restarts == 0  # rebound in place, not restarted
+        # the pair dies with no successor: stopped with a reason, then unauth without the SA
+        for sa in (nab, nba):
+            src.queue.put_nowait(XfrmEvent(EventKind.DEL_SA, sa=sa, sa_id=sa.key_id))
+        await until(lambda: m.stop_sa_deleted == 1, 20)
+        await until(lambda: m.up and not m.sa_keyed and d.slots[key].runner is not r, 20)
+        assert not d.binder.refusals, d.binder.refusals  # greetings with no SA are no refusals
+        from exporters.prometheus import render
+
+        out["body"] = render(d.snapshot())[0].decode()
+        # SIGHUP with an unrelated change: the session keeps its runner
+        r2 = d.slots[key].runner
+        path.write_text(text.replace('[exporter]\nenabled = false', '[exporter]\nenabled = false\n[agent]\n'
+                                     'log_level = "debug"'))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: d.metrics.reloads["success"] == 1)
+        assert d.slots[key].runner is r2
+        cycles = m.cycles
+        await until(lambda: m.cycles > cycles)
+        servers = d.server
+        os.kill(os.getpid(), signal.SIGTERM)
+        out["rc"] = await asyncio.wait_for(task, 20)
+        out["stop_sent"] = r2.stop_sent
+        out["server_stops"] = [c.client_stop for c in servers.connections]
+        out["ends"] = [c.end for c in servers.connections]
+
+    asyncio.run(main())
+    assert out["rc"] == 0 and out["stop_sent"], out
+    # per control connection the server saw: rebind (Stop-Sessions Accept=0), SA deleted
+    # (Accept=2), then the unauth one closed by SIGTERM after its Stop-Sessions
+    assert out["ends"] == ["rebind", "sa_deleted", "closed"], out["ends"]
+    assert out["server_stops"] == [0, 2, 0], out["server_stops"]
+    body = out["body"]
+    assert re.search(r'xwamp_session_rebinds_total\{name="t",peer="127.0.0.2",reqid="7",protocol="twamp"\} 1.0', body)
+    assert 'reason="sa_deleted"} 1.0' in body

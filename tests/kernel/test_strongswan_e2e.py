@@ -88,12 +88,11 @@ def test_ikev2_agents_measure_the_tunnel(routers):
     # And agent a, asked locally, measured b the same way.
     text_a = sh("ip", "netns", "exec", a, "curl", "-sf", "--max-time", "20", "http://10.77.1.1:9862/metrics")
     assert metric(text_a, "xwamp_session_up", name="b") == 1.0
-    # The session runs inside the IKEv2-made SA pair and should be bound to it. In tunnel
-    # mode the SAs' endpoints are the outer addresses (192.0.2.x), not the control
-    # connection's (10.77.x): a binder that looks SAs up by the connection's addresses finds
-    # none and has to go through the XFRM policy that covers them (tmpl -> reqid -> SAs).
-    bound = metric(text, "xwamp_session_sa_bound", name="a")
-    if bound != 1.0:
-        pytest.xfail("the binder does not bind sessions to tunnel-mode SAs yet (it looks SAs up by "
-                     "the inner addresses; needs the policy -> reqid -> SA path)")
+    # The session runs inside the IKEv2-made SA pair and is bound to it. In tunnel mode the
+    # SAs' endpoints are the outer addresses (192.0.2.x), not the control connection's
+    # (10.77.x): the binder goes through the XFRM policy that covers them (tmpl -> SAs).
     assert metric(text, "xwamp_session_sa_bound", name="a", reqid=reqid) == 1.0
+    assert metric(text, "xwamp_session_sa_keyed", name="a", reqid=reqid) == 1.0  # unauth+ipsec-bound
+    assert metric(text_a, "xwamp_session_sa_keyed", name="b", reqid=reqid) == 1.0
+    refusals = re.findall(r"^xwamp_binder_refusals_total\{.*", text, re.M)
+    assert not refusals, refusals
