@@ -85,12 +85,60 @@ MAX_STOP_TIMEOUT_S = 60.0  # cap on how long a stopped session keeps its port (i
 MAX_CATCH_UP_S = 1.0  # an OWAMP sender catches up on a Start Time at most this (or Timeout) late
 
 
+class ReflectPolicer:
+    """Server-side caps on one TWAMP reflector session (ServerConfig.max_rate, max_reflected).
+
+    Request-TW-Session states neither rate nor count (RFC 5357 §3.5), so a request cannot
+    be refused for them: the reflector polices instead. Wraps the session's ``reflect``:
+    a token bucket of ``rate`` packets/s, one second deep (at least BURST packets, so an
+    absolute schedule catching up after a stall passes), and at most ``count`` replies.
+    What it drops is not reflected and counted in ``policed_rate`` / ``policed_count``."""
+
+    BURST = 16.0
+
+    def __init__(self, reflect: Callable[..., Any], rate: float | None, count: int | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._reflect = reflect
+        self.rate, self.count = rate, count
+        self.depth = max(self.BURST, rate or 0.0)
+        self._tokens, self._clock = self.depth, clock
+        self._last = clock()
+        self.reflected = self.policed_rate = self.policed_count = 0
+
+    def __call__(self, data: bytes, *args: Any) -> bytes | None:
+        if self.count is not None and self.reflected >= self.count:
+            self.policed_count += 1
+            return None
+        if self.rate is not None:
+            now = self._clock()
+            self._tokens = min(self.depth, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1.0:
+                self.policed_rate += 1
+                return None
+            self._tokens -= 1.0
+        out = self._reflect(data, *args)
+        if out is not None:
+            self.reflected += 1
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return {"policed_rate": self.policed_rate, "policed_count": self.policed_count}
+
+
 @dataclass
 class _TwSession:
     ep: TwampReflectorEndpoint
     peer: tuple[str, int]
     request: m.RequestTWSession
     timer: asyncio.TimerHandle | None = None  # pending start at the request's Start Time
+    policer: ReflectPolicer | None = None
+
+    def counters(self) -> dict[str, int]:
+        c = self.ep.counters()
+        if self.policer is not None:
+            c.update(self.policer.counters())
+        return c
 
 
 class TwampHandler:
@@ -166,6 +214,12 @@ class TwampHandler:
         sess = s.ep.add_session(sid, s.peer, mode=self.srv.mode, keys=self.srv.test_keys(sid), dscp=req.dscp,
                                 reflect_length=req.reflect_length)
         sess.last_rx_ns = time.time_ns()  # REFWAIT counts from the start
+        cfg = self.srv.config
+        if cfg.max_rate is not None or cfg.max_reflected is not None:
+            # The endpoint calls sess.reflect per packet: the instance attribute shadows the
+            # method, so the reflector's hot path stays as it is when no cap is set.
+            s.policer = ReflectPolicer(sess.reflect, cfg.max_rate, cfg.max_reflected)
+            sess.reflect = s.policer  # type: ignore[method-assign]
         self.active.add(sid)
         if self._refwait_task is None:
             self._refwait_task = self._loop.create_task(self._watch_refwait())
@@ -191,12 +245,12 @@ class TwampHandler:
                 s.timer.cancel()
             self.active.discard(sid)
             wait = min(_seconds(s.request.timeout), self.max_stop_timeout) if grace is None else grace
-            self._loop.call_later(wait, self._finish, sid, s.ep)
+            self._loop.call_later(wait, self._finish, sid, s)
 
-    def _finish(self, sid: bytes, ep: TwampReflectorEndpoint) -> None:
-        counters = ep.counters()
-        ep.close()
-        log.info("reflector session %s: %s", sid.hex(), counters)
+    def _finish(self, sid: bytes, s: _TwSession) -> None:
+        counters = s.counters()
+        s.ep.close()
+        log.debug("reflector session %s: %s", sid.hex(), counters)  # one per session cycle: not info
         self._remember(sid, counters)
 
     finished: dict[bytes, dict[str, int]] = {}  # class-wide: counters of retired sessions (tests, logs)
@@ -214,7 +268,7 @@ class TwampHandler:
         for sid, s in self.sessions.items():
             if s.timer is not None:
                 s.timer.cancel()
-            self._remember(sid, s.ep.counters())
+            self._remember(sid, s.counters())
             s.ep.close()
         self.sessions.clear()
 
@@ -229,6 +283,7 @@ class _OwSession:
     send_sock: socket.socket | None = None
     dest: tuple[str, int] | None = None
     task: asyncio.Task | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # ends our sending, keeping the count
     sent: int = 0
     next_seqno: int | None = None
 
@@ -286,14 +341,9 @@ class OwampHandler:
             for d in e.stop.descriptions:
                 if d.sid in self.sessions:
                     self.sessions[d.sid].next_seqno = d.next_seqno
-            descs = []
-            for s in self.sessions.values():
-                if s.send_sock is not None:
-                    if s.task is not None and not s.task.done():
-                        s.task.cancel()
-                    descs.append(m.SessionDescription(s.sid, s.sent))
+            descs = await self.stop_sessions()
             await asyncio.sleep(0.1)  # packets already in flight towards us
-            srv.send_stop_sessions(m.ACCEPT_OK, tuple(descs))
+            srv.send_stop_sessions(m.ACCEPT_OK, descs)
         elif isinstance(e, ev.FetchRequested):
             s = self.sessions.get(e.fetch.sid)
             if s is None or s.receiver is None:
@@ -303,6 +353,21 @@ class OwampHandler:
             nxt = s.next_seqno if s.next_seqno is not None else s.request.num_packets
             srv.send_fetch_response(m.FetchAck(m.ACCEPT_OK, s.next_seqno is not None, nxt, 0, len(recs)),
                                     s.request, (), recs)
+
+    async def stop_sessions(self, timeout: float = 2.0) -> tuple[m.SessionDescription, ...]:
+        """Stop the sessions we send and describe them for Stop-Sessions: RFC 4656 §3.8
+        Next Seqno = packets actually sent (both sides send Stop-Sessions in OWAMP). Also
+        ControlListener.abort's hook for a server-initiated stop."""
+        tasks = []
+        for s in self.sessions.values():
+            s.stop.set()
+            if s.task is not None and not s.task.done():
+                tasks.append(s.task)
+        if tasks:  # the senders return at once; the timeout only guards against a stuck one
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for t in late:
+                t.cancel()
+        return tuple(m.SessionDescription(s.sid, s.sent) for s in self.sessions.values() if s.send_sock is not None)
 
     async def _send(self, s: _OwSession) -> None:
         req = s.request
@@ -314,17 +379,21 @@ class OwampHandler:
         records = await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
             schedule=schedule_from_slots(s.sid, req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False, start_ns=at)  # None: now; a recent past Start Time: catch up
+            sock=s.send_sock, hardware=False, start_ns=at, stop=s.stop)  # at None: now; recent past: catch up
         s.sent = len(records)
 
     def close(self) -> None:
         for s in self.sessions.values():
-            if s.task is not None:
-                s.task.cancel()
             if s.receiver_ep is not None:
                 s.receiver_ep.close()
-            if s.send_sock is not None:
-                s.send_sock.close()
+            sock = s.send_sock
+            if s.task is not None and not s.task.done() and sock is not None:
+                # The sender still has the socket registered: close it once the cancelled
+                # task has let go of it, not under its feet (shutdown while sending).
+                s.task.add_done_callback(lambda _t, sock=sock: sock.close())
+                s.task.cancel()
+            elif sock is not None:
+                sock.close()
         self.sessions.clear()
 
 
@@ -368,6 +437,7 @@ class PingOptions:
     test_port: int = 0  # requested reflector / receiver UDP port (0: server's choice)
     features: int = 0  # TWAMP capability bits to select when offered (RFC 5938, RFC 6038)
     reflect_length: int = 0  # RFC 6038 Length of padding to reflect (selects Reflect Octets)
+    local_addr: str | None = None  # source address of control and test traffic (a tunnel's inner address)
 
 
 @dataclass
@@ -384,8 +454,12 @@ def _duration_ntp(s: float) -> int:
     return int(s * NTP_SECOND)
 
 
-async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None] | None = None) -> PingResult:
+async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None] | None = None,
+                     stop: asyncio.Event | None = None) -> PingResult:
     """One TWAMP conversation: set-up, Request-TW-Session, Start, packets, Stop.
+
+    ``stop``: once set, sending ends and the conversation finishes normally (Stop-Sessions)
+    with the records so far.
 
     ``opt.reflect_length`` > 0 selects RFC 6038 Reflect Octets (refused if the server does
     not offer it): the request carries a random 16-bit Octets to be reflected that the
@@ -393,7 +467,8 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
     features = opt.features | (int(Mode.REFLECT_OCTETS) if opt.reflect_length else 0)
     conn = await AsyncControlClient.connect(opt.host, opt.port, twamp=True, wanted=opt.wanted, key_id=opt.key_id,
                                             key_source=opt.key_source, max_count=opt.max_count, timeout=opt.timeout,
-                                            family=family_of(opt.host), features=features)
+                                            family=family_of(opt.host), features=features,
+                                            local_addr=opt.local_addr)
     sock: socket.socket | None = None
     try:
         mode = conn.cli.mode
@@ -422,7 +497,7 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
             ("", 0), (str(peer_ip), acc.accept.port), mode, acc.test_keys, count=opt.count,
             interval=opt.interval, schedule=opt.schedule, padding=pad, timeout=opt.wait, sock=sock,
             on_record=on_record, hardware=False, reflect=(refl_at, reflect) if reflect else None,
-            server_octets=acc.accept.server_octets if reflect else 0)
+            server_octets=acc.accept.server_octets if reflect else 0, stop=stop)
         await conn.stop_sessions(1)
         counters = {"sent": len(records), "replies": sum(1 for r in records if not r.lost)}
         if reflect:
@@ -478,12 +553,15 @@ class OwpingResult:
     receiver_counters: dict[str, int] = field(default_factory=dict)
 
 
-async def owping(opt: PingOptions) -> OwpingResult:
+async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingResult:
     """OWAMP both ways: we send to the server's receiver and fetch its records (forward);
-    the server sends to our receiver (reverse)."""
+    the server sends to our receiver (reverse).
+
+    ``stop``: once set, our sending ends and we send Stop-Sessions with the packets sent
+    so far (RFC 4656 §3.8), then fetch as usual: a stopped session keeps its results."""
     conn = await AsyncControlClient.connect(opt.host, opt.port, twamp=False, wanted=opt.wanted, key_id=opt.key_id,
                                             key_source=opt.key_source, max_count=opt.max_count, timeout=opt.timeout,
-                                            family=family_of(opt.host))
+                                            family=family_of(opt.host), local_addr=opt.local_addr)
     send_sock: socket.socket | None = None
     recv_ep: OwampReceiverEndpoint | None = None
     try:
@@ -517,10 +595,10 @@ async def owping(opt: PingOptions) -> OwpingResult:
         sent = await udp.run_twamp_sender(
             ("", 0), (str(peer_ip), fwd.accept.port), conn.cli.mode, fwd.test_keys, count=opt.count,
             schedule=schedule_from_slots(fwd.accept.sid, (slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock,
-            hardware=False, start_ns=start_ns)  # late: catch up, later packets stay on the §5 schedule
+            hardware=False, start_ns=start_ns, stop=stop)  # late: catch up, later packets stay on schedule
         loop = asyncio.get_running_loop()
         end = loop.time() + opt.wait + opt.interval
-        while loop.time() < end and len(receiver.records) < opt.count:
+        while loop.time() < end and len(receiver.records) < opt.count and not (stop and stop.is_set()):
             await asyncio.sleep(0.01)
         stop = await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(fwd.accept.sid, len(sent)),))
         their_sent = opt.count

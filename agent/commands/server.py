@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="test sessions per control connection")
     p.add_argument("--max-sessions-per-client", type=int, default=32,
                    help="test sessions over all connections of one client address")
+    p.add_argument("--max-rate", type=float, default=None, metavar="PPS",
+                   help="packets/s one test session may send: OWAMP requests over it are refused (Accept=4), "
+                        "TWAMP reflectors drop the excess (default: no cap)")
+    p.add_argument("--max-packets", type=int, default=None, metavar="N",
+                   help="packets per test session: OWAMP requests over it are refused (Accept=4), "
+                        "TWAMP reflectors answer N at most (default: OWAMP 1048576, TWAMP no cap)")
     p.add_argument("--idle-timeout", type=float, default=30.0, help="close control connections idle this long")
     p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (default: run until ^C)")
     p.set_defaults(func=run)
@@ -54,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         modes |= md.by_name(n).bit
     try:
-        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions)
+        caps: dict = {"max_rate": args.max_rate, "max_reflected": args.max_packets}
+        if args.max_packets is not None:
+            caps["max_packets"] = args.max_packets
+        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions, **caps)
     except ValueError as e:
         print(f"xwamp server: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,12 @@ class _Conn:
         self._test_plane_secure = False
         self._released = False
 
+    @property
+    def context(self) -> HandshakeContext | None:
+        """The HandshakeContext the key source saw (addresses, selected mode, Salt, Count,
+        greeting Unused); None before the greeting. Read-only; it holds no key material."""
+        return self._ctx
+
     # --- output ---
     def data_to_send(self) -> bytes:
         out = bytes(self._out)

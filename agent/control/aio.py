@@ -5,6 +5,9 @@ a slow client (idle timeout) or a handler exception closes that connection only.
 Limits: total connections, connections per client address, sessions per
 connection (ServerConfig.max_sessions), idle time outside running tests, and
 the longest a test may keep a connection open.
+
+``ControlListener.abort(srv)`` ends one connection from outside its task (e.g. the key
+binder when the SA it is keyed from is deleted): Stop-Sessions if tests run, then close.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from agent.control import events as ev
@@ -59,6 +62,18 @@ class ConnectionHandler(Protocol):
 
 HandlerFactory = Callable[[ControlServer], ConnectionHandler]
 
+ABORT_LINGER = 5.0  # an aborted connection whose task does not finish by then is cancelled
+
+
+@dataclass
+class _Live:
+    """One served connection, as :meth:`ControlListener.abort` needs it."""
+
+    handler: ConnectionHandler
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set: _converse re-checks before reading
+    abort: int | None = None  # Accept of a requested abort, done by the connection's own task
+    task: asyncio.Task | None = None
+
 
 @dataclass
 class ListenerLimits:
@@ -92,6 +107,7 @@ class ControlListener:
         self._tasks: set[asyncio.Task] = set()
         self._per_client: dict[str, int] = {}
         self._servers: dict[str, set[ControlServer]] = {}
+        self._live: dict[ControlServer, _Live] = {}
         self.stats = {"accepted": 0, "refused": 0, "setup_rejected": 0, "protocol_errors": 0, "timeouts": 0}
 
     async def start(self) -> None:
@@ -139,6 +155,7 @@ class ControlListener:
             self.stats["accepted"] += 1
             self._servers.setdefault(key, set()).add(srv)
             handler = self.handler_factory(srv)
+            self._live[srv] = _Live(handler, task=asyncio.current_task())
             await self._converse(srv, handler, reader, writer, key)
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             log.debug("control connection from %s: %s", key, e)
@@ -152,6 +169,7 @@ class ControlListener:
                 del self._per_client[key]
             if srv is not None:
                 srv.release()
+                self._live.pop(srv, None)
             peers = self._servers.get(key)
             if peers is not None:
                 peers.discard(srv)
@@ -164,13 +182,50 @@ class ControlListener:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    def abort(self, conn: ControlServer | ConnectionHandler, accept: int = m.ACCEPT_INTERNAL_ERROR) -> bool:
+        """End one connection from outside its task: Stop-Sessions with ``accept`` if its
+        tests run (RFC 4656 §3.8 / RFC 5357 §3.8: the server may stop them; an OWAMP
+        handler's ``stop_sessions()`` hook supplies the sessions it sent, with their Next
+        Seqno), then close. ``conn`` is the ControlServer or the handler made for it.
+
+        Returns False if the connection is not (or no longer) served here. The connection's
+        task does the work as soon as it is not inside a handler call (it waits for reads
+        and the abort together), so no message is cut in half; a task that has not
+        finished ``ABORT_LINGER`` seconds later (a peer not reading) is cancelled."""
+        live = self._live.get(conn) if isinstance(conn, ControlServer) else None
+        if live is None:
+            live = next((lv for lv in self._live.values() if lv.handler is conn), None)
+        if live is None or live.abort is not None:
+            return live is not None
+        live.abort = accept
+        live.wake.set()
+        task = live.task
+        if task is not None:
+            asyncio.get_running_loop().call_later(ABORT_LINGER, lambda: task.done() or task.cancel())
+        return True
+
+    async def _do_abort(self, srv: ControlServer, live: _Live) -> None:
+        accept = live.abort if live.abort is not None else m.ACCEPT_INTERNAL_ERROR
+        if srv.state == "test":
+            descs: tuple[m.SessionDescription, ...] = ()
+            hook = getattr(live.handler, "stop_sessions", None)
+            if srv.owamp and hook is not None:
+                descs = tuple(await hook())
+            srv.send_stop_sessions(accept, descs)
+        srv.close("aborted")
+        log.info("control peer %s: aborted (Accept=%d)", srv.peer, accept)
+
     def client_sessions(self, key: str) -> int:
         return sum(len(s.sessions) for s in self._servers.get(key, ()))
 
     async def _converse(self, srv: ControlServer, handler: ConnectionHandler,
                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str = "?") -> None:
         pending: list[ev.Event] = []
+        live = self._live.get(srv)
         while True:
+            if live is not None and live.abort is not None and srv.awaiting is None and not srv.closed:
+                pending.clear()  # nothing more is answered on an aborted connection
+                await self._do_abort(srv, live)
             out = srv.data_to_send()
             if out:
                 writer.write(out)
@@ -201,14 +256,42 @@ class ControlListener:
                 raise RuntimeError(f"handler did not answer {srv.awaiting}")
             timeout = self.limits.max_test_time if srv.state == "test" else self.limits.idle_timeout
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+                data = await _read_or_wake(reader, live.wake if live is not None else None, timeout)
             except asyncio.TimeoutError:
                 self.stats["timeouts"] += 1
                 log.info("control peer %s idle for %.0fs: closing", srv.peer, timeout)
                 return
+            if data is None:  # woken: an abort to carry out
+                continue
             if not data:
                 return
             pending.extend(srv.receive_data(data))
+
+
+async def _read_or_wake(reader: asyncio.StreamReader, wake: asyncio.Event | None, timeout: float) -> bytes | None:
+    """The next chunk from ``reader`` (b"" at EOF), or None once ``wake`` is set (and it is
+    cleared). Raises asyncio.TimeoutError after ``timeout`` seconds of neither."""
+    if wake is None:
+        return await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+    if wake.is_set():
+        wake.clear()
+        return None
+    read = asyncio.ensure_future(reader.read(READ_CHUNK))
+    woken = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait((read, woken), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
+        if not read.done():
+            read.cancel()  # StreamReader keeps unread data buffered: nothing is lost
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+    if read.done() and not read.cancelled():
+        return read.result()
+    if wake.is_set():
+        wake.clear()
+        return None
+    raise asyncio.TimeoutError
 
 
 async def _graceful_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, linger: float = 1.0) -> None:
@@ -259,10 +342,17 @@ class AsyncControlClient:
     async def connect(cls, host: str, port: int | None = None, *, twamp: bool = True,
                       wanted: Sequence[str] = ("unauth",), key_id: str = "", key_source: object | None = None,
                       max_count: int = DEFAULT_MAX_COUNT, features: int = 0, timeout: float = 10.0,
-                      family: int = 0) -> "AsyncControlClient":
+                      family: int = 0, local_addr: str | tuple[str, int] | None = None) -> "AsyncControlClient":
+        """Connect and run the set-up (greeting, Set-Up-Response, Server-Start).
+
+        ``local_addr``: source address (or (address, port)) of the control connection, e.g.
+        a tunnel's local inner address so the connection rides the tunnel. The test-plane
+        helpers (agent.session) bind their UDP sockets to ``self.local``, which is it."""
         port = (TWAMP_PORT if twamp else OWAMP_PORT) if port is None else port
+        src = (local_addr, 0) if isinstance(local_addr, str) else local_addr
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, family=family), timeout)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, family=family, local_addr=src), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise ControlError(f"cannot connect to {host} port {port}: {e or 'timeout'}") from None
         cli = ControlClient(twamp, wanted, key_id, key_source, max_count, features,

@@ -55,10 +55,21 @@ class ServerConfig:
     allow_third_party_receivers: bool = False
     # A Start Time further ahead than this is refused: the session would hold a port idle.
     max_start_delay: float = 3600.0
+    # Packets per second one test session may send (None: no cap). OWAMP requests carry
+    # their schedule, so one over the cap is refused (Accept=4); a TWAMP Request-TW-Session
+    # carries neither rate nor count (RFC 5357 §3.5), so the reflector polices instead
+    # (agent.session.TwampHandler): what exceeds the rate is not reflected.
+    max_rate: float | None = None
+    # Packets one TWAMP reflector session answers at most (None: no cap); OWAMP: max_packets.
+    max_reflected: int | None = None
 
     def __post_init__(self) -> None:
         if self.count < MIN_COUNT or self.count & (self.count - 1):
             raise ValueError("count must be a power of two >= 1024")
+        if self.max_rate is not None and not self.max_rate > 0:
+            raise ValueError("max_rate must be > 0 packets/s")
+        if self.max_reflected is not None and self.max_reflected < 1:
+            raise ValueError("max_reflected must be >= 1")
 
 
 @dataclass
@@ -287,7 +298,10 @@ class ControlServer(_Conn):
         elif req.dscp is None:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "Type-P descriptor is not a DSCP")
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
-            refuse = (m.ACCEPT_NOT_SUPPORTED, "too many packets")
+            refuse = (m.ACCEPT_PERMANENT_LIMIT, "too many packets")  # a policy cap: asking again will not help
+        elif (isinstance(req, m.RequestSession) and self.config.max_rate is not None
+              and slots_rate(req.slots) > self.config.max_rate):
+            refuse = (m.ACCEPT_PERMANENT_LIMIT, "packet rate over the server's cap")
         elif (isinstance(req, m.RequestSession) and req.conf_sender and self.peer is not None
               and not self.config.allow_third_party_receivers
               and not req.receiver_address.is_unspecified and req.receiver_address != self.peer[0]):
@@ -399,6 +413,14 @@ class ControlServer(_Conn):
     @property
     def awaiting(self) -> str | None:
         return self._awaiting
+
+
+def slots_rate(slots: tuple[m.Slot, ...]) -> float:
+    """Mean packets per second of an RFC 4656 §3.5 schedule: the slots repeat in a cycle and
+    an exponential slot's value is its mean gap (§5), so rate = slots / sum of values.
+    A zero-length cycle (all gaps 0: send as fast as possible) is an infinite rate."""
+    total = sum(s.value for s in slots) / (1 << 32)  # slot values are NTP-format durations
+    return len(slots) / total if total > 0 else float("inf")
 
 
 def local_address(addr: str) -> IPAddress:

@@ -563,6 +563,20 @@ async def _sleep_until_ns(t_ns: int, spin_ns: int = 0) -> None:
             pass
 
 
+async def _stop_set_before_ns(stop: asyncio.Event, t_ns: int) -> bool:
+    """Wait until ``t_ns`` (Unix ns) or until ``stop`` is set, whichever comes first."""
+    if stop.is_set():
+        return True
+    delay = (t_ns - time.time_ns()) / 1e9
+    if delay <= 0:
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def run_twamp_sender(
     local: tuple[str, int],
     remote: tuple[str, int],
@@ -591,6 +605,7 @@ async def run_twamp_sender(
     spin_ns: int = 0,
     reflect: tuple[int, int] | None = None,
     server_octets: int = 0,
+    stop: asyncio.Event | None = None,
 ) -> list[PacketRecord]:
     """Send ``count`` test packets on an absolute schedule and collect the replies.
 
@@ -602,6 +617,8 @@ async def run_twamp_sender(
     that long before each send time for sub-millisecond precision (default: event-loop
     sleeps, ~1 ms granularity; the absolute schedule never drifts either way).
     ``reflect``, ``server_octets``: RFC 6038 Reflect Octets (see :class:`TestSender`).
+    ``stop``: once set, no further packet is sent and no late reply awaited; the records
+    of the packets sent so far are returned (cancelling the task would lose them).
     """
     sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule, interval, seed)
     if proto is Proto.STAMP:
@@ -636,12 +653,18 @@ async def run_twamp_sender(
     tx_keys: dict[int, int] = {}
     reader = _SenderSocket(sock, sender, cfg, tx_keys, done, proto is not Proto.OWAMP)
     reader.on_record = on_record
-    loop.add_reader(sock.fileno(), reader.on_readable)
+    fd = sock.fileno()  # kept: a caller may close the socket while we are being cancelled
+    loop.add_reader(fd, reader.on_readable)
     next_key = 0
     start = start_ns if start_ns is not None else time.time_ns()
+    stopped = False
     try:
         for n in range(count):
-            await _sleep_until_ns(sender.send_time_ns(n, start), spin_ns)
+            t_ns = sender.send_time_ns(n, start)
+            if stop is not None and await _stop_set_before_ns(stop, t_ns - spin_ns):
+                stopped = True
+                break
+            await _sleep_until_ns(t_ns, spin_ns)
             data = sender.build(n, time.time_ns())
             for _attempt in range(3):
                 try:
@@ -657,18 +680,24 @@ async def run_twamp_sender(
                     reader.key_slack += 1
                     log.debug("send seq %d: %s", n, e)
                     break
-        if proto is Proto.OWAMP or count == 0:
+        if stopped:
+            pass  # what already arrived is read below; no waiting for the rest
+        elif proto is Proto.OWAMP or count == 0:
             await asyncio.sleep(min(timeout, 0.05))
         else:
+            waits = [asyncio.ensure_future(done.wait())]
+            if stop is not None:
+                waits.append(asyncio.ensure_future(stop.wait()))
             try:
-                await asyncio.wait_for(done.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
         reader.on_readable()
         if cfg is not None:
             reader.drain_tx()
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)
         if own:
             sock.close()
     records = sender.records()
