@@ -20,6 +20,8 @@ API
     one per namespace: table, binder, ``key_source`` (BinderKeySource chained before
     any passphrase sources), RekeyTracker; ``bind(key, binding, handler)`` routes the
     tracker's Rebind/Stop to whoever owns that binding.
+:class:`BoundReflector`
+    the per-connection TWAMP handler of a bound server (the agent's server uses it).
 :class:`BoundTwampServer`
     a TWAMP server (ControlListener + session.TwampHandler) whose IPsec-bound
     connections stop reflecting with reason ``sa_deleted`` when their SA dies.
@@ -426,8 +428,11 @@ class ServerConnection:
     detail: str = ""
 
 
-class _BoundReflector:
-    """session.TwampHandler plus the binding's fate: on Stop the reflector sessions end."""
+class BoundReflector:
+    """session.TwampHandler plus the binding's fate: on Stop the reflector sessions end.
+
+    ``owner`` provides ``runtime`` (BinderRuntime), ``connections`` (a list or bounded
+    deque the connection's :class:`ServerConnection` is appended to) and ``_ids``."""
 
     def __init__(self, srv: ControlServer, owner: "BoundTwampServer") -> None:
         self.inner = TwampHandler(srv)
@@ -497,7 +502,7 @@ class BoundTwampServer:
                 modes |= int(bd.Modes.IPSEC_ALT2)
         self.connections: list[ServerConnection] = []
         self._ids = itertools.count(1)
-        self.listener = ControlListener(lambda srv: _BoundReflector(srv, self), twamp=True, hosts=[host], port=port,
+        self.listener = ControlListener(lambda srv: BoundReflector(srv, self), twamp=True, hosts=[host], port=port,
                                         config=ServerConfig(modes=modes, count=count),
                                         key_source=key_source if key_source is not None else runtime.key_source,
                                         limits=limits)

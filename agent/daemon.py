@@ -885,9 +885,9 @@ class ControlServers:
         hosts = list(s.listen)
         twamp_handler: Any = session.TwampHandler
         if self.runtime is not None:
-            from agent.bound import _BoundReflector
+            from agent.bound import BoundReflector
 
-            twamp_handler = lambda srv: _BoundReflector(srv, self)  # noqa: E731 - follows its SA
+            twamp_handler = lambda srv: BoundReflector(srv, self)  # noqa: E731 - follows its SA
         for twamp, port, enabled, handler in ((True, s.twamp_port, s.twamp, twamp_handler),
                                                (False, s.owamp_port, s.owamp, session.OwampHandler)):
             if not enabled:
