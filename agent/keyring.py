@@ -42,7 +42,12 @@ Optional hooks, discovered with ``getattr`` so a plain passphrase source needs n
 (RFC 7717, IPSEC_BOUND, ALT1, ALT2: agent.control.modes.register_key_mode)
 the client picked and answers only for that.
 
-Sources are composed with :class:`ChainedKeySource` (first answer wins).
+``validate(ctx)`` (client) / ``forget(ctx)``
+    Check the greeting once the mode is chosen (raise to refuse it, e.g. the binder's
+    check of the announced SA pair against our kernel); drop per-connection state.
+
+Sources are composed with :class:`ChainedKeySource` (first answer wins; ``validate``
+and ``forget`` go to every source).
 
 Key files
 ---------
@@ -218,6 +223,23 @@ class ChainedKeySource:
             if f is not None and (v := f(key_id, ctx, challenge, token)) is not None:
                 return v
         return None
+
+    def validate(self, ctx: HandshakeContext) -> object | None:
+        """Client: every source that checks greetings does (each answers only for its own
+        key modes); the first to raise refuses the greeting."""
+        out = None
+        for s in self.sources:
+            f = getattr(s, "validate", None)
+            if f is not None and (v := f(ctx)) is not None and out is None:
+                out = v
+        return out
+
+    def forget(self, ctx: HandshakeContext) -> None:
+        """The connection is over: tell every source that keeps per-connection state."""
+        for s in self.sources:
+            f = getattr(s, "forget", None)
+            if f is not None:
+                f(ctx)
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,6 +397,55 @@ class OwampHandler:
         self.sessions.clear()
 
 
+class SaBoundHandler:
+    """Wraps a connection handler (TwampHandler, OwampHandler): an IPsec-bound connection
+    lives as long as its SA pair. When the binder's RekeyTracker says Stop (deleted, no
+    successor within the grace period; wire-format §5) the connection is aborted with
+    Stop-Sessions Accept=2 through ``abort(srv, accept)`` (ControlListener.abort). On a
+    Rebind nothing happens here: the client stops, reconnects and binds to the new pair.
+    ``runtime`` is an agent.bound.BinderRuntime (its ``keys`` made the binding)."""
+
+    def __init__(self, inner: Any, srv: ControlServer, runtime: Any,
+                 abort: Callable[[ControlServer, int], object]) -> None:
+        self.inner, self.srv, self.runtime, self._abort = inner, srv, runtime, abort
+        self.key: tuple[str, int] | None = None
+        self.stopped: str | None = None  # the Stop's reason, e.g. "sa_deleted"
+
+    def __getattr__(self, name: str) -> Any:  # the inner handler's optional hooks (OWAMP stop_sessions)
+        return getattr(self.inner, name)
+
+    async def on_event(self, srv: ControlServer, e: ev.Event) -> None:
+        if isinstance(e, ev.SetupComplete) and self.key is None:
+            from agent.binder import IPSEC_BITS
+            from agent.ipsec_keys import BinderRefusal
+
+            if e.mode & IPSEC_BITS and srv.context is not None:
+                try:  # made when the greeting announced it; the key source keeps it per connection
+                    binding = self.runtime.keys.binding(srv.context)
+                except BinderRefusal as err:
+                    log.info("control peer %s: %s", srv.peer, err)
+                    self._abort(srv, m.ACCEPT_INTERNAL_ERROR)
+                    return
+                self.key = ("server", id(self))
+                self.runtime.bind(self.key, binding, self._on_action)
+        await self.inner.on_event(srv, e)
+
+    def _on_action(self, action: Any) -> None:
+        from agent.binder import Stop
+
+        self.key = None  # the tracker dropped it
+        if isinstance(action, Stop):
+            self.stopped = action.reason.value
+            log.info("control peer %s: SA pair gone (%s): stopping its sessions", self.srv.peer, self.stopped)
+            self._abort(self.srv, m.ACCEPT_INTERNAL_ERROR)
+
+    def close(self) -> None:
+        if self.key is not None:
+            self.runtime.release(self.key)
+            self.key = None
+        self.inner.close()
+
+
 def add_receiver_session(ep: OwampReceiverEndpoint, sid: bytes, peer: tuple[str, int] | None,
                          req: m.RequestSession, mode: int, keys) -> OwampReceiver:
     """An OWAMP receiver for ``req`` with its RFC 4656 §4.2 validity window: Timeout (0 =

@@ -4,9 +4,80 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+if TYPE_CHECKING:
+    from agent.bound import BinderRuntime, XfrmFollower
+
+EXIT_GREETING_REFUSED = 3  # a client's IPsec check refused the server's greeting (SA pair not ours)
+
+# One line per binder refusal a client meets at the greeting (wire-format §6).
+GREETING_REFUSALS = {
+    "no_sa": "the server announced an SA our kernel does not hold",
+    "no_reverse_sa": "our kernel holds no SA back to the server for the announced pair",
+    "sa_mismatch": "the announced SA pair does not connect us to the server",
+    "bad_announcement": "the server's SA announcement is malformed",
+    "unsupported_prf": "the server announced a PRF we do not accept",
+    "bad_mode": "the chosen mode does not go with this key mode",
+    "keys_redacted": "our kernel hides the SA keys (run as root / with CAP_NET_ADMIN)",
+}
+
+
+def ipsec_modes(security: Sequence[str]) -> tuple[str, ...]:
+    """``security+key`` names of the IPsec-bound modes (wire-format §1): ALT1/ALT2 need
+    a keyed security mode, IPSEC_BOUND also goes with unauth."""
+    return tuple(f"{s}+{k}" for k in ("ipsec-bound", "ipsec-alt1", "ipsec-alt2") for s in security
+                 if s != "unauth" or k == "ipsec-bound")
+
+
+def is_ipsec_mode(name: str) -> bool:
+    return name.partition("+")[2].startswith("ipsec-")
+
+
+def enter_netns(netns: str) -> None:
+    """Move this (still single-threaded) process into network namespace ``netns``: every
+    socket and every thread made afterwards (asyncio's executor too) lives there."""
+    from netlink.errors import NetnsNotFoundError
+    from netlink.netns import CLONE_NEWNET, _setns, netns_path  # one setns(2) wrapper for the package
+
+    path = netns_path(netns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsNotFoundError(2, f"network namespace {netns!r} not found ({path})") from None
+    try:
+        _setns(fd, CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
+async def open_follower(netns: str | None) -> "XfrmFollower":
+    """The live SA table and policies (netlink), kept current. Tests replace this."""
+    from agent.bound import XfrmFollower
+
+    fol = XfrmFollower(netns)
+    await fol.start()
+    return fol
+
+
+async def ipsec_runtime(netns: str | None, *, allow_alt2: bool = False,
+                        fallback: Sequence[object] = ()) -> tuple["XfrmFollower", "BinderRuntime"]:
+    """The key binder over the live SA table (agent.bound, read-only use): its
+    ``key_source`` serves the IPsec-bound modes, ``fallback`` sources the passphrase ones."""
+    from agent.binder import BinderConfig
+    from agent.bound import BinderRuntime
+
+    fol = await open_follower(netns)
+    try:
+        rt = BinderRuntime.following(fol, config=BinderConfig(allow_alt2=allow_alt2), fallback=fallback)
+    except BaseException:
+        await fol.close()
+        raise
+    rt.start()  # grace periods end in a Stop even without XFRM events
+    return fol, rt
 
 
 async def wait_until_stopped(duration: float) -> None:
@@ -36,8 +107,9 @@ def run_client(name: str, args: argparse.Namespace, session: Callable[[Any], Awa
     control-plane or socket errors (printed as ``xwamp NAME: ...``), 130 on ^C, else
     (0, result)."""
     from agent.commands.ping import options
-    from agent.control.aio import ControlError
+    from agent.control.aio import ControlError, GreetingRefused
     from agent.keyring import KeyFileError
+    from netlink.errors import XfrmError
 
     try:
         opt = options(args)
@@ -48,10 +120,44 @@ def run_client(name: str, args: argparse.Namespace, session: Callable[[Any], Awa
     if err is not None:
         print(f"xwamp {name}: {err}", file=sys.stderr)
         return 2, None
+    wanted = opt.wanted
+    if any(is_ipsec_mode(w) for w in wanted):
+        # the user asking for ALT2 by name is the consent wire-format §4.3 wants
+        session = _with_binder(session, allow_alt2=any(w.endswith("+ipsec-alt2") for w in wanted))
+    if getattr(args, "netns", None):
+        try:
+            enter_netns(args.netns)
+        except OSError as e:
+            print(f"xwamp {name}: {e.strerror or e}", file=sys.stderr)
+            return 2, None
     try:
         return 0, asyncio.run(session(opt))
+    except GreetingRefused as e:  # one line, no traceback: what did not match, and the SPIs
+        why = GREETING_REFUSALS.get(e.reason or "", "our key source refused the server's greeting")
+        print(f"xwamp {name}: IPsec check failed: {why} ({e.reason or 'refused'}: {e.detail})", file=sys.stderr)
+        return EXIT_GREETING_REFUSED, None
+    except XfrmError as e:
+        print(f"xwamp {name}: cannot read the kernel's SAs: {e}", file=sys.stderr)
+        return 1, None
     except (ControlError, OSError) as e:
         print(f"xwamp {name}: {e}", file=sys.stderr)
         return 1, None
     except KeyboardInterrupt:
         return 130, None
+
+
+def _with_binder(session: Callable[[Any], Awaitable[Any]], allow_alt2: bool) -> Callable[[Any], Awaitable[Any]]:
+    """``session`` keyed by the binder over the live SA table (passphrases as fallback).
+    The client then checks the greeting's SA announcement against its own kernel."""
+
+    async def run(opt: Any) -> Any:
+        fallback = [opt.key_source] if opt.key_source is not None else []
+        fol, rt = await ipsec_runtime(None, allow_alt2=allow_alt2, fallback=fallback)  # --netns: entered already
+        opt.key_source = rt.key_source
+        try:
+            return await session(opt)
+        finally:
+            await rt.close()
+            await fol.close()
+
+    return run

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from agent.commands._runtime import ipsec_modes
 from agent.commands.ping import add_client_options, mode_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("owping", help="OWAMP client (one-way delay and loss, both directions)",
                               description="Run OWAMP sessions to and from HOST and report one-way statistics.")
-    add_client_options(p, 861, modes=("unauth", "auth", "enc"))
+    add_client_options(p, 861, modes=("unauth", "auth", "enc") + ipsec_modes(("unauth", "auth", "enc")))
     p.set_defaults(func=run)
 
 
@@ -38,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     if res is None:
         return rc
     if args.json:
-        doc = {"protocol": "owamp", "peer": args.host, "mode": mode_name(res.mode),
+        doc = {"protocol": "owamp", "peer": args.host, "mode": mode_name(res.mode, twamp=False),
                "forward": res.forward.to_dict(), "reverse": res.reverse.to_dict(),
                "receiver_counters": res.receiver_counters}
         print(json.dumps(doc, indent=1, default=str))
     else:
-        print(f"--- owping {args.host} ({mode_name(res.mode)}) ---")
+        print(f"--- owping {args.host} ({mode_name(res.mode, twamp=False)}) ---")
         print(_line("to " + args.host, res.forward))
         print(_line("from " + args.host, res.reverse))
     return 0 if res.forward.received or res.reverse.received else 1

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from agent.commands._runtime import ipsec_modes, is_ipsec_mode
+
 MODES = ("unauth", "auth", "enc", "mixed")
+# IPsec-bound modes (docs/wire-format.md): keyed from the SA pair the server announces,
+# which the client checks against its own kernel before answering.
+IPSEC_MODES = ipsec_modes(MODES)
 
 
-def add_client_options(p: argparse.ArgumentParser, default_port: int, modes: tuple[str, ...] = MODES) -> None:
+def add_client_options(p: argparse.ArgumentParser, default_port: int,
+                       modes: tuple[str, ...] = MODES + IPSEC_MODES) -> None:
     """Options shared by ``ping`` and ``owping``."""
     p.add_argument("host", help="server address or name")
     p.add_argument("--port", type=int, default=default_port, help=f"control TCP port (default {default_port})")
@@ -17,8 +23,13 @@ def add_client_options(p: argparse.ArgumentParser, default_port: int, modes: tup
                    help="fixed interval, or exponential gaps (Poisson sampling, RFC 3432)")
     p.add_argument("--padding", type=int, default=None, help="padding octets per test packet")
     p.add_argument("--dscp", type=int, default=0, help="DSCP of the test packets (Type-P descriptor)")
-    p.add_argument("--mode", action="append", choices=modes, default=None,
-                   help="security mode; repeat to give a preference order (default unauth)")
+    p.add_argument("--mode", action="append", choices=modes, default=None, metavar="MODE",
+                   help="security mode, or security+key mode keyed from the IPsec SA (e.g. auth+ipsec-bound, "
+                        "enc+ipsec-alt1); repeat to give a preference order (default unauth). "
+                        f"Choices: {', '.join(modes)}")
+    p.add_argument("--source", metavar="ADDR", help="source address of control and test packets "
+                                                    "(e.g. the tunnel's local inner address)")
+    p.add_argument("--netns", metavar="NS", help="run in this network namespace (its SAs key the IPsec modes)")
     p.add_argument("--keyfile", help="key file: 'identity passphrase' lines (or a perfSONAR .pfs file)")
     p.add_argument("--user", default="", help="identity (KeyID) to authenticate as")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase for --user from this environment variable")
@@ -64,7 +75,7 @@ def options(args: argparse.Namespace):
 
     modes = tuple(args.mode or ("unauth",))
     ks = key_source(args)
-    if any(m != "unauth" for m in modes) and ks is None:
+    if any(m != "unauth" and not is_ipsec_mode(m) for m in modes) and ks is None:
         raise ValueError("authenticated modes need --keyfile or --passphrase-env (and --user)")
     from agent.control.modes import Mode
 
@@ -76,14 +87,18 @@ def options(args: argparse.Namespace):
                        schedule="poisson" if args.schedule == "exponential" else "fixed", padding=args.padding,
                        dscp=args.dscp, wanted=modes, key_id=args.user, key_source=ks, max_count=args.max_count,
                        wait=args.wait, timeout=args.timeout, test_port=args.test_port, features=features,
-                       reflect_length=reflect)
+                       reflect_length=reflect, local_addr=args.source)
 
 
-def mode_name(mode: int) -> str:
+def mode_name(mode: int, twamp: bool = True) -> str:
+    """``auth``, or ``auth+ipsec-bound`` with a key mode (the names --mode takes)."""
     from agent.control import modes as md
 
-    sec = [m.name for m in md.security_bits(mode)]
-    return sec[0] if sec else hex(mode)
+    try:
+        sec, key, _ = md.split_mode(mode, twamp)
+    except ValueError:
+        return hex(mode)
+    return f"{sec.name}+{key.name}" if key is not None else sec.name
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""``xwamp server``: TWAMP (Session-Reflector) and OWAMP (receiver/sender) control server."""
+"""``xwamp server``: TWAMP (Session-Reflector) and OWAMP (receiver/sender) control server.
+
+``--ipsec`` also offers the IPsec-bound modes (docs/wire-format.md): the key binder over
+the live SA table (netlink) announces each connection's SA pair in the greeting and keys
+the session from it; a connection whose SA pair is deleted with no successor is stopped
+(Stop-Sessions Accept=2, wire-format §5)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", action="append", choices=("unauth", "auth", "enc", "mixed"),
                    help="modes to offer; repeat (default: all; keyed modes only with --keyfile)")
     p.add_argument("--keyfile", help="'identity passphrase' lines, or a perfSONAR .pfs file")
+    p.add_argument("--ipsec", action="store_true",
+                   help="also offer the IPsec-bound modes (ipsec-bound, ipsec-alt1), keyed from the kernel's SAs")
+    p.add_argument("--allow-alt2", action="store_true",
+                   help="with --ipsec, offer ipsec-alt2 too (reuses the ESP keys: wire-format §4.3)")
+    p.add_argument("--netns", metavar="NS", help="serve in this network namespace (and key from its SAs)")
     p.add_argument("--count", type=int, default=4096, help="PBKDF2 Count offered to clients (power of 2 >= 1024)")
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--max-per-client", type=int, default=8, help="control connections per client address")
@@ -38,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from agent.commands._runtime import wait_until_stopped
+    from agent.commands._runtime import enter_netns, ipsec_runtime, wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
     from agent.control.server import ServerConfig
     from agent.keyring import KeyFileError, PassphraseFile
-    from agent.session import OwampHandler, TwampHandler
+    from agent.session import OwampHandler, SaBoundHandler, TwampHandler
+    from netlink.errors import XfrmError
 
     log = logging.getLogger("xwamp.server")
     ks = None
@@ -53,12 +64,25 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, KeyFileError) as e:
             print(f"xwamp server: {e}", file=sys.stderr)
             return 2
-    names = args.mode or (["unauth", "auth", "enc", "mixed"] if ks else ["unauth"])
+    if args.allow_alt2 and not args.ipsec:
+        print("xwamp server: --allow-alt2 needs --ipsec", file=sys.stderr)
+        return 2
+    # The IPsec key modes go with a keyed security mode (ALT1/ALT2) or any (IPSEC_BOUND).
+    names = args.mode or (["unauth", "auth", "enc", "mixed"] if ks or args.ipsec else ["unauth"])
     # TWAMP capabilities the server implements (OWAMP drops them: modes.offerable):
     # RFC 5938 individual session control, RFC 6038 Reflect Octets and Symmetrical Size.
     modes = int(md.Mode.INDIVIDUAL_SESSION_CONTROL | md.Mode.REFLECT_OCTETS | md.Mode.SYMMETRICAL_SIZE)
     for n in names:
         modes |= md.by_name(n).bit
+    shown = list(names)
+    if args.ipsec:
+        from agent import binder as bd
+
+        bd.register_modes()
+        # offered per connection only when its greeting announces an SA pair (modes.KeyMode.announced)
+        ipsec_bits = bd.Modes.IPSEC_BOUND | bd.Modes.IPSEC_ALT1 | (bd.Modes.IPSEC_ALT2 if args.allow_alt2 else 0)
+        modes |= int(ipsec_bits)
+        shown += ["ipsec-bound", "ipsec-alt1"] + (["ipsec-alt2"] if args.allow_alt2 else [])
     try:
         caps: dict = {"max_rate": args.max_rate, "max_reflected": args.max_packets}
         if args.max_packets is not None:
@@ -69,29 +93,56 @@ def run(args: argparse.Namespace) -> int:
         return 2
     limits = ListenerLimits(max_connections=args.max_connections, max_per_client=args.max_per_client,
                             max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout)
-    listeners = []
-    if args.protocol in ("both", "twamp"):
-        listeners.append(ControlListener(TwampHandler, twamp=True, hosts=args.listen, port=args.twamp_port,
-                                         config=cfg, key_source=ks, limits=limits))
-    if args.protocol in ("both", "owamp"):
-        listeners.append(ControlListener(OwampHandler, twamp=False, hosts=args.listen, port=args.owamp_port,
-                                         config=cfg, key_source=ks, limits=limits))
+    protocols = [(twamp, port, handler) for twamp, port, handler, name in
+                 ((True, args.twamp_port, TwampHandler, "twamp"), (False, args.owamp_port, OwampHandler, "owamp"))
+                 if args.protocol in ("both", name)]
+
+    def listener(twamp: bool, port: int, handler, runtime) -> ControlListener:
+        if runtime is None:
+            return ControlListener(handler, twamp=twamp, hosts=args.listen, port=port, config=cfg, key_source=ks,
+                                   limits=limits)
+        lst: ControlListener
+
+        def bound(srv):  # IPsec-bound connections end with their SA pair (via ControlListener.abort)
+            return SaBoundHandler(handler(srv), srv, runtime, lambda s, accept: lst.abort(s, accept))
+
+        lst = ControlListener(bound, twamp=twamp, hosts=args.listen, port=port, config=cfg,
+                              key_source=runtime.key_source, limits=limits)
+        return lst
 
     async def main() -> None:
-        for lst in listeners:
-            await lst.start()
-            for a in lst.addresses:
-                print(f"xwamp server: {'TWAMP' if lst.twamp else 'OWAMP'} on {a[0]} port {a[1]}, "
-                      f"modes {', '.join(names)}", flush=True)
+        follower = runtime = None
+        if args.ipsec:  # --netns was entered already: the follower reads this namespace
+            follower, runtime = await ipsec_runtime(None, allow_alt2=args.allow_alt2, fallback=[ks] if ks else [])
+        listeners = [listener(twamp, port, handler, runtime) for twamp, port, handler in protocols]
         try:
+            for lst in listeners:
+                await lst.start()
+                for a in lst.addresses:
+                    print(f"xwamp server: {'TWAMP' if lst.twamp else 'OWAMP'} on {a[0]} port {a[1]}, "
+                          f"modes {', '.join(shown)}", flush=True)
             await wait_until_stopped(args.duration)
         finally:
             for lst in listeners:
                 await lst.close()
                 log.info("%s: %s", "TWAMP" if lst.twamp else "OWAMP", lst.stats)
+            if runtime is not None:
+                log.info("binder: %s", runtime.counters())
+                await runtime.close()
+            if follower is not None:
+                await follower.close()
 
+    if args.netns:
+        try:
+            enter_netns(args.netns)
+        except OSError as e:
+            print(f"xwamp server: {e.strerror or e}", file=sys.stderr)
+            return 2
     try:
         asyncio.run(main())
+    except XfrmError as e:
+        print(f"xwamp server: cannot read the kernel's SAs: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"xwamp server: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -37,6 +37,19 @@ class ControlError(Exception):
     """A control conversation failed (refused, peer error, timeout). Safe to print."""
 
 
+class GreetingRefused(ControlError):
+    """Our key source refused the server's greeting: for the IPsec-bound modes, the SA pair
+    it announces is not ours (draft-ietf-ippm-ipsec §4.1: the client MUST close).
+    ``reason``: the refusal's machine-readable reason (wire-format §6), e.g. ``no_sa``;
+    ``detail``: SPIs, protocol and addresses only."""
+
+    def __init__(self, error: Exception) -> None:
+        reason = getattr(error, "reason", None)
+        self.reason: str | None = getattr(reason, "value", reason)
+        self.detail: str = getattr(error, "detail", "") or str(error)
+        super().__init__(f"refused the server's greeting: {error}")
+
+
 def _addr(info: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
     if not isinstance(info, tuple) or len(info) < 2:
         return None
@@ -396,6 +409,8 @@ class AsyncControlClient:
                 if isinstance(e, kind):
                     return self._events.pop(i)
                 if isinstance(e, ev.ProtocolFailure):
+                    if self.cli.refusal is not None:
+                        raise GreetingRefused(self.cli.refusal)
                     raise ControlError(f"protocol error: {e.reason}")
                 if isinstance(e, ev.SetupRefused):
                     raise ControlError(f"server refused the connection: {m.ACCEPT_NAMES[e.accept]}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from agent.control import events as ev
 from agent.control import messages as m
@@ -59,6 +59,9 @@ class ControlClient(_Conn):
         self.state = "greeting"
         self._pending: deque[tuple[str, object]] = deque()  # expected answers, in order
         self._fetch_stage: tuple | None = None
+        # Why our key source refused the greeting (e.g. agent.ipsec_keys.BinderRefusal: the
+        # announced SA pair is not in our kernel); the connection then fails. No key material.
+        self.refusal: Exception | None = None
 
     # ------------------------------------------------------------------ input
     def _step(self) -> list[ev.Event] | None:
@@ -91,10 +94,8 @@ class ControlClient(_Conn):
         self._ctx = ctx
         validate = getattr(self._key_source, "validate", None)
         if _key is not None and validate is not None:
-            try:  # e.g. the IPsec binder checks the announced SA pair against our kernel
-                validate(ctx)
-            except Exception as e:
-                raise ProtocolError(f"key source refused the greeting: {e}") from None
+            # e.g. the IPsec binder checks the announced SA pair against our kernel (draft §4.1)
+            self._key_hook(validate, ctx)
         greeted: list[ev.Event] = [ev.GreetingReceived(g, mode)]
         if not sec.control_crypto:
             self._out += m.SetUpResponse(mode).pack()
@@ -103,10 +104,10 @@ class ControlClient(_Conn):
         if self._key_source is None:
             raise ProtocolError("an authenticated mode needs a key source")
         # Key-source hooks run here; only PBKDF2 (up to max_count iterations) may leave the loop.
-        made = hooked_client_token(self._key_source, self.key_id, ctx, g.challenge)
+        made = self._key_hook(hooked_client_token, self._key_source, self.key_id, ctx, g.challenge)
         if made is not None:
             return greeted + self._send_setup(mode, made, sec.test_auth, client_iv)
-        key = token_key_or_job(self._key_source, self.key_id, ctx, self.max_count)
+        key = self._key_hook(token_key_or_job, self._key_source, self.key_id, ctx, self.max_count)
         if key is None:
             raise ProtocolError(f"no key for identity {self.key_id!r}")
 
@@ -119,6 +120,17 @@ class ControlClient(_Conn):
         if isinstance(key, Pbkdf2Job):
             return greeted + self._derive(key, derived)
         return greeted + derived(key, None)
+
+    def _key_hook(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a key-source hook; its refusal closes the connection as a ProtocolError and
+        is kept in ``self.refusal`` (the caller may tell it apart from a broken server)."""
+        try:
+            return fn(*args)
+        except ProtocolError:
+            raise
+        except Exception as e:
+            self.refusal = e
+            raise ProtocolError(f"key source refused the greeting: {e}") from None
 
     def _send_setup(self, mode: int, made: tuple[bytes, SessionKeys], test_auth: bool,
                     client_iv: bytes) -> list[ev.Event]:
