@@ -4,8 +4,10 @@ AsyncControlClient.connect(local_addr=...). Loopback only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
+from typing import AsyncIterator
 
 import pytest
 
@@ -44,6 +46,22 @@ async def _until(cond, timeout: float = 3.0) -> None:
     while not cond():
         assert time.monotonic() < end, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _connected(cls, twamp: bool = True, **kw) -> AsyncIterator[tuple[ControlListener, AsyncControlClient,
+                                                                             Recorder]]:
+    """A listener serving ``cls`` handlers and one client connected to it; both closed after."""
+    rec = Recorder(cls)
+    lst = await _listener(rec, twamp)
+    try:
+        conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], twamp=twamp, timeout=5, **kw)
+        try:
+            yield lst, conn, rec
+        finally:
+            await conn.close()
+    finally:
+        await lst.close()
 
 
 def _tw_request(conn: AsyncControlClient) -> m.RequestTWSession:
@@ -101,48 +119,31 @@ def test_connect_local_addr_binds_control_and_test_traffic() -> None:
 
 def test_abort_in_test_state_sends_stop_sessions_and_closes_promptly() -> None:
     async def main() -> None:
-        rec = Recorder(TwampHandler)
-        lst = await _listener(rec)
-        try:
-            conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], wanted=("auth",),
-                                                    key_id="alice", key_source=KEYS, timeout=5)
-            try:
-                assert (await conn.request_tw_session(_tw_request(conn))).ok
-                assert await conn.start_sessions() == m.ACCEPT_OK
-                handler = rec.handlers[-1]
-                t0 = time.monotonic()
-                assert lst.abort(handler) is True  # by handler; the ControlServer works too
-                got = await conn._wait(ev.StopSessionsReceived, timeout=3)
-                assert got.stop.accept == m.ACCEPT_INTERNAL_ERROR and got.stop.num_sessions == 1
-                assert time.monotonic() - t0 < 1.0
-                assert await asyncio.wait_for(conn.reader.read(), 3) == b""  # then the server closes
-                assert handler.srv.closed and not handler.sessions  # reflection ended
-                await _until(lambda: not lst._tasks)
-                assert lst.abort(handler) is False  # no longer served
-            finally:
-                await conn.close()
-        finally:
-            await lst.close()
+        async with _connected(TwampHandler, wanted=("auth",), key_id="alice", key_source=KEYS) as (lst, conn, rec):
+            assert (await conn.request_tw_session(_tw_request(conn))).ok
+            assert await conn.start_sessions() == m.ACCEPT_OK
+            handler = rec.handlers[-1]
+            t0 = time.monotonic()
+            assert lst.abort(handler) is True  # by handler; the ControlServer works too
+            got = await conn._wait(ev.StopSessionsReceived, timeout=3)
+            assert got.stop.accept == m.ACCEPT_INTERNAL_ERROR and got.stop.num_sessions == 1
+            assert time.monotonic() - t0 < 1.0
+            assert await asyncio.wait_for(conn.reader.read(), 3) == b""  # then the server closes
+            assert handler.srv.closed and not handler.sessions  # reflection ended
+            await _until(lambda: not lst._tasks)
+            assert lst.abort(handler) is False  # no longer served
 
     asyncio.run(main())
 
 
 def test_abort_before_tests_just_closes_with_accept_of_choice() -> None:
     async def main() -> None:
-        rec = Recorder(TwampHandler)
-        lst = await _listener(rec)
-        try:
-            conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], timeout=5)
-            try:
-                srv = rec.handlers[-1].srv
-                assert lst.abort(srv, m.ACCEPT_FAILURE)
-                assert lst.abort(srv) is True  # a second call is harmless
-                assert await asyncio.wait_for(conn.reader.read(), 3) == b""  # no Stop: nothing runs
-                assert srv.closed
-            finally:
-                await conn.close()
-        finally:
-            await lst.close()
+        async with _connected(TwampHandler) as (lst, conn, rec):
+            srv = rec.handlers[-1].srv
+            assert lst.abort(srv, m.ACCEPT_FAILURE)
+            assert lst.abort(srv) is True  # a second call is harmless
+            assert await asyncio.wait_for(conn.reader.read(), 3) == b""  # no Stop: nothing runs
+            assert srv.closed
 
     asyncio.run(main())
 
@@ -152,27 +153,19 @@ def test_owamp_abort_reports_packets_sent_so_far() -> None:
     the Next Seqno of what it really sent (RFC 4656 §3.8), not 0 as a cancelled task would."""
 
     async def main() -> None:
-        rec = Recorder(OwampHandler)
-        lst = await _listener(rec, twamp=False)
-        try:
-            conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], twamp=False, timeout=5)
-            try:
-                sid = m.make_sid(conn.local[0], 1)
-                req = m.RequestSession(conn.peer[0], conn.local[0], 0, 9, sid=sid, conf_sender=True,
-                                       conf_receiver=False, padding_length=0, timeout=1 << 32, num_packets=10_000,
-                                       slots=(m.Slot.seconds(m.Slot.FIXED, 0.01),))
-                assert (await conn.request_session(req)).ok
-                assert await conn.start_sessions() == m.ACCEPT_OK
-                await asyncio.sleep(0.3)
-                assert lst.abort(rec.handlers[-1], m.ACCEPT_TEMPORARY_LIMIT)
-                got = await conn._wait(ev.StopSessionsReceived, timeout=3)
-                assert got.stop.accept == m.ACCEPT_TEMPORARY_LIMIT
-                (d,) = got.stop.descriptions
-                assert d.sid == sid and 5 <= d.next_seqno < 10_000
-            finally:
-                await conn.close()
-        finally:
-            await lst.close()
+        async with _connected(OwampHandler, twamp=False) as (lst, conn, rec):
+            sid = m.make_sid(conn.local[0], 1)
+            req = m.RequestSession(conn.peer[0], conn.local[0], 0, 9, sid=sid, conf_sender=True,
+                                   conf_receiver=False, padding_length=0, timeout=1 << 32, num_packets=10_000,
+                                   slots=(m.Slot.seconds(m.Slot.FIXED, 0.01),))
+            assert (await conn.request_session(req)).ok
+            assert await conn.start_sessions() == m.ACCEPT_OK
+            await asyncio.sleep(0.3)
+            assert lst.abort(rec.handlers[-1], m.ACCEPT_TEMPORARY_LIMIT)
+            got = await conn._wait(ev.StopSessionsReceived, timeout=3)
+            assert got.stop.accept == m.ACCEPT_TEMPORARY_LIMIT
+            (d,) = got.stop.descriptions
+            assert d.sid == sid and 5 <= d.next_seqno < 10_000
 
     asyncio.run(main())
 
@@ -188,20 +181,12 @@ def test_abort_waits_for_the_handler_answer() -> None:
             await super().on_event(srv, e)
 
     async def main() -> None:
-        rec = Recorder(Slow)
-        lst = await _listener(rec)
-        try:
-            conn = await AsyncControlClient.connect("127.0.0.1", lst.addresses[0][1], timeout=5)
-            try:
-                pending = asyncio.ensure_future(conn.request_tw_session(_tw_request(conn)))
-                await _until(lambda: rec.handlers[-1].srv.awaiting == "accept")
-                assert lst.abort(rec.handlers[-1])
-                acc = await pending
-                assert acc.ok  # the answer in progress went out whole
-                assert await asyncio.wait_for(conn.reader.read(), 3) == b""
-            finally:
-                await conn.close()
-        finally:
-            await lst.close()
+        async with _connected(Slow) as (lst, conn, rec):
+            pending = asyncio.ensure_future(conn.request_tw_session(_tw_request(conn)))
+            await _until(lambda: rec.handlers[-1].srv.awaiting == "accept")
+            assert lst.abort(rec.handlers[-1])
+            acc = await pending
+            assert acc.ok  # the answer in progress went out whole
+            assert await asyncio.wait_for(conn.reader.read(), 3) == b""
 
     asyncio.run(main())

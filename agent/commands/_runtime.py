@@ -54,6 +54,19 @@ def enter_netns(netns: str) -> None:
         os.close(fd)
 
 
+def netns_entered(command: str, netns: str | None) -> bool:
+    """``--netns``: enter it before any thread or socket exists; False (the error printed
+    as ``xwamp COMMAND: ...``) if it cannot be entered. True without one."""
+    if not netns:
+        return True
+    try:
+        enter_netns(netns)
+    except OSError as e:
+        print(f"xwamp {command}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 async def open_follower(netns: str | None) -> "XfrmFollower":
     """The live SA table and policies (netlink), kept current. Tests replace this."""
     from agent.bound import XfrmFollower
@@ -124,12 +137,8 @@ def run_client(name: str, args: argparse.Namespace, session: Callable[[Any], Awa
     if any(is_ipsec_mode(w) for w in wanted):
         # the user asking for ALT2 by name is the consent wire-format §4.3 wants
         session = _with_binder(session, allow_alt2=any(w.endswith("+ipsec-alt2") for w in wanted))
-    if getattr(args, "netns", None):
-        try:
-            enter_netns(args.netns)
-        except OSError as e:
-            print(f"xwamp {name}: {e.strerror or e}", file=sys.stderr)
-            return 2, None
+    if not netns_entered(name, getattr(args, "netns", None)):
+        return 2, None
     try:
         return 0, asyncio.run(session(opt))
     except GreetingRefused as e:  # one line, no traceback: what did not match, and the SPIs

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from agent.commands._runtime import enter_netns, ipsec_runtime, wait_until_stopped
+    from agent.commands._runtime import ipsec_runtime, netns_entered, wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
     from agent.control.server import ServerConfig
@@ -132,12 +132,8 @@ def run(args: argparse.Namespace) -> int:
             if follower is not None:
                 await follower.close()
 
-    if args.netns:
-        try:
-            enter_netns(args.netns)
-        except OSError as e:
-            print(f"xwamp server: {e.strerror or e}", file=sys.stderr)
-            return 2
+    if not netns_entered("server", args.netns):
+        return 2
     try:
         asyncio.run(main())
     except XfrmError as e:
