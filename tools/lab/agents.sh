@@ -7,7 +7,9 @@
 #   tools/lab/agents.sh scrape a|b [PREFIX]   print that agent's /metrics
 # Each agent runs inside its namespace (`ip netns exec`), its exporter on the
 # node's inner address (10.77.1.1 / 10.77.2.1, port 9862), as on the Vagrant VMs.
-# Environment: XWAMP_PYTHON (default the checkout's .venv), XWAMP_LAB_STATE, XWAMP_LAB_WAIT.
+# Environment: XWAMP_PYTHON (default the checkout's .venv), XWAMP_LAB_STATE, XWAMP_LAB_WAIT;
+# XWAMP_LAB_DISCOVER=1 configures tunnel auto-discovery instead of a configured peer
+# (lab/xwamp-discover.toml.in), XWAMP_LAB_INTERVAL / XWAMP_LAB_COUNT its packet schedule.
 set -euo pipefail
 cmd=${1:-up}; shift || true
 node=
@@ -56,6 +58,7 @@ for n in a b; do
     # netns empty: `ip netns exec` already puts the whole agent in the router's namespace.
     XW_NAME=$n XW_PEER=${peer[$n]} XW_LOCAL_INNER=${inner[$n]} XW_REMOTE_INNER=${inner[${peer[$n]}]} \
     XW_NETNS="" XW_EXPORTER_LISTEN=${inner[$n]} XW_EXPORTER_PORT=$port \
+    XW_DISCOVER=${XWAMP_LAB_DISCOVER:-0} XW_INTERVAL=${XWAMP_LAB_INTERVAL:-0.5} XW_COUNT=${XWAMP_LAB_COUNT:-20} \
         "$repo/lab/render-agent.sh" "$state/$n/xwamp.toml" >/dev/null
     setsid ip netns exec "$p-$n" "$PY" -m agent agent --config "$state/$n/xwamp.toml" \
         > "$state/$n/agent.log" 2>&1 < /dev/null &
