@@ -352,8 +352,28 @@ timeout = 0.3
 
 
 def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
+    """The real process measuring itself on loopback: SIGHUP adding a peer leaves the
+    running session alone (same session, counters go on); SIGTERM exits 0."""
+    tw, ow = _free_port(), _free_port()
     path = tmp_path / "x.toml"
-    path.write_text(BASE.replace("[exporter]\nenabled = false", "[exporter]\nport = 0") + "[agent]\nlog_format = 'logfmt'\n")
+    own = f"""
+[server]
+listen = ["127.0.0.1"]
+twamp_port = {tw}
+owamp_port = {ow}
+[exporter]
+port = 0
+[agent]
+log_format = 'logfmt'
+[[peers]]
+name = "self"
+address = "127.0.0.1"
+port = {tw}
+interval = 0.01
+count = 10
+timeout = 0.3
+"""
+    path.write_text(own)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NOTIFY_SOCKET", None)
     p = subprocess.Popen([sys.executable, "-m", "agent", "agent", "--config", str(path), "--log-format", "json"],
@@ -374,8 +394,18 @@ def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
         import json
         import urllib.request
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        assert "xwamp_build_info" in body
+        def sent() -> float:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            assert "xwamp_build_info" in body
+            m = re.search(r'^xwamp_packets_sent_total\{name="self"[^}]*\} (\S+)$', body, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        while sent() < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        before = sent()
+        assert before >= 20
+        # an unrelated change: a second peer (nobody listens there; it just retries)
+        path.write_text(own + f'[[peers]]\nname = "other"\naddress = "127.0.0.1"\nport = {_free_port()}\n')
         p.send_signal(signal.SIGHUP)
         while time.monotonic() < deadline:
             line = p.stderr.readline()
@@ -384,6 +414,10 @@ def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
                 break
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         assert 'xwamp_config_reloads_total{result="success"} 1.0' in body
+        assert sent() >= before  # the same session's counters, carried on
+        while sent() < before + 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sent() >= before + 20  # ... and it kept measuring
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
         lines.append(err)
@@ -397,6 +431,12 @@ def test_cli_process_reload_and_sigterm(tmp_path: Path) -> None:
     records = [json.loads(x) for x in "".join(lines).splitlines() if x.strip()]
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     assert records[-1]["msg"] == "agent stopped"
+    added = [r for r in records if r["msg"] == "session added"]
+    assert [r["session"] for r in added] == ["peer:self", "peer:other"]  # self was never restarted
+    stop = next(i for i, r in enumerate(records) if r["msg"] == "stop requested")
+    assert not [r for r in records[:stop] if r["msg"] in ("session removed", "session ended, restarting")
+                and r.get("session") == "peer:self"]
+    assert all(r["level"] != "error" for r in records), [r for r in records if r["level"] == "error"]
 
 
 def test_unreadable_sa_database_does_not_stop_the_agent(tmp_path: Path) -> None:
@@ -478,7 +518,7 @@ def test_discovery_measures_tunnel_mode_sas_between_inner_addresses() -> None:
 
 def test_bound_session_rebinds_on_rekey_stops_on_delete_and_survives_signals(tmp_path: Path, monkeypatch) -> None:
     """One daemon serves and measures itself across a (fake) tunnel on loopback, in
-    unauth+ipsec-bound: bound to the tunnel-mode pair through the policies; a
+    auth+ipsec-bound (the server's default modes): bound to the tunnel-mode pair through the policies; a
     make-before-break rekey rebinds it; deleting the pair stops it (sa_deleted), after
     which it falls back to unauth with no no_sa refusal counted for the greetings. Then
     a real SIGHUP leaves it running and a real SIGTERM sends Stop-Sessions and returns 0."""
@@ -493,14 +533,13 @@ port = {tw}
 interval = 0.01
 count = 30
 timeout = 0.3
-mode = ["unauth+ipsec-bound", "unauth"]
+mode = ["auth+ipsec-bound", "unauth"]
 """
     text = f"""
 [server]
 listen = ["127.0.0.2"]
 twamp_port = {tw}
 owamp_port = {ow}
-modes = ["unauth", "unauth+ipsec-bound"]
 [exporter]
 enabled = false
 """ + peer
