@@ -22,9 +22,11 @@ def test_xfrm_sa_visible_in_a_namespace():
                               "proto", "esp", "spi", "0x1000", "reqid", "1", "mode", "tunnel",
                               "aead", "rfc4106(gcm(aes))", "0x" + "11" * 20, "128"], capture_output=True, text=True)
         assert add.returncode == 0, add.stderr
+        # doctor's kernel-stamp self-test runs on lo: a fresh namespace has it down.
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "agent", "doctor", "lo", "--json"],
-                           capture_output=True, text=True, timeout=30, cwd=ROOT)
-        assert r.returncode == 0, r.stderr
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
         x = json.loads(r.stdout)["xfrm"]
         assert x["readable"] is True and x["sa_count"] == 1
         if x.get("lockdown") != "confidentiality":
