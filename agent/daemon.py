@@ -712,9 +712,11 @@ class CycleRunner:
     async def _twamp(self) -> None:
         from agent.binder import Rebind
 
+        from agent.control.aio import GreetingRefused
+        from agent.ipsec_keys import BinderRefusal
+
         rebind_deadline: float | None = None
         while not self._stopping:
-            refusals = dict(self.runtime.binder.refusals) if self.runtime is not None else {}
             try:
                 action = await self._twamp_connection()
             except asyncio.CancelledError:
@@ -725,7 +727,8 @@ class CycleRunner:
                              extra={"session": self.spec.key, "error": str(e) or type(e).__name__})
                     await asyncio.sleep(0.5)
                     continue
-                if self.runtime is not None and dict(self.runtime.binder.refusals) != refusals:
+                # Our binder refused the peer's greeting or the pair: not a network failure.
+                if isinstance(e, (GreetingRefused, BinderRefusal)):
                     self.metrics.stop_binder_refused += 1
                 raise
             rebind_deadline = None

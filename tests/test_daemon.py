@@ -604,3 +604,40 @@ enabled = false
     body = out["body"]
     assert re.search(r'xwamp_session_rebinds_total\{name="t",peer="127.0.0.2",reqid="7",protocol="twamp"\} 1.0', body)
     assert 'reason="sa_deleted"} 1.0' in body
+
+
+def test_binder_refusing_the_greeting_is_counted_as_a_stop(tmp_path: Path) -> None:
+    """The client's policy names another tunnel than the SA pair the server announces:
+    its binder refuses the greeting (no_sa), the session is not measured and says why."""
+    tw, ow = _free_port(), _free_port()
+    path = tmp_path / "x.toml"
+    path.write_text(f"""
+[server]
+listen = ["127.0.0.2"]
+twamp_port = {tw}
+owamp_port = {ow}
+[exporter]
+enabled = false
+[[peers]]
+name = "t"
+address = "127.0.0.2"
+source = "127.0.0.1"
+port = {tw}
+mode = ["auth+ipsec-bound"]
+""")
+    src = FakeXfrm(list(_tunnel_sa_pair(0xA0B00001, 0xB0A00001)))
+    src.policies[0] = _out_policy("127.0.0.1", "127.0.0.2", "192.0.2.1", "192.0.2.3")
+
+    async def main() -> tuple[int, dict]:
+        d = dm.Daemon(cfg.load(path), str(path), sa_source=src, notify=lambda *l: True)
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 20)
+        m = d.metrics.sessions["peer:t"]
+        await until(lambda: m.stop_binder_refused >= 1, 20)
+        assert m.sent == 0 and not m.sa_keyed
+        d.request_stop()
+        assert await asyncio.wait_for(task, 20) == 0
+        return m.stop_binder_refused, dict(d.binder.refusals)
+
+    n, refusals = asyncio.run(main())
+    assert n >= 1 and refusals.get("no_sa", 0) >= 1 and set(refusals) == {"no_sa"}
