@@ -476,9 +476,11 @@ class BoundReflector:
         self.stopped = True
         self.rec.end, self.rec.detail = a.reason.value, f"{_spis(a.old)}"
         log.info("server: stopping sessions of %s: %s (%s)", self.rec.peer, a.reason.value, _spis(a.old))
-        # No public way to push a server Stop-Sessions through ControlListener while it
-        # waits for input: end the test sessions; the client sees its own Stop.
-        self.inner.close()
+        # Server Stop-Sessions (Accept=2) and close through the listener when the owner
+        # can (RFC 5357 §3.8); else just end the test sessions: the client sees its own Stop.
+        abort = getattr(self.owner, "abort", None)
+        if abort is None or not abort(self, m.ACCEPT_INTERNAL_ERROR):
+            self.inner.close()
 
     def close(self) -> None:
         if self.key is not None:
@@ -516,6 +518,9 @@ class BoundTwampServer:
 
     async def close(self) -> None:
         await self.listener.close()
+
+    def abort(self, handler: object, accept: int = m.ACCEPT_INTERNAL_ERROR) -> bool:
+        return self.listener.abort(handler, accept)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- client

@@ -755,9 +755,12 @@ class CycleRunner:
 
         t = self.spec.session
         host = str(self.spec.address)
+        # From the configured source / the tunnel's inner address: the connection (and so
+        # the test packets, sent from its local address) must take the measured path.
+        local = str(self.spec.local) if self.spec.local is not None else None
         conn = await AsyncControlClient.connect(host, t.effective_port, twamp=True, wanted=t.modes,
                                                 key_id=t.user or "", key_source=self.key_source,
-                                                family=family_of(host))
+                                                family=family_of(host), local_addr=local)
         loop = asyncio.get_running_loop()
         action: asyncio.Future = loop.create_future()
         key: tuple[str, str, int] | None = None
@@ -913,6 +916,11 @@ class ControlServers:
             with contextlib.suppress(Exception):
                 await lst.close()
         self.listeners.clear()
+
+    def abort(self, handler: Any, accept: int = 2) -> bool:
+        """Server Stop-Sessions (Accept=2, internal error) and close for one connection,
+        e.g. when its SA pair died (agent.bound.BoundReflector calls this)."""
+        return any(lst.abort(handler, accept) for lst in self.listeners)
 
     def stats(self) -> dict[str, int]:
         out = {"connections_total": 0, "refused_total": 0}
