@@ -451,7 +451,13 @@ class MetricsServer:
             try:
                 return await self.worker.render(snap, accept, gz)
             except (OSError, EOFError, ValueError, pickle.PickleError, asyncio.IncompleteReadError) as e:
-                log.warning("render worker failed, rendering in a thread", extra={"error": str(e) or type(e).__name__})
+                # Once is enough: a worker that cannot start (e.g. the service user may not
+                # execute this interpreter) would otherwise warn on every scrape.
+                log.warning("render worker failed, rendering in a thread from now on",
+                            extra={"error": str(e) or type(e).__name__})
+                worker, self.worker = self.worker, None
+                with contextlib.suppress(Exception):
+                    await worker.close()
         return await asyncio.get_running_loop().run_in_executor(None, _render_encoded, snap, accept, gz)
 
     @staticmethod

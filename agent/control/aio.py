@@ -297,8 +297,12 @@ async def _read_or_wake(reader: asyncio.StreamReader, wake: asyncio.Event | None
         woken.cancel()
         if not read.done():
             read.cancel()  # StreamReader keeps unread data buffered: nothing is lost
-            with contextlib.suppress(asyncio.CancelledError):
+            # A read that failed (e.g. ECONNRESET) just before the cancel reports it here;
+            # its outcome is read again below, or dropped with us if we are being cancelled.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await read
+        elif not read.cancelled():
+            read.exception()  # mark it retrieved: if we are being cancelled nobody else will
     if read.done() and not read.cancelled():
         return read.result()
     if wake.is_set():
