@@ -1,4 +1,4 @@
-# make demo   - the main job: an ESP tunnel between two namespaces, and what xwamp sees
+# make demo   - the main job: agents measuring an ESP tunnel between two namespaces, keyed from its SAs
 # make test   - install what the tests need, run host tests and real-kernel tests
 # Both run as root on Debian 12 / Ubuntu 24.04 (Python >= 3.11).
 SHELL := /bin/bash
