@@ -41,8 +41,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import itertools
 import logging
@@ -71,6 +69,7 @@ from agent.test.packets import security_from_mode, symmetric_padding
 from agent.test.sender import PacketRecord, TestSender
 from netlink import constants as C
 from netlink.events import EventKind, XfrmEvent
+from netlink.netns import setns
 from netlink.records import SA, IPAddress, Mode, Policy, Proto
 from netlink.table import SATable
 
@@ -772,22 +771,6 @@ class BoundTwampMeasurement:
 
 # ----------------------------------------------------------------------------- namespaces
 
-CLONE_NEWNET = 0x40000000  # linux/sched.h
-_libc: ctypes.CDLL | None = None
-
-
-def _setns_net(fd: int) -> None:
-    global _libc
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, CLONE_NEWNET)
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 class NetnsLoop:
     """An asyncio event loop on a thread inside network namespace ``netns`` (a name under
     /run/netns or a path). setns(2) of CLONE_NEWNET changes only the calling thread, so
@@ -813,7 +796,7 @@ class NetnsLoop:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _setns_net(fd)
+                setns(fd)
             finally:
                 os.close(fd)
             self.loop = asyncio.new_event_loop()

@@ -25,7 +25,8 @@ NETNS_RUN_DIR = "/run/netns"  # where `ip netns add` bind-mounts namespaces
 _libc: ctypes.CDLL | None = None
 
 
-def _setns(fd: int, nstype: int) -> None:
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """setns(2) for the calling thread; the one wrapper the package uses."""
     global _libc
     if hasattr(os, "setns"):  # Python 3.12+
         os.setns(fd, nstype)
@@ -59,7 +60,7 @@ def create_socket(family: int, type_: int, proto: int, netns: str | None = None)
 
     def worker() -> None:
         try:
-            _setns(nsfd, CLONE_NEWNET)
+            setns(nsfd, CLONE_NEWNET)
             result.append(socket.socket(family, type_, proto))
         except BaseException as exc:  # handed to the caller below
             result.append(exc)

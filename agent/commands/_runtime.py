@@ -41,7 +41,7 @@ def enter_netns(netns: str) -> None:
     """Move this (still single-threaded) process into network namespace ``netns``: every
     socket and every thread made afterwards (asyncio's executor too) lives there."""
     from netlink.errors import NetnsNotFoundError
-    from netlink.netns import CLONE_NEWNET, _setns, netns_path  # one setns(2) wrapper for the package
+    from netlink.netns import CLONE_NEWNET, netns_path, setns  # one setns(2) wrapper for the package
 
     path = netns_path(netns)
     try:
@@ -49,7 +49,7 @@ def enter_netns(netns: str) -> None:
     except FileNotFoundError:
         raise NetnsNotFoundError(2, f"network namespace {netns!r} not found ({path})") from None
     try:
-        _setns(fd, CLONE_NEWNET)
+        setns(fd, CLONE_NEWNET)
     finally:
         os.close(fd)
 
