@@ -67,7 +67,6 @@ from agent.test import udp
 from agent.test.packets import Proto as TestProto
 from agent.test.packets import security_from_mode, symmetric_padding
 from agent.test.sender import PacketRecord, TestSender
-from netlink import constants as C
 from netlink.events import EventKind, XfrmEvent
 from netlink.netns import setns
 from netlink.records import SA, IPAddress, Mode, Policy, Proto

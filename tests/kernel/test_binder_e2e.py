@@ -23,8 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.hmac import HMAC
 
 from agent.binder import BinderConfig
-from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer, NetnsLoop, SetupFailed,
-                         XfrmFollower)
+from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer, NetnsLoop, XfrmFollower)
 from netlink.client import XfrmClient
 from netlink.records import Proto
 from netlink.secret import Secret
