@@ -25,7 +25,7 @@ if [ "${1:-}" = -- ]; then shift; fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 A=$p-a; B=$p-b
-OA=192.0.2.1; OB=192.0.2.2; IA=10.77.1.1; IB=10.77.2.1
+. "$repo/tools/lab/routers.sh"  # OA OB IA IB, routers_up
 # /tmp: the QEMU guest's /tmp is tmpfs (9p refuses unix sockets) and the vici
 # socket lives in each node's state directory.
 state=${XWAMP_LAB_STATE:-/tmp/xwamp-lab}/$p
@@ -132,14 +132,7 @@ trace "old lab removed"
 "$repo/lab/modules.sh"
 trace "crypto modules loaded"
 
-ip netns add "$A"; ip netns add "$B"
-ip link add "$p-va" netns "$A" type veth peer name "$p-vb" netns "$B"
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set "$p-va" name wan0 up; ip -n "$B" link set "$p-vb" name wan0 up
-ip -n "$A" addr add $OA/24 dev wan0; ip -n "$B" addr add $OB/24 dev wan0
-ip -n "$A" addr add $IA/32 dev lo;   ip -n "$B" addr add $IB/32 dev lo
-ip -n "$A" route add $IB/32 dev wan0 src $IA
-ip -n "$B" route add $IA/32 dev wan0 src $IB
+routers_up
 
 trace "namespaces and veth up"
 mkdir -p "$state"

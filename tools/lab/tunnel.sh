@@ -9,7 +9,7 @@
 set -Eeuo pipefail  # -E: the ERR trap also fires inside functions
 cmd=${1:-up}; p=${2:-xw}
 A=$p-a; B=$p-b
-OA=192.0.2.1; OB=192.0.2.2; IA=10.77.1.1; IB=10.77.2.1
+. "$(dirname "${BASH_SOURCE[0]}")/routers.sh"  # OA OB IA IB, routers_up
 SPI_AB=${XWAMP_LAB_SPI_AB:-0xa0b00001}; SPI_BA=${XWAMP_LAB_SPI_BA:-0xb0a00001}; REQID=${XWAMP_LAB_REQID:-7}
 
 down() { ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true; }
@@ -21,14 +21,7 @@ else EAB=$(hex 16); HAB=$(hex 32); EBA=$(hex 16); HBA=$(hex 32); fi
 
 down
 trap 'echo "tunnel.sh: set-up failed (does this kernel have ESP? see tools/kernel-caps)" >&2; down' ERR
-ip netns add "$A"; ip netns add "$B"
-ip link add "$p-va" netns "$A" type veth peer name "$p-vb" netns "$B"
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set "$p-va" name wan0 up; ip -n "$B" link set "$p-vb" name wan0 up
-ip -n "$A" addr add $OA/24 dev wan0; ip -n "$B" addr add $OB/24 dev wan0
-ip -n "$A" addr add $IA/32 dev lo;   ip -n "$B" addr add $IB/32 dev lo
-ip -n "$A" route add $IB/32 dev wan0 src $IA
-ip -n "$B" route add $IA/32 dev wan0 src $IB
+routers_up
 
 sa() { # ns src dst spi enc auth
     ip -n "$1" xfrm state add src "$2" dst "$3" proto esp spi "$4" reqid $REQID mode tunnel \
