@@ -43,12 +43,17 @@ def resolve_kernel_package() -> str:
     pinned = os.environ.get("XWAMP_VM_KERNEL_PKG")
     if pinned:
         return pinned
-    out = run(["apt-cache", "depends", "linux-image-amd64"])
-    for line in out.splitlines():
-        m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
-        if m and "amd64" in m.group(1):
-            return m.group(1)
-    raise SystemExit("vm-build: cannot resolve linux-image-amd64 (run 'apt-get update' first)")
+    for attempt in range(2):
+        out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+            if m and "amd64" in m.group(1):
+                return m.group(1)
+        if attempt == 0:  # a machine whose package lists were never fetched
+            log("linux-image-amd64 unknown to apt: running apt-get update")
+            subprocess.run(["apt-get", "update", "-qq"], check=False)
+    raise SystemExit("vm-build: cannot resolve linux-image-amd64 (is this Debian/Ubuntu with apt sources?)")
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
