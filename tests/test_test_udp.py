@@ -21,23 +21,6 @@ from netlink.secret import Secret
 KEYS = TestKeys(Secret(bytes(range(16))), Secret(bytes(range(40, 72))))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _rx_stamping_switched_on():
-    """Keep one timestamping socket open for the module, as a running agent does.
-
-    The kernel turns RX stamping on lazily: the first socket that asks schedules a work
-    item (net_enable_timestamp, netstamp_work) and packets received before it has run get
-    no stamp. The engine counts those as user-space fallbacks; these tests want to see the
-    steady state, not that start-up race, which made them flaky under load.
-    """
-    from agent.timestamping import enable_timestamping
-
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    enable_timestamping(s)
-    time.sleep(0.05)
-    yield
-    s.close()
-
 
 def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
