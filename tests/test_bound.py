@@ -23,6 +23,7 @@ from netlink.events import EventKind, XfrmEvent
 from netlink.fake import make_sa
 from netlink.records import Direction, Mode, Policy, PolicyTemplate, Proto, Selector
 from netlink.table import SATable
+from tests.tampering import TamperedGreeting
 
 ip = ipaddress.ip_address
 OA, OB = ip("192.0.2.1"), ip("192.0.2.2")  # outer (SA) addresses: client side A, server side B
@@ -245,30 +246,13 @@ def test_bound_measurement_rekey_then_delete(wanted: str, caplog: pytest.LogCapt
         assert k.hex() not in caplog.text.lower() and k.hex()[:16] not in caplog.text.lower()
 
 
-class _TamperedGreeting:
-    """A server key source that announces another SPI or protocol than its SA's."""
-
-    def __init__(self, inner, spi_delta: int = 0, proto: int | None = None) -> None:
-        self.inner, self.spi_delta, self.proto = inner, spi_delta, proto
-
-    def greeting_extra(self, ctx):
-        u = bytearray(self.inner.greeting_extra(ctx))
-        u[0:4] = (int.from_bytes(u[0:4], "big") + self.spi_delta).to_bytes(4, "big")
-        if self.proto is not None:
-            u[4] = self.proto
-        return bytes(u)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.mark.parametrize("tamper,reason", [(dict(spi_delta=1), "no_sa"), (dict(proto=51), "no_sa"),
                                            (dict(proto=17), "bad_announcement")])
 def test_wrong_announcement_no_session(tamper: dict, reason: str) -> None:
     async def main() -> None:
         client, server, _ = _sides()
         srv = BoundTwampServer(server.runtime, "127.0.0.1",
-                               key_source=_TamperedGreeting(server.runtime.key_source, **tamper))
+                               key_source=TamperedGreeting(server.runtime.key_source, **tamper))
         await srv.start()
         try:
             meas = BoundTwampMeasurement(client.runtime, "127.0.0.1", srv.port, wanted=["auth+ipsec-bound"],

@@ -27,6 +27,7 @@ from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer,
 from netlink.client import XfrmClient
 from netlink.records import Proto
 from netlink.secret import Secret
+from tests.tampering import TamperedGreeting
 
 LAB = Path(__file__).resolve().parents[2] / "tools" / "lab" / "tunnel.sh"
 PREFIX = "xwbe"
@@ -90,23 +91,6 @@ def wait_until(pred, timeout: float, what: str) -> None:
     while not pred():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-class TamperedGreeting:
-    """A server key source announcing another SPI or protocol than its SA's."""
-
-    def __init__(self, inner, spi_delta: int = 0, proto: int | None = None) -> None:
-        self.inner, self.spi_delta, self.proto = inner, spi_delta, proto
-
-    def greeting_extra(self, ctx):
-        u = bytearray(self.inner.greeting_extra(ctx))
-        u[0:4] = (int.from_bytes(u[0:4], "big") + self.spi_delta).to_bytes(4, "big")
-        if self.proto is not None:
-            u[4] = self.proto
-        return bytes(u)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 class Side:
