@@ -78,10 +78,10 @@ def echo_server(port_q: mp.Queue, stop: Event, cpu: int | None) -> None:
 
 def xwamp_server(kind: str, port_q: mp.Queue, stop: Event, cpu: int | None, stats_q: mp.Queue) -> None:
     _pin(cpu)
-    from agent.test.keys import TestKeys
-    from agent.test.packets import Proto, Security
-    from agent.test.reflector import ReflectorSession
-    from agent.test.udp import TwampReflectorEndpoint
+    from agent.engine.keys import TestKeys
+    from agent.engine.packets import Proto, Security
+    from agent.engine.reflector import ReflectorSession
+    from agent.engine.udp import TwampReflectorEndpoint
     from netlink.secret import Secret
 
     if kind == "auth":
@@ -110,9 +110,9 @@ def xwamp_server(kind: str, port_q: mp.Queue, stop: Event, cpu: int | None, stat
 
 
 def _packets(kind: str, n: int) -> list[bytes]:
-    from agent.test.keys import TestKeys
-    from agent.test.packets import Proto, Security
-    from agent.test.sender import TestSender
+    from agent.engine.keys import TestKeys
+    from agent.engine.packets import Proto, Security
+    from agent.engine.sender import TestSender
     from netlink.secret import Secret
 
     if kind == "auth":
@@ -231,10 +231,10 @@ def capacity(kind: str, n: int, out: mp.Queue) -> None:
     Less exposed to a noisy shared machine than the paced test: the CPU-time figure is
     what the code costs per packet, on whatever core it got.
     """
-    from agent.test.keys import TestKeys
-    from agent.test.packets import Proto, Security
-    from agent.test.reflector import ReflectorSession
-    from agent.test.udp import TwampReflectorEndpoint
+    from agent.engine.keys import TestKeys
+    from agent.engine.packets import Proto, Security
+    from agent.engine.reflector import ReflectorSession
+    from agent.engine.udp import TwampReflectorEndpoint
     from netlink.secret import Secret
 
     pkts = _packets(kind, 256)

@@ -4,7 +4,7 @@
 A reflector process (pinned to CPU 1) echoes UDP packets sent open-loop at a fixed
 rate by this process (pinned to CPU 0). Each packet gets four stamps on both
 clocks: T1 send, T2 reflector RX, T3 reflector TX, T4 sender RX, from the kernel
-(SO_TIMESTAMPING, agent.timestamping) and from user space (time.time_ns() around
+(SO_TIMESTAMPING, agent.engine.timestamping) and from user space (time.time_ns() around
 the syscalls). The TWAMP round trip (T4 - T1) - (T3 - T2) is reported for each.
 
 "load" runs a busy process on CPU 1, the reflector's core (all three pinned with
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import timestamping as ts  # noqa: E402
-from agent.clock import StampCounters  # noqa: E402
+from agent.engine import timestamping as ts  # noqa: E402
+from agent.engine.clock import StampCounters  # noqa: E402
 
 PAYLOAD = 64
 

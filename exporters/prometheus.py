@@ -1,7 +1,7 @@
 """Prometheus exposition of the agent's measurement state (docs/metrics.md lists every metric).
 
 * :class:`XwampCollector` — a prometheus_client custom Collector over a
-  :class:`agent.metrics.Snapshot` provider;
+  :class:`agent.sessions.metrics.Snapshot` provider;
 * :func:`render` — one scrape body for a snapshot, content-negotiated (text or OpenMetrics);
 * :class:`MetricsServer` — a small asyncio HTTP server on its own thread and loop: it has
   the snapshot taken on the agent's loop (one callback: consistent, no locks) and renders
@@ -25,11 +25,21 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    choose_encoder,
+    generate_latest,
+)
 from prometheus_client.utils import floatToGoString
 
-from agent.metrics import SA_INFO_LABELS, Snapshot, Tunnel
+from agent.sessions.metrics import SA_INFO_LABELS, Snapshot, Tunnel
 
 log = logging.getLogger(__name__)
 

@@ -14,4 +14,6 @@ Modules (import what you need; this package imports nothing eagerly):
 * errors    — XfrmError and friends (permission, unavailable, decode, netns).
 * constants — XFRM_MSG_*, XFRMA_*, XFRMNLGRP_* from linux/xfrm.h.
 * fake      — make_sa(): plausible SA records for tests.
+
+May import pyroute2 and the standard library only: it is the bottom of the import graph.
 """

@@ -15,7 +15,7 @@ def _rx_stamping_switched_on():
     get no stamp. The engine counts those as user-space fallbacks; the tests want the
     steady state, not that start-up race, which made them flaky under load.
     """
-    from agent.timestamping import enable_timestamping
+    from agent.engine.timestamping import enable_timestamping
 
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     enable_timestamping(s)

@@ -1,4 +1,4 @@
-"""agent.binder: announcement codec, server/client binding over SATables, keys per mode,
+"""agent.binder.announce: announcement codec, server/client binding over SATables, keys per mode,
 the keyring adapter, and rekey tracking."""
 
 from __future__ import annotations
@@ -12,13 +12,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import binder as bd
-from agent import ipsec_keys as ik
-from agent.binder import Announcement, Binder, BinderConfig, BinderKeySource, Modes, Rebind, RekeyTracker, Root, Stop
-from agent.ikev2 import PRF
-from agent.ipsec_keys import BinderRefusal, Reason
-from agent.keyring import HandshakeContext, TokenRejected
-from agent.keysource import ChildEntry, IKEEntry, StaticIKEKeySource
+from agent.binder import announce as bd
+from agent.binder import keys as ik
+from agent.binder.announce import (
+    Announcement,
+    Binder,
+    BinderConfig,
+    BinderKeySource,
+    Modes,
+    Rebind,
+    RekeyTracker,
+    Root,
+    Stop,
+)
+from agent.binder.ikev2 import PRF
+from agent.binder.keys import BinderRefusal, Reason
+from agent.binder.keysource import ChildEntry, IKEEntry, StaticIKEKeySource
+from agent.control.keyring import HandshakeContext, TokenRejected
 from netlink.events import EventKind, XfrmEvent
 from netlink.fake import make_sa
 from netlink.records import Proto

@@ -1,5 +1,5 @@
 """The binder plugged into the sans-IO control client and server (agent.control) through
-agent.keyring's seam: full handshakes in every IPsec-keyed mode, on the host."""
+agent.control.keyring's seam: full handshakes in every IPsec-keyed mode, on the host."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import os
 
 import pytest
 
-from agent import binder as bd
-from agent.binder import Binder, BinderConfig, BinderKeySource, Modes
+from agent.binder import announce as bd
+from agent.binder.announce import Binder, BinderConfig, BinderKeySource, Modes
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.client import ControlClient
+from agent.control.keyring import ChainedKeySource, StaticKeySource
 from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import ChainedKeySource, StaticKeySource
 from netlink.fake import make_sa
 from netlink.secret import Secret
 from netlink.table import SATable

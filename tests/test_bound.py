@@ -1,4 +1,4 @@
-"""agent.bound on the host: policy mapping, the follower's event handling, the runtime's
+"""agent.sessions.bound on the host: policy mapping, the follower's event handling, the runtime's
 Rebind/Stop routing, and whole bound TWAMP measurements over loopback with in-memory SA
 tables (rekey and deletion injected as XFRM events, wire-format §5)."""
 
@@ -15,10 +15,12 @@ import subprocess
 
 import pytest
 
-from agent import binder as bd
-from agent.binder import BinderConfig, Rebind, Stop
-from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer, NetnsLoop, PolicyMap, TunnelBinder,
-                         XfrmFollower)
+from agent.binder import announce as bd
+from agent.binder.announce import BinderConfig, Rebind, Stop
+from agent.sessions.bound import BinderRuntime, PolicyMap, TunnelBinder, XfrmFollower
+from agent.sessions.bound_measurement import BoundTwampMeasurement
+from agent.sessions.bound_server import BoundTwampServer
+from agent.sessions.netns_loop import NetnsLoop
 from netlink.events import EventKind, XfrmEvent
 from netlink.fake import make_sa
 from netlink.records import Direction, Mode, Policy, PolicyTemplate, Proto, Selector
@@ -290,9 +292,9 @@ def test_greeting_to_a_peer_without_sa_is_not_a_refusal() -> None:
     """The server asks the binder on every greeting whether to offer the IPsec modes;
     a peer with no SA is the normal case for unauth clients, not a refusal. It counts
     once a client actually picks an IPsec mode on such a connection."""
-    from agent.binder import BinderKeySource, Modes
-    from agent.ipsec_keys import BinderRefusal
-    from agent.keyring import HandshakeContext
+    from agent.binder.announce import BinderKeySource, Modes
+    from agent.binder.keys import BinderRefusal
+    from agent.control.keyring import HandshakeContext
 
     rt = BinderRuntime(SATable(), PolicyMap())
     ks = rt.keys

@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from agent import clock
-from agent import timestamping as ts
-from agent.timefmt import ErrorEstimate
+from agent.engine import clock
+from agent.engine import timestamping as ts
+from agent.engine.timefmt import ErrorEstimate
 
 NS = 1_000_000_000
 

@@ -1,4 +1,4 @@
-"""agent/config.py: defaults, validation with one-line errors naming file/key/why, CLI exit code 2."""
+"""agent/daemon/config.py: defaults, validation with one-line errors naming file/key/why, CLI exit code 2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as cfg
+from agent.daemon import config as cfg
 
 REPO = Path(__file__).resolve().parent.parent
 

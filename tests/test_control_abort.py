@@ -15,9 +15,9 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.aio import AsyncControlClient, ControlListener
 from agent.control.client import ControlClient
+from agent.control.keyring import HandshakeContext, StaticKeySource
 from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import HandshakeContext, StaticKeySource
-from agent.session import OwampHandler, PingOptions, TwampHandler, twamp_ping
+from agent.sessions.session import OwampHandler, PingOptions, TwampHandler, twamp_ping
 from netlink.secret import Secret
 
 KEYS = StaticKeySource({"alice": Secret(b"abort passphrase")})

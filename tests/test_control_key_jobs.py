@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from agent import keyring
 from agent.control import events as ev
+from agent.control import keyring
 from agent.control import messages as m
 from agent.control.aio import AsyncControlClient, ControlListener
 from agent.control.client import ControlClient
+from agent.control.keyring import Pbkdf2Job, StaticKeySource
 from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import Pbkdf2Job, StaticKeySource
-from agent.session import TwampHandler
+from agent.sessions.session import TwampHandler
 from netlink.secret import Secret
 
 LO = ipaddress.IPv4Address("127.0.0.1")

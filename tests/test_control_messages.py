@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.control import messages as m
-from agent.timefmt import ErrorEstimate
+from agent.engine.timefmt import ErrorEstimate
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address

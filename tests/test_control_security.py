@@ -17,8 +17,8 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import security as sec
 from agent.control.client import ControlClient
+from agent.control.keyring import StaticKeySource
 from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import StaticKeySource
 from netlink.secret import Secret
 
 # ---------------------------------------------------------------- published vectors

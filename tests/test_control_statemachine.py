@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.client import ControlClient
+from agent.control.keyring import StaticKeySource
 from agent.control.modes import Mode
 from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import StaticKeySource
-from agent.timefmt import ErrorEstimate
+from agent.engine.timefmt import ErrorEstimate
 from netlink.secret import Secret
 
 LO = ipaddress.IPv4Address("127.0.0.1")

@@ -1,4 +1,4 @@
-"""agent/daemon.py: the supervisor with fake runners and a fake SA source (SIGHUP diff,
+"""agent/daemon/supervisor.py: the supervisor with fake runners and a fake SA source (SIGHUP diff,
 SIGTERM, restarts, discovery from SA events, rekeys, sd_notify), then the real planes on
 loopback, then the real CLI process."""
 
@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from agent import config as cfg
-from agent import daemon as dm
-from agent.metrics import SessionMetrics
+from agent.daemon import config as cfg
+from agent.daemon import cycles, discovery
+from agent.daemon import supervisor as dm
+from agent.sessions.metrics import SessionMetrics
 from netlink.events import EventKind, XfrmEvent
 from netlink.fake import make_sa
 
@@ -36,7 +37,7 @@ def fast(monkeypatch):
 
 
 class FakeRunner:
-    def __init__(self, spec: dm.SessionSpec, metrics: SessionMetrics, log: list, fail: set) -> None:
+    def __init__(self, spec: discovery.SessionSpec, metrics: SessionMetrics, log: list, fail: set) -> None:
         self.spec, self.metrics, self.log, self.fail = spec, metrics, log, fail
         self.ended = asyncio.Event()
         self.stopped = False
@@ -84,7 +85,7 @@ class Harness:
         self.notes: list[str] = []
         self.sas = FakeSAs(sas or [])
 
-    def factory(self, spec: dm.SessionSpec, metrics: SessionMetrics) -> FakeRunner:
+    def factory(self, spec: discovery.SessionSpec, metrics: SessionMetrics) -> FakeRunner:
         r = FakeRunner(spec, metrics, self.log, self.fail)
         self.runners.append(r)
         return r
@@ -255,14 +256,14 @@ def test_discovery_filters() -> None:
 
     def keys(**kw: Any) -> list[str]:
         d = cfg.parse({"discovery": {"enabled": True, **kw}}).discovery
-        return [s.key for s in dm.discover(table, d, is_local)]
+        return [s.key for s in discovery.discover(table, d, is_local)]
 
     assert keys() == ["sa:192.0.2.2/1", "sa:203.0.113.5/2"]
     assert keys(reqids=[2]) == ["sa:203.0.113.5/2"]
     assert keys(addresses=["192.0.2.0/24"]) == ["sa:192.0.2.2/1"]
     assert keys(exclude=["203.0.113.0/24"]) == ["sa:192.0.2.2/1"]
     assert keys(selectors=["10.0.0.0/8"]) == ["sa:192.0.2.2/1", "sa:203.0.113.5/2"]  # 0/0 selectors overlap all
-    assert dm.discover(table, cfg.parse({}).discovery, is_local) == []  # disabled by default
+    assert discovery.discover(table, cfg.parse({}).discovery, is_local) == []  # disabled by default
 
 
 def test_configured_peer_is_not_discovered_twice(tmp_path: Path) -> None:
@@ -344,7 +345,7 @@ timeout = 0.3
     m, (runner, body) = asyncio.run(main())
     assert m.sent >= 20 and m.received == m.sent and m.rtt.snapshot().count == m.received
     assert m.lost_forward == m.lost_reverse == m.lost_unknown == 0
-    assert isinstance(runner, dm.CycleRunner) and runner.stop_sent  # Stop-Sessions went out
+    assert isinstance(runner, cycles.CycleRunner) and runner.stop_sent  # Stop-Sessions went out
     assert 'xwamp_packets_sent_total{name="self"' in body
 
 
@@ -501,7 +502,7 @@ class FakeXfrm(FakeSAs):
 
 def test_discovery_measures_tunnel_mode_sas_between_inner_addresses() -> None:
     ab, _ = _tunnel_sa_pair(0x100, 0x200)
-    from agent.bound import PolicyMap
+    from agent.sessions.bound import PolicyMap
     from netlink.table import SATable
 
     t = SATable()
@@ -509,10 +510,10 @@ def test_discovery_measures_tunnel_mode_sas_between_inner_addresses() -> None:
     pm = PolicyMap([_out_policy("10.77.1.1", "10.77.2.1", "192.0.2.1", "192.0.2.2")])
     mine = {ipaddress.ip_address(a) for a in ("192.0.2.1", "10.77.1.1")}
     d = cfg.DiscoverySection(enabled=True)
-    (spec,) = dm.discover(t, d, lambda a: a in mine, pm)
+    (spec,) = discovery.discover(t, d, lambda a: a in mine, pm)
     assert (str(spec.local), str(spec.address)) == ("10.77.1.1", "10.77.2.1")
     assert spec.key == "sa:192.0.2.2/7" and spec.tunnel.reqid == "7"
-    (plain,) = dm.discover(t, d, lambda a: a in mine)  # no policy: the outer addresses, as before
+    (plain,) = discovery.discover(t, d, lambda a: a in mine)  # no policy: the outer addresses, as before
     assert str(plain.address) == "192.0.2.2"
 
 

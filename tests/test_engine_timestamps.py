@@ -1,6 +1,6 @@
 """The test engine's four timestamps, their sources and the Error Estimate it writes, on loopback.
 
-Real UDP through agent.test.udp, checked against the issue's rules: T1 in the packet
+Real UDP through agent.engine.udp, checked against the issue's rules: T1 in the packet
 is a user stamp taken just before the send and the kernel TX stamp replaces it for
 computation (both kept); T2 is the reflector's kernel RX stamp; T4 ours; every packet's
 Error Estimate is the clock's (adjtimex), with Z = 1 when PTP format was negotiated.
@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.clock import STAMP_COUNTERS, ClockErrorCache
-from agent.results import summarize
-from agent.test import udp as udp_mod
-from agent.test.clockerr import PackedErrorEstimate
-from agent.test.packets import MODE_PTP_TIMESTAMPS, MODE_UNAUTHENTICATED
-from agent.test.sender import TestSender
-from agent.test.udp import TwampReflectorEndpoint, run_twamp_sender
-from agent.timefmt import ErrorEstimate
-from agent.timestamping import Stamp, StampSource
+from agent.engine import udp as udp_mod
+from agent.engine.clock import STAMP_COUNTERS, ClockErrorCache
+from agent.engine.clockerr import PackedErrorEstimate
+from agent.engine.packets import MODE_PTP_TIMESTAMPS, MODE_UNAUTHENTICATED
+from agent.engine.sender import TestSender
+from agent.engine.timefmt import ErrorEstimate
+from agent.engine.timestamping import Stamp, StampSource
+from agent.engine.udp import TwampReflectorEndpoint, run_twamp_sender
+from agent.sessions.results import summarize
 
 N = 8
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import ethtool
-from agent import timestamping as ts
+from agent.engine import ethtool
+from agent.engine import timestamping as ts
 
 
 def crafted_ts_info(sot: int, phc: int, tx: int, rx: int) -> bytes:

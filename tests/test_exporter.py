@@ -1,11 +1,11 @@
-"""exporters/prometheus.py + agent/metrics.py: scrape /metrics over HTTP from a running
+"""exporters/prometheus.py + agent/sessions/metrics.py: scrape /metrics over HTTP from a running
 exporter, parse it with prometheus_client's parser, compare with the session state."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import gzip
+import os
 import re
 import shutil
 import subprocess
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import DEFAULT_BUCKETS
-from agent.metrics import MetricsState, Tunnel, TunnelSAs
-from agent.results import summarize
-from agent.test.sender import PacketRecord
+from agent.daemon.config import DEFAULT_BUCKETS
+from agent.engine.sender import PacketRecord
+from agent.sessions.metrics import MetricsState, Tunnel, TunnelSAs
+from agent.sessions.results import summarize
 from exporters.prometheus import MetricsServer, render
 from netlink.fake import make_sa
 

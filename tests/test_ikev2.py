@@ -1,4 +1,4 @@
-"""agent.ikev2 against published vectors (tests/data/vectors/, sources named there)."""
+"""agent.binder.ikev2 against published vectors (tests/data/vectors/, sources named there)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import ikev2
-from agent.ikev2 import PRF
+from agent.binder import ikev2
+from agent.binder.ikev2 import PRF
 from netlink.secret import Secret
 
 VECTORS = Path(__file__).parent / "data" / "vectors"

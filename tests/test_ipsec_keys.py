@@ -1,4 +1,4 @@
-"""agent.ipsec_keys: KEYMAT rebuilt from kernel SA records, per-mode derivations, refusals."""
+"""agent.binder.keys: KEYMAT rebuilt from kernel SA records, per-mode derivations, refusals."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import ikev2, ipsec_keys as ik
-from agent.ikev2 import PRF
-from agent.ipsec_keys import BinderRefusal, Reason
+from agent.binder import ikev2
+from agent.binder import keys as ik
+from agent.binder.ikev2 import PRF
+from agent.binder.keys import BinderRefusal, Reason
 from netlink.fake import make_sa
 from netlink.records import Algorithm, Proto
 from netlink.secret import Secret
@@ -23,7 +24,7 @@ C, S = "192.0.2.10", "192.0.2.20"
 
 
 def _independent_prf_plus(key: bytes, seed: bytes, n: int, h: str = "sha256") -> bytes:
-    """RFC 7296 §2.13 computed here with the stdlib HMAC, not with agent.ikev2."""
+    """RFC 7296 §2.13 computed here with the stdlib HMAC, not with agent.binder.ikev2."""
     out, t, i = b"", b"", 1
     while len(out) < n:
         t = hmac.new(key, t + seed + bytes([i]), h).digest()

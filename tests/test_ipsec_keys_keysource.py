@@ -1,4 +1,4 @@
-"""agent.keysource: the file-based IKE key source (parsing, permissions, reload, lookups)."""
+"""agent.binder.keysource: the file-based IKE key source (parsing, permissions, reload, lookups)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ikev2 import PRF
-from agent.keysource import FileIKEKeySource, KeySourceError, parse_entries
+from agent.binder.ikev2 import PRF
+from agent.binder.keysource import FileIKEKeySource, KeySourceError, parse_entries
 
 SK_D = "462B9DD525D4FD71169174272779E704BAF62C6231779AE9EFE8C58B21916B42"
 

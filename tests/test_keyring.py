@@ -12,8 +12,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.client import ControlClient
-from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import (
+from agent.control.keyring import (
     ChainedKeySource,
     HandshakeContext,
     KeyFileError,
@@ -22,7 +21,8 @@ from agent.keyring import (
     StaticKeySource,
     resolve_token_key,
 )
-from agent.test.keys import TestKeys
+from agent.control.server import ControlServer, ServerConfig
+from agent.engine.keys import TestKeys
 from netlink.secret import Secret
 
 CTX = HandshakeContext("server", "twamp", salt=b"s" * 16, count=1024)
@@ -142,7 +142,7 @@ class FakeAlt1:
         return self._enc(challenge + bytes(48)), self._keys()
 
     def open_token(self, key_id, ctx, challenge, token):
-        from agent.keyring import TokenRejected
+        from agent.control.keyring import TokenRejected
 
         if not ctx.mode & self.BIT:
             return None

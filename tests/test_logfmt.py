@@ -1,4 +1,4 @@
-"""agent/logfmt.py: logfmt and JSON lines, extras, quoting, and no key material."""
+"""agent/daemon/logfmt.py: logfmt and JSON lines, extras, quoting, and no key material."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from agent import logfmt, sdnotify
+from agent.daemon import logfmt, sdnotify
 from netlink.secret import Secret
 
 

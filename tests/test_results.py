@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from agent.results import format_reply, format_summary, percentile, reordering, summarize
-from agent.test.sender import PacketRecord
+from agent.engine.sender import PacketRecord
+from agent.sessions.results import (
+    format_reply,
+    format_summary,
+    percentile,
+    reordering,
+    summarize,
+)
 
 SYNC = 0x8001  # S=1, tiny error
 UNSYNC = 0x0001
@@ -135,9 +141,9 @@ def test_empty() -> None:
 
 
 def test_owamp_summary_from_fetch_records() -> None:
-    from agent.results import format_owamp_summary, summarize_owamp
-    from agent.test.receiver import FETCH_RECORD, decode_fetch_records
-    from agent.timefmt import ntp_from_unix_ns
+    from agent.engine.receiver import FETCH_RECORD, decode_fetch_records
+    from agent.engine.timefmt import ntp_from_unix_ns
+    from agent.sessions.results import format_owamp_summary, summarize_owamp
 
     t0 = 1_780_000_000 * 10**9
 

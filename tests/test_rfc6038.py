@@ -16,12 +16,11 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.aio import ControlError, ControlListener
 from agent.control.client import ControlClient
+from agent.control.keyring import StaticKeySource
 from agent.control.modes import Mode
 from agent.control.server import ControlServer, ServerConfig
-from agent.keyring import StaticKeySource
-from agent.session import PingOptions, TwampHandler, twamp_ping
-from agent.test.keys import TestKeys
-from agent.test.packets import (
+from agent.engine.keys import TestKeys
+from agent.engine.packets import (
     MODE_AUTHENTICATED,
     MODE_SYMMETRICAL_SIZE,
     MODE_UNAUTHENTICATED,
@@ -29,8 +28,9 @@ from agent.test.packets import (
     Security,
     reflect_offset,
 )
-from agent.test.reflector import ReflectorSession
-from agent.test.sender import TestSender
+from agent.engine.reflector import ReflectorSession
+from agent.engine.sender import TestSender
+from agent.sessions.session import PingOptions, TwampHandler, twamp_ping
 from netlink.secret import Secret
 
 LO = ipaddress.IPv4Address("127.0.0.1")

@@ -13,10 +13,10 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.aio import AsyncControlClient, ControlListener
 from agent.control.server import ControlServer, ServerConfig
-from agent.session import OwampHandler, TwampHandler, schedule_from_slots
-from agent.test.packets import Proto, Security
-from agent.test.sender import TestSender
-from agent.timefmt import ntp_from_unix_ns
+from agent.engine.packets import Proto, Security
+from agent.engine.sender import TestSender
+from agent.engine.timefmt import ntp_from_unix_ns
+from agent.sessions.session import OwampHandler, TwampHandler, schedule_from_slots
 
 LO = ipaddress.IPv4Address("127.0.0.1")
 CFG = ServerConfig(count=1024)
@@ -175,8 +175,8 @@ def test_owamp_receiver_applies_the_requests_validity_window() -> None:
 
 
 def test_receiver_endpoint_passes_the_validity_window_through() -> None:
-    from agent.test.sender import Schedule
-    from agent.test.udp import OwampReceiverEndpoint
+    from agent.engine.sender import Schedule
+    from agent.engine.udp import OwampReceiverEndpoint
 
     async def main() -> None:
         ep = OwampReceiverEndpoint(("127.0.0.1", 0), hardware=False)

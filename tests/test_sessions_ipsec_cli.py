@@ -16,14 +16,14 @@ import time
 import pytest
 
 from agent import cli
-from agent.binder import BinderConfig, Modes
-from agent.bound import BinderRuntime, XfrmFollower
+from agent.binder.announce import BinderConfig, Modes
 from agent.commands import _runtime
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.aio import AsyncControlClient, ControlListener, GreetingRefused
 from agent.control.server import ServerConfig
-from agent.session import SaBoundHandler, TwampHandler
+from agent.sessions.bound import BinderRuntime, XfrmFollower
+from agent.sessions.session import SaBoundHandler, TwampHandler
 from netlink.events import EventKind, XfrmEvent
 from netlink.fake import make_sa
 

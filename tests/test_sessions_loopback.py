@@ -10,12 +10,23 @@ import socket
 import pytest
 
 from agent.control import messages as m
-from agent.control.aio import AsyncControlClient, ControlError, ControlListener, ListenerLimits
+from agent.control.aio import (
+    AsyncControlClient,
+    ControlError,
+    ControlListener,
+    ListenerLimits,
+)
+from agent.control.keyring import StaticKeySource
 from agent.control.server import ServerConfig
-from agent.keyring import StaticKeySource
-from agent.session import OwampHandler, PingOptions, TwampHandler, owping, twamp_ping
-from agent.test.packets import Proto, security_from_mode
-from agent.test.sender import TestSender
+from agent.engine.packets import Proto, security_from_mode
+from agent.engine.sender import TestSender
+from agent.sessions.session import (
+    OwampHandler,
+    PingOptions,
+    TwampHandler,
+    owping,
+    twamp_ping,
+)
 from netlink.secret import Secret
 
 KEYS = StaticKeySource({"alice": Secret(b"loopback passphrase")})

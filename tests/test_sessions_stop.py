@@ -15,10 +15,17 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.aio import AsyncControlClient, ControlListener
 from agent.control.client import ControlClient
+from agent.control.keyring import StaticKeySource
 from agent.control.server import ControlServer, ServerConfig, slots_rate
-from agent.keyring import StaticKeySource
-from agent.session import OwampHandler, PingOptions, ReflectPolicer, TwampHandler, owping, twamp_ping
-from agent.test import udp
+from agent.engine import udp
+from agent.sessions.session import (
+    OwampHandler,
+    PingOptions,
+    ReflectPolicer,
+    TwampHandler,
+    owping,
+    twamp_ping,
+)
 from netlink.secret import Secret
 
 KEYS = StaticKeySource({"alice": Secret(b"stop passphrase")})
@@ -145,7 +152,7 @@ def test_reflector_session_log_line_is_debug(caplog, monkeypatch) -> None:
         finally:
             await lst.close()
 
-    with caplog.at_level(logging.DEBUG, logger="agent.session"):
+    with caplog.at_level(logging.DEBUG, logger="agent.sessions.session"):
         asyncio.run(main())
     lines = [r for r in caplog.records if r.getMessage().startswith("reflector session")]
     assert lines and all(r.levelno == logging.DEBUG for r in lines)

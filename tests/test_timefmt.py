@@ -2,9 +2,10 @@
 
 import struct
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from agent.timefmt import (
+from agent.engine.timefmt import (
     ErrorEstimate,
     ntp_from_unix_ns,
     pack_ts,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import timestamping as ts
-from agent.clock import StampCounters
-from agent.timestamping import Stamp, StampSource
+from agent.engine import timestamping as ts
+from agent.engine.clock import StampCounters
+from agent.engine.timestamping import Stamp, StampSource
 
 NS = 1_000_000_000
 

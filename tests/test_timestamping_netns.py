@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # when run as a helper inside a namespace
     sys.path.insert(0, str(ROOT))
 
-from agent import ethtool  # noqa: E402
-from agent import timestamping as ts  # noqa: E402
-from agent.clock import StampCounters  # noqa: E402
+from agent.engine import ethtool  # noqa: E402
+from agent.engine import timestamping as ts  # noqa: E402
+from agent.engine.clock import StampCounters  # noqa: E402
 
 N_PACKETS = 50
 

@@ -215,7 +215,7 @@ def test_agent_config_renders_idempotently(tmp_path):
     text = out.read_text()
     assert 'netns = "xs-a"' in text and 'listen = "10.77.1.1"' in text and 'address = "10.77.2.1"' in text
     try:
-        from agent import config
+        from agent.daemon import config
     except ImportError:  # the daemon's configuration module has not landed in this checkout
         return
     conf = config.load(out)
@@ -292,7 +292,7 @@ def test_charon_keys_builds_the_key_source_file(tmp_path):
     assert ck.main(["charon-keys", str(tmp_path / "keys.log"), str(tmp_path / "sas.txt"), str(out)]) == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
-    from agent.keysource import FileIKEKeySource
+    from agent.binder.keysource import FileIKEKeySource
 
     src = FileIKEKeySource(out)
     first = src.by_child_spis(0xC0000002, 0xC0000001)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from agent.bound import BinderRuntime, XfrmFollower
+    from agent.sessions.bound import BinderRuntime, XfrmFollower
 
 EXIT_GREETING_REFUSED = 3  # a client's IPsec check refused the server's greeting (SA pair not ours)
 
@@ -41,7 +40,11 @@ def enter_netns(netns: str) -> None:
     """Move this (still single-threaded) process into network namespace ``netns``: every
     socket and every thread made afterwards (asyncio's executor too) lives there."""
     from netlink.errors import NetnsNotFoundError
-    from netlink.netns import CLONE_NEWNET, netns_path, setns  # one setns(2) wrapper for the package
+    from netlink.netns import (  # one setns(2) wrapper for the package
+        CLONE_NEWNET,
+        netns_path,
+        setns,
+    )
 
     path = netns_path(netns)
     try:
@@ -69,7 +72,7 @@ def netns_entered(command: str, netns: str | None) -> bool:
 
 async def open_follower(netns: str | None) -> "XfrmFollower":
     """The live SA table and policies (netlink), kept current. Tests replace this."""
-    from agent.bound import XfrmFollower
+    from agent.sessions.bound import XfrmFollower
 
     fol = XfrmFollower(netns)
     await fol.start()
@@ -78,10 +81,10 @@ async def open_follower(netns: str | None) -> "XfrmFollower":
 
 async def ipsec_runtime(netns: str | None, *, allow_alt2: bool = False,
                         fallback: Sequence[object] = ()) -> tuple["XfrmFollower", "BinderRuntime"]:
-    """The key binder over the live SA table (agent.bound, read-only use): its
+    """The key binder over the live SA table (agent.sessions.bound, read-only use): its
     ``key_source`` serves the IPsec-bound modes, ``fallback`` sources the passphrase ones."""
-    from agent.binder import BinderConfig
-    from agent.bound import BinderRuntime
+    from agent.binder.announce import BinderConfig
+    from agent.sessions.bound import BinderRuntime
 
     fol = await open_follower(netns)
     try:
@@ -109,64 +112,3 @@ async def wait_until_stopped(duration: float) -> None:
             pass
     else:
         await stop.wait()
-
-
-def run_client(name: str, args: argparse.Namespace, session: Callable[[Any], Awaitable[Any]],
-               before: Callable[[], str | None] | None = None) -> tuple[int, Any]:
-    """Build the client's options from ``args`` and run ``session(options)``.
-
-    ``before`` runs once the options are built: it returns an error message (exit 2) or
-    None, and may print a banner. Returns (exit code, result): 2 for bad options, 1 for
-    control-plane or socket errors (printed as ``xwamp NAME: ...``), 130 on ^C, else
-    (0, result)."""
-    from agent.commands.ping import options
-    from agent.control.aio import ControlError, GreetingRefused
-    from agent.keyring import KeyFileError
-    from netlink.errors import XfrmError
-
-    try:
-        opt = options(args)
-    except (ValueError, OSError, KeyFileError) as e:
-        print(f"xwamp {name}: {e}", file=sys.stderr)
-        return 2, None
-    err = before() if before is not None else None
-    if err is not None:
-        print(f"xwamp {name}: {err}", file=sys.stderr)
-        return 2, None
-    wanted = opt.wanted
-    if any(is_ipsec_mode(w) for w in wanted):
-        # the user asking for ALT2 by name is the consent wire-format §4.3 wants
-        session = _with_binder(session, allow_alt2=any(w.endswith("+ipsec-alt2") for w in wanted))
-    if not netns_entered(name, getattr(args, "netns", None)):
-        return 2, None
-    try:
-        return 0, asyncio.run(session(opt))
-    except GreetingRefused as e:  # one line, no traceback: what did not match, and the SPIs
-        why = GREETING_REFUSALS.get(e.reason or "", "our key source refused the server's greeting")
-        print(f"xwamp {name}: IPsec check failed: {why} ({e.reason or 'refused'}: {e.detail})", file=sys.stderr)
-        return EXIT_GREETING_REFUSED, None
-    except XfrmError as e:
-        print(f"xwamp {name}: cannot read the kernel's SAs: {e}", file=sys.stderr)
-        return 1, None
-    except (ControlError, OSError) as e:
-        print(f"xwamp {name}: {e}", file=sys.stderr)
-        return 1, None
-    except KeyboardInterrupt:
-        return 130, None
-
-
-def _with_binder(session: Callable[[Any], Awaitable[Any]], allow_alt2: bool) -> Callable[[Any], Awaitable[Any]]:
-    """``session`` keyed by the binder over the live SA table (passphrases as fallback).
-    The client then checks the greeting's SA announcement against its own kernel."""
-
-    async def run(opt: Any) -> Any:
-        fallback = [opt.key_source] if opt.key_source is not None else []
-        fol, rt = await ipsec_runtime(None, allow_alt2=allow_alt2, fallback=fallback)  # --netns: entered already
-        opt.key_source = rt.key_source
-        try:
-            return await session(opt)
-        finally:
-            await rt.close()
-            await fol.close()
-
-    return run

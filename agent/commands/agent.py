@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import config as cfg
+    from agent.daemon import config as cfg
 
     try:
         conf = cfg.load(args.config)
@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from dataclasses import replace
 
-    from agent import daemon, logfmt
+    from agent.daemon import logfmt
+    from agent.daemon import supervisor as daemon
 
     overrides = {k: v for k, v in (("log_format", args.log_format), ("log_level", args.log_level)) if v}
     if overrides:

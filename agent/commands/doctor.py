@@ -39,8 +39,8 @@ def default_iface(route_path: str = "/proc/net/route") -> str:
 
 
 def probe_timestamping(iface: str) -> dict[str, Any]:
-    from agent import ethtool
-    from agent import timestamping as ts
+    from agent.engine import ethtool
+    from agent.engine import timestamping as ts
 
     out: dict[str, Any] = {"iface": iface, "ok": True}
     try:
@@ -69,7 +69,7 @@ def probe_timestamping(iface: str) -> dict[str, Any]:
 
 
 def _probe_phc(index: int) -> dict[str, Any]:
-    from agent import timestamping as ts
+    from agent.engine import timestamping as ts
 
     d: dict[str, Any] = {"device": f"/dev/ptp{index}"}
     try:
@@ -91,8 +91,8 @@ def _probe_phc(index: int) -> dict[str, Any]:
 
 def _self_test() -> dict[str, Any]:
     """Send one datagram to ourselves on loopback: do kernel RX and TX stamps arrive?"""
-    from agent import timestamping as ts
-    from agent.clock import StampCounters
+    from agent.engine import timestamping as ts
+    from agent.engine.clock import StampCounters
 
     c = StampCounters()
     try:
@@ -125,7 +125,7 @@ def _self_test() -> dict[str, Any]:
 
 
 def probe_clock() -> dict[str, Any]:
-    from agent import clock
+    from agent.engine import clock
 
     out: dict[str, Any] = {}
     try:
@@ -245,7 +245,7 @@ def probe_xfrm() -> dict[str, Any]:
 
 
 def probe_arch() -> dict[str, Any]:
-    from agent import timestamping as ts
+    from agent.engine import timestamping as ts
 
     m = platform.machine()
     return {"machine": m, "so_constants_ok": ts._so_values_ok(m.lower()), "ptp_ioctls_ok": ts._ioc_ok(m.lower())}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from agent.commands._client import add_client_options, mode_name
 from agent.commands._runtime import ipsec_modes
-from agent.commands.ping import add_client_options, mode_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +32,8 @@ def _line(name: str, s) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from agent.commands._runtime import run_client
-    from agent.session import owping
+    from agent.commands._client import run_client
+    from agent.sessions.session import owping
 
     rc, res = run_client("owping", args, owping)
     if res is None:

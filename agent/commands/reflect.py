@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from agent.commands._runtime import wait_until_stopped
-    from agent.test.packets import Proto, Security
-    from agent.test.reflector import ReflectorSession
-    from agent.test.udp import TwampReflectorEndpoint
+    from agent.engine.packets import Proto, Security
+    from agent.engine.reflector import ReflectorSession
+    from agent.engine.udp import TwampReflectorEndpoint
     from netlink.secret import Secret
 
     log = logging.getLogger("xwamp.reflect")

@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from agent.commands._runtime import ipsec_runtime, netns_entered, wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
+    from agent.control.keyring import KeyFileError, PassphraseFile
     from agent.control.server import ServerConfig
-    from agent.keyring import KeyFileError, PassphraseFile
-    from agent.session import OwampHandler, SaBoundHandler, TwampHandler
+    from agent.sessions.session import OwampHandler, SaBoundHandler, TwampHandler
     from netlink.errors import XfrmError
 
     log = logging.getLogger("xwamp.server")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         modes |= md.by_name(n).bit
     shown = list(names)
     if args.ipsec:
-        from agent import binder as bd
+        from agent.binder import announce as bd
 
         bd.register_modes()
         # offered per connection only when its greeting announces an SA pair (modes.KeyMode.announced)

@@ -7,10 +7,10 @@ from typing import Callable
 
 from agent.control import events as ev
 from agent.control import messages as m
+from agent.control.keyring import HandshakeContext
 from agent.control.messages import HMAC_LEN, ProtocolError
 from agent.control.security import RecvStream, SendStream, SessionKeys, derive_test_keys
-from agent.keyring import HandshakeContext
-from agent.test.keys import TestKeys
+from agent.engine.keys import TestKeys
 
 log = logging.getLogger(__name__)
 

@@ -364,7 +364,7 @@ class AsyncControlClient:
 
         ``local_addr``: source address (or (address, port)) of the control connection, e.g.
         a tunnel's local inner address so the connection rides the tunnel. The test-plane
-        helpers (agent.session) bind their UDP sockets to ``self.local``, which is it."""
+        helpers (agent.sessions.session) bind their UDP sockets to ``self.local``, which is it."""
         port = (TWAMP_PORT if twamp else OWAMP_PORT) if port is None else port
         src = (local_addr, 0) if isinstance(local_addr, str) else local_addr
         try:

@@ -20,15 +20,20 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import UsageError, _Conn
-from agent.control.messages import ProtocolError
-from agent.control.security import DEFAULT_MAX_COUNT, RecvStream, SendStream, SessionKeys
-from agent.keyring import (
+from agent.control.keyring import (
     HandshakeContext,
     IPAddress,
     Pbkdf2Job,
     hooked_client_token,
     make_client_token,
     token_key_or_job,
+)
+from agent.control.messages import ProtocolError
+from agent.control.security import (
+    DEFAULT_MAX_COUNT,
+    RecvStream,
+    SendStream,
+    SessionKeys,
 )
 from netlink.secret import Secret
 
@@ -59,7 +64,7 @@ class ControlClient(_Conn):
         self.state = "greeting"
         self._pending: deque[tuple[str, object]] = deque()  # expected answers, in order
         self._fetch_stage: tuple | None = None
-        # Why our key source refused the greeting (e.g. agent.ipsec_keys.BinderRefusal: the
+        # Why our key source refused the greeting (e.g. agent.binder.keys.BinderRefusal: the
         # announced SA pair is not in our kernel); the connection then fails. No key material.
         self.refusal: Exception | None = None
 

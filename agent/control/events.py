@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.control import messages as m
-from agent.test.keys import TestKeys
+from agent.engine.keys import TestKeys
 
 
 class Event:

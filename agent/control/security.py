@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from agent.control.messages import BLOCK, HMAC_LEN, ProtocolError
-from agent.test.keys import TestKeys
+from agent.engine.keys import TestKeys
 from netlink.secret import Secret
 
 DEFAULT_MAX_COUNT = 1 << 20  # client cap on PBKDF2 iterations it accepts from a server

@@ -25,9 +25,7 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import UsageError, _Conn
-from agent.control.messages import ProtocolError
-from agent.control.security import DEFAULT_SERVER_COUNT, MIN_COUNT, RecvStream, SendStream, SessionKeys
-from agent.keyring import (
+from agent.control.keyring import (
     HandshakeContext,
     IPAddress,
     Pbkdf2Job,
@@ -36,8 +34,16 @@ from agent.keyring import (
     open_client_token,
     token_key_or_job,
 )
+from agent.control.messages import ProtocolError
+from agent.control.security import (
+    DEFAULT_SERVER_COUNT,
+    MIN_COUNT,
+    RecvStream,
+    SendStream,
+    SessionKeys,
+)
+from agent.engine.timefmt import ntp_from_unix_ns
 from netlink.secret import Secret
-from agent.timefmt import ntp_from_unix_ns
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ class ServerConfig:
     # Packets per second one test session may send (None: no cap). OWAMP requests carry
     # their schedule, so one over the cap is refused (Accept=4); a TWAMP Request-TW-Session
     # carries neither rate nor count (RFC 5357 §3.5), so the reflector polices instead
-    # (agent.session.TwampHandler): what exceeds the rate is not reflected.
+    # (agent.sessions.session.TwampHandler): what exceeds the rate is not reflected.
     max_rate: float | None = None
     # Packets one TWAMP reflector session answers at most (None: no cap); OWAMP: max_packets.
     max_reflected: int | None = None

@@ -3,8 +3,8 @@ tunnel whose keys were derived the way IKEv2 derives a CHILD_SA's (RFC 7296 §2.
 keyed from the live SAs (docs/wire-format.md), following a rekey and a deletion (§5).
 
 Server in namespace B (10.77.2.1), client in A (10.77.1.1): each side runs on an
-asyncio loop in a thread that setns(2)-ed into its namespace (agent.bound.NetnsLoop),
-with netlink's TableFollower (via agent.bound.XfrmFollower) keeping its SA table and
+asyncio loop in a thread that setns(2)-ed into its namespace (agent.sessions.netns_loop.NetnsLoop),
+with netlink's TableFollower (via agent.sessions.bound.XfrmFollower) keeping its SA table and
 policies current from XFRM notifications. Control and
 test traffic go between the inner addresses, so they ride the tunnel's SAs.
 """
@@ -22,8 +22,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.hmac import HMAC
 
-from agent.binder import BinderConfig
-from agent.bound import (BinderRuntime, BoundTwampMeasurement, BoundTwampServer, NetnsLoop, XfrmFollower)
+from agent.binder.announce import BinderConfig
+from agent.sessions.bound import BinderRuntime, XfrmFollower
+from agent.sessions.bound_measurement import BoundTwampMeasurement
+from agent.sessions.bound_server import BoundTwampServer
+from agent.sessions.netns_loop import NetnsLoop
 from netlink.client import XfrmClient
 from netlink.records import Proto
 from netlink.secret import Secret

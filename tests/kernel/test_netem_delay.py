@@ -13,7 +13,7 @@ packet, so a local qdisc delay lands between T1 user and T1 kernel, and not in t
 The three namespaces share one kernel, hence one CLOCK_REALTIME: the two ends are
 truly synchronised (zero offset), so the sessions say so with an explicit S = 1 Error
 Estimate and the one-way delays T2 − T1 and T4 − T3 are exact up to stamping error.
-Sender and reflector run in this process on two asyncio loops (agent.bound.NetnsLoop);
+Sender and reflector run in this process on two asyncio loops (agent.sessions.netns_loop.NetnsLoop);
 packet sockets in R (:class:`Tap`) time each packet's passage through the delaying hop.
 """
 
@@ -29,14 +29,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from agent import timestamping as ts
-from agent.bound import NetnsLoop
-from agent.clock import STAMP_COUNTERS, ClockErrorCache
-from agent.results import summarize
-from agent.test.packets import MODE_UNAUTHENTICATED
-from agent.test.sender import PacketRecord
-from agent.test.udp import TwampReflectorEndpoint, run_twamp_sender
-from agent.timefmt import ErrorEstimate
+from agent.engine import timestamping as ts
+from agent.engine.clock import STAMP_COUNTERS, ClockErrorCache
+from agent.engine.packets import MODE_UNAUTHENTICATED
+from agent.engine.sender import PacketRecord
+from agent.engine.timefmt import ErrorEstimate
+from agent.engine.udp import TwampReflectorEndpoint, run_twamp_sender
+from agent.sessions.netns_loop import NetnsLoop
+from agent.sessions.results import summarize
 
 pytestmark = pytest.mark.kernel
 

@@ -102,8 +102,8 @@ def test_ikev2_psk_tunnel_traffic_and_rekey(psk_lab):
 
 
 def check_keysource(keyfile: Path, ns: str, pairs) -> None:
-    from agent import ikev2
-    from agent.keysource import FileIKEKeySource
+    from agent.binder import ikev2
+    from agent.binder.keysource import FileIKEKeySource
 
     src = FileIKEKeySource(keyfile)
     out = subprocess.run(["ip", "-n", ns, "xfrm", "state"], check=True, capture_output=True, text=True).stdout

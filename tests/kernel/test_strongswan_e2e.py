@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("agent.daemon", reason="the agent daemon (xwamp agent) has not landed")
+pytest.importorskip("agent.daemon.supervisor", reason="the agent daemon (xwamp agent) has not landed")
 
 REPO = Path(__file__).resolve().parents[2]
 SW = REPO / "tools" / "lab" / "strongswan.sh"

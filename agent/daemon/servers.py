@@ -1,0 +1,101 @@
+"""The agent's O/TWAMP servers (``[server]``): control listeners keyed by the binder and the
+optional passphrase file, whose bound connections end with their SA."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from agent.daemon import config as cfg
+
+if TYPE_CHECKING:
+    from agent.daemon.supervisor import Daemon
+
+log = logging.getLogger("xwamp.agent")
+
+
+class ControlServers:
+    """The O/TWAMP servers of ``[server]``: agent.control.aio listeners with agent.sessions.session
+    handlers, keyed by the binder (IPsec modes) and the optional passphrase file."""
+
+    def __init__(self, s: cfg.ServerSection, daemon: "Daemon") -> None:
+        self.section = s
+        self.daemon = daemon
+        self.listeners: list[Any] = []
+        # What agent.sessions.bound's bound reflector reports to (its "owner"): the runtime whose
+        # tracker ends a connection's sessions when its SA dies, and recent connections.
+        self.runtime = daemon.runtime
+        self.connections: collections.deque = collections.deque(maxlen=256)
+        self._ids = itertools.count(1)
+
+    def _modes(self, twamp: bool) -> int:
+        from agent.control import modes as md
+
+        bits = 0
+        for name in self.section.modes:
+            sec, _, key = name.partition("+")
+            bits |= int(md.by_name(sec).bit)
+            if key:
+                for b, k in md.key_modes(twamp).items():
+                    if k.name == key or (key == "rfc7717" and k.name.startswith("rfc7717")):
+                        bits |= b
+        return md.offerable(bits, twamp)
+
+    async def start(self) -> None:
+        from agent.control import keyring
+        from agent.control.aio import ControlListener, ListenerLimits
+        from agent.control.server import ServerConfig
+        from agent.sessions import session
+
+        s = self.section
+        sources: list[Any] = []
+        if self.runtime is not None:
+            sources.append(self.runtime.keys)  # the reflectors read back the bindings it made
+        if s.keyfile:
+            sources.append(keyring.PassphraseFile(s.keyfile))
+        ks = keyring.ChainedKeySource(*sources) if sources else None
+        limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
+                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout)
+        hosts = list(s.listen)
+        twamp_handler: Any = session.TwampHandler
+        if self.runtime is not None:
+            from agent.sessions.bound_server import BoundReflector
+
+            twamp_handler = lambda srv: BoundReflector(srv, self)  # noqa: E731 - follows its SA
+        for twamp, port, enabled, handler in ((True, s.twamp_port, s.twamp, twamp_handler),
+                                               (False, s.owamp_port, s.owamp, session.OwampHandler)):
+            if not enabled:
+                continue
+            conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_connection,
+                                max_packets=s.max_packets, max_padding=s.max_padding)
+            lst = ControlListener(handler, twamp=twamp, hosts=hosts, port=port, config=conf, key_source=ks,
+                                  limits=limits)
+            try:
+                await lst.start()
+            except OSError:
+                await self.stop()
+                raise
+            self.listeners.append(lst)
+            log.info("server listening", extra={"protocol": "twamp" if twamp else "owamp",
+                                                "addresses": ",".join(str(a[0]) for a in lst.addresses), "port": port})
+
+    async def stop(self) -> None:
+        for lst in self.listeners:
+            with contextlib.suppress(Exception):
+                await lst.close()
+        self.listeners.clear()
+
+    def abort(self, handler: Any, accept: int = 2) -> bool:
+        """Server Stop-Sessions (Accept=2, internal error) and close for one connection,
+        e.g. when its SA pair died (agent.sessions.bound_server.BoundReflector calls this)."""
+        return any(lst.abort(handler, accept) for lst in self.listeners)
+
+    def stats(self) -> dict[str, int]:
+        out = {"connections_total": 0, "refused_total": 0}
+        for lst in self.listeners:
+            out["connections_total"] += lst.stats.get("accepted", 0)
+            out["refused_total"] += lst.stats.get("refused", 0)
+        return out

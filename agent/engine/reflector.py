@@ -1,0 +1,336 @@
+"""Sans-IO Session-Reflector for TWAMP (RFC 5357), TWAMP-Light and STAMP (RFC 8762/8972).
+
+One :class:`ReflectorSession` holds a session's state: its own sequence counter
+(per peer and SSID for a stateful STAMP reflector, RFC 8762 §4.3.1), the keys and
+cached cipher/HMAC contexts, the Error Estimate, and counters of dropped packets.
+
+``reflect(data, rx_ns, ttl, now_ns)`` returns the answer, or ``None`` (and counts
+why) for short, malformed or unauthentic input; it never raises on packet content.
+
+* T2 (Receive Timestamp) is ``rx_ns``: the kernel RX stamp where the adapter had one.
+* T3 (Timestamp) is read from ``now_ns()`` as late as possible, after everything
+  else is computed, just before the HMAC/encryption that must cover it.
+  T2 and T3 are never copied into one another.
+* Sender TTL is ``ttl``, the real received TTL / Hop Limit (255 when unknown).
+* The sender's Timestamp and Error Estimate go into the Sender Timestamp /
+  Sender Error Estimate fields unchanged (never swapped with ours).
+"""
+
+from __future__ import annotations
+
+import hmac as _hmac
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+from agent.engine import tlv as _tlv
+from agent.engine.clockerr import ErrSource, PackedErrorEstimate
+from agent.engine.counters import Counters
+from agent.engine.crypto import REFLECTOR_AUTH_SPAN, StampCrypto, TwampTestCrypto
+from agent.engine.keys import TestKeys
+from agent.engine.packets import (
+    AUTH_REFLECTOR_BASE,
+    AUTH_SENDER_BASE,
+    S_REFL_AUTH,
+    S_REFL_UNAUTH,
+    S_SENDER_AUTH,
+    S_SENDER_UNAUTH,
+    S_STAMP_REFL_UNAUTH,
+    S_STAMP_SENDER_AUTH,
+    S_STAMP_SENDER_UNAUTH,
+    STAMP_AUTH_BASE,
+    STAMP_BASE,
+    TTL_UNKNOWN,
+    TWAMP_REFLECTOR_BASE,
+    TWAMP_SENDER_MIN,
+    PacketError,
+    Proto,
+    Security,
+    session_crypto,
+)
+from agent.engine.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
+from netlink.secret import Secret
+
+NowNs = Callable[[], int]
+_compare = _hmac.compare_digest
+
+
+@dataclass(slots=True)
+class ReflectorCounters(Counters):
+    received: int = 0
+    reflected: int = 0
+    short: int = 0  # shorter than the mode's sender format
+    bad_hmac: int = 0  # failed authentication (tampered or wrong key)
+    malformed_tlv: int = 0  # STAMP TLV block that did not parse (reflected as padding)
+    tlv_hmac_failed: int = 0  # RFC 8972 HMAC TLV present and wrong (I flag set)
+
+    @property
+    def dropped(self) -> int:
+        return self.short + self.bad_hmac
+
+
+class ReflectorSession:
+    """Reflector state of one test session (classic TWAMP) or one STAMP/TWAMP-Light listener."""
+
+    def __init__(
+        self,
+        proto: Proto = Proto.TWAMP,
+        security: Security = Security.UNAUTH,
+        *,
+        keys: TestKeys | None = None,
+        stamp_key: Secret | None = None,
+        stateful: bool = True,
+        ptp: bool = False,
+        error_estimate: ErrSource = None,
+        reflector_auth_span: int = REFLECTOR_AUTH_SPAN,
+        twamp_light_fallback: bool = True,
+        dscp: int | None = None,
+        reflect: tuple[int, int] | None = None,
+    ) -> None:
+        """``dscp``: DSCP for every reply (e.g. the Type-P Descriptor's); None keeps the socket's.
+        A STAMP Class of Service TLV overrides it per packet (RFC 8972 §4.4).
+
+        ``reflect``: RFC 6038 Reflect Octets, (offset in the sender packet where the padding
+        to be reflected starts, Length of padding to reflect). Those octets open the reply's
+        padding (right after Sender TTL / the HMAC); the reply keeps its RFC 5357 size, or
+        grows to hold them when the sender's packet was shorter."""
+        if proto is Proto.OWAMP:
+            raise ValueError("OWAMP has no reflector; use agent.engine.receiver.OwampReceiver")
+        self.proto = proto
+        self.security = security
+        self.stateful = stateful
+        self.ptp = ptp
+        self.counters = ReflectorCounters()
+        self.dscp = dscp
+        self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
+        self.seq = 0
+        self.last_rx_ns = 0  # receive time of the last packet, valid or not
+        if reflect is not None and (proto is not Proto.TWAMP or reflect[0] < 0 or not 0 <= reflect[1] <= 0xFFFF):
+            raise ValueError("reflect octets: TWAMP only, (offset >= 0, length 0..65535)")
+        self._reflect = reflect if reflect and reflect[1] else None
+        self._seqs: dict[tuple[Hashable, int], int] = {}
+        self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
+        self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
+        self._err = PackedErrorEstimate(error_estimate, ptp)
+        self._err.get(time.time_ns())  # first read loads libc/adjtimex: not on the first packet
+        # STAMP listeners also answer TWAMP-Light senders that send fewer than 44 octets.
+        self._light_fallback = twamp_light_fallback and proto is Proto.STAMP and security is Security.UNAUTH
+        crypto = session_crypto(proto, security, keys, stamp_key, reflector_auth_span)
+        self._tcrypto: TwampTestCrypto | None = crypto if isinstance(crypto, TwampTestCrypto) else None
+        self._scrypto: StampCrypto | None = crypto if isinstance(crypto, StampCrypto) else None
+        if self._tcrypto is not None:
+            self._fast = self._tcrypto.fast_ops()
+        if crypto is None and stamp_key is not None and proto is Proto.STAMP:
+            self._scrypto = StampCrypto(stamp_key)  # unauthenticated base, HMAC TLV still checked
+        if proto is Proto.TWAMP:
+            self.reflect = self._twamp_unauth if security is Security.UNAUTH else self._twamp_auth  # type: ignore[method-assign]
+        else:
+            self.reflect = self._stamp  # type: ignore[method-assign]
+
+    def __repr__(self) -> str:
+        return f"<ReflectorSession {self.proto.value} {self.security.value} seq={self.seq}>"
+
+    # The public entry point; bound per mode in __init__ to keep branches off the hot path.
+    def reflect(
+        self,
+        data: bytes,
+        rx_ns: int,
+        ttl: int | None,
+        now_ns: NowNs,
+        tos: int | None = None,
+        peer: Hashable = None,
+        rx_source: str = "sw",
+    ) -> bytes | None:  # pragma: no cover - replaced per instance
+        """The reply to ``data`` received at ``rx_ns`` (Unix ns, T2) with IP TTL/Hop Limit ``ttl``.
+
+        ``now_ns()`` is read once, as late as possible, for T3. ``tos``: the received TOS/Traffic
+        Class (STAMP CoS TLV); ``peer``: a hashable sender identity (stateful STAMP counters);
+        ``rx_source``: "hw"/"sw"/"user" (STAMP Timestamp Information TLV). ``None`` when the
+        packet is dropped; ``self.counters`` says why.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ TWAMP
+
+    def _twamp_unauth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+                      peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+        c = self.counters
+        c.received += 1
+        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+        n = len(data)
+        if n < TWAMP_SENDER_MIN:
+            c.short += 1
+            return None
+        sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
+        seq = self.seq
+        self.seq = (seq + 1) & 0xFFFFFFFF
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        if ttl is None:
+            ttl = TTL_UNKNOWN
+        t3 = ts(now_ns())
+        head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
+        c.reflected += 1
+        return head + self._padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
+
+    def _twamp_auth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+                    peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+        c = self.counters
+        c.received += 1
+        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+        n = len(data)
+        if n < AUTH_SENDER_BASE:
+            c.short += 1
+            return None
+        cr = self._tcrypto
+        assert cr is not None
+        enc, dec, mac = self._fast
+        if cr.encrypted:
+            plain = cr.decrypt(data, 32)
+            h = mac()
+            h.update(plain)
+        else:
+            # Authenticated: only block 0 (Seq + MBZ) is enciphered and MACed (see agent.engine.crypto).
+            plain = dec(data[:16]) + data[16:32]
+            h = mac()
+            h.update(plain[:16])
+        if not _compare(h.finalize()[:16], data[32:48]):
+            c.bad_hmac += 1
+            return None
+        sseq, sts, serr = S_SENDER_AUTH.unpack_from(plain)
+        seq = self.seq
+        self.seq = (seq + 1) & 0xFFFFFFFF
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        if ttl is None:
+            ttl = TTL_UNKNOWN
+        pad = self._padding(data, AUTH_SENDER_BASE, AUTH_REFLECTOR_BASE)
+        t3 = ts(now_ns())
+        body = S_REFL_AUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
+        h = mac()
+        c.reflected += 1
+        if cr.encrypted:
+            h.update(body)
+            return cr.encrypt(body, 96) + h.finalize()[:16] + pad
+        span = cr.reflector_span
+        h.update(body[:span])
+        return enc(body[:16]) + body[16:] + h.finalize()[:16] + pad
+
+    def _padding(self, data: bytes, sender_base: int, reflector_base: int) -> bytes:
+        """The reply's padding. RFC 5357 §4.2.1: answer at the sender's size by re-using its
+        padding minus the highest-numbered octets the larger reflector header needs (27
+        unauthenticated, 64 authenticated: errata 5045). RFC 6038 §4.2 Reflect Octets: the
+        padding to be reflected comes first, the rest keeps that size."""
+        n = len(data)
+        pad = data[sender_base : n - (reflector_base - sender_base)] if n > reflector_base else b""
+        r = self._reflect
+        if r is None:
+            return pad
+        octets = data[r[0] : r[0] + r[1]]
+        return octets + pad[len(octets):]
+
+    # ------------------------------------------------------------------ STAMP
+
+    def _next_seq(self, sseq: int, peer: Hashable, ssid: int) -> int:
+        if not self.stateful:
+            return sseq  # RFC 8762 §4.3.1 stateless: copy the sender's sequence number
+        key = (peer, ssid)
+        seqs = self._seqs
+        seq = seqs.get(key)
+        if seq is None:
+            seq = 0
+            if len(seqs) >= self.max_peers:  # bounded state: forget the oldest sender
+                del seqs[next(iter(seqs))]
+        seqs[key] = (seq + 1) & 0xFFFFFFFF
+        return seq
+
+    def _stamp(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+               peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+        c = self.counters
+        c.received += 1
+        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+        n = len(data)
+        auth = self.security is Security.AUTH
+        base = STAMP_AUTH_BASE if auth else STAMP_BASE
+        if n < base:
+            if self._light_fallback and n >= TWAMP_SENDER_MIN:
+                return self._light(data, rx_ns, ttl, now_ns, peer)
+            c.short += 1
+            return None
+        if auth:
+            sc = self._scrypto
+            assert sc is not None
+            if not sc.verify(data[96:112], data[:96]):
+                c.bad_hmac += 1
+                return None
+            sseq, sts, serr, ssid = S_STAMP_SENDER_AUTH.unpack_from(data)
+        else:
+            sseq, sts, serr, ssid = S_STAMP_SENDER_UNAUTH.unpack_from(data)
+        seq = self._next_seq(sseq, peer, ssid)
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        if ttl is None:
+            ttl = TTL_UNKNOWN
+        extra = data[base:]
+        self.reply_dscp = self.dscp
+        if extra and extra.count(0) != len(extra):
+            extra = self._stamp_tlvs(extra, data, seq, rx_source, tos, err)
+        t3 = ts(now_ns())
+        c.reflected += 1
+        if auth:
+            body = S_REFL_AUTH.pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl)
+            sc = self._scrypto
+            assert sc is not None
+            return body + sc.mac(body) + extra
+        return S_STAMP_REFL_UNAUTH.pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl) + extra
+
+    def _stamp_tlvs(self, extra: bytes, data: bytes, seq: int, rx_source: str, tos: int | None, err: int) -> bytes:
+        sync = _tlv.SYNC_NTP if err & 0x8000 else _tlv.SYNC_FREE_RUNNING
+        if err & 0x4000 and err & 0x8000:
+            sync = _tlv.SYNC_PTP
+        method_in = _tlv.METHOD_HW if rx_source == "hw" else _tlv.METHOD_SW
+        try:
+            r = _tlv.reflect_tlvs(
+                extra,
+                rx_seq_bytes=data[:4],
+                reply_seq_bytes=seq.to_bytes(4, "big"),
+                crypto=self._scrypto,
+                ts_info=(sync, method_in, sync, _tlv.METHOD_SW),
+                rx_tos=tos,
+                counters=(self.counters.received, self.counters.reflected + 1),
+            )
+        except PacketError:
+            self.counters.malformed_tlv += 1
+            return extra  # not TLVs after all: TWAMP-Light style padding, reflected as is
+        if r.hmac_ok is False:
+            self.counters.tlv_hmac_failed += 1
+        if r.reply_dscp is not None:
+            self.reply_dscp = r.reply_dscp
+        return r.data
+
+    def _light(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, peer: Hashable) -> bytes:
+        """A TWAMP-Light sender (14..43 octets) talking to our STAMP port: answer in TWAMP format."""
+        sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
+        seq = self._next_seq(sseq, peer, -1)
+        err = self._err.get(rx_ns)
+        ts = self._ts
+        t2 = ts(rx_ns)
+        t3 = ts(now_ns())
+        head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, TTL_UNKNOWN if ttl is None else ttl)
+        self.counters.reflected += 1
+        return head + self._padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
+
+    def forget_peer(self, peer: Hashable) -> None:
+        """Drop a stateful STAMP peer's counters (SSID state, RFC 8762 §4.3.1)."""
+        for k in [k for k in self._seqs if k[0] == peer]:
+            del self._seqs[k]
+
+    @property
+    def peers(self) -> int:
+        return len(self._seqs)
+
+
+__all__ = ["ReflectorSession", "ReflectorCounters", "NowNs"]

@@ -1,0 +1,708 @@
+"""asyncio UDP adapters for the sans-IO test engine.
+
+API for the control plane (agent/control, agent/commands/{ping,owping,server}.py)::
+
+    # Session-Reflector side (TWAMP server): one UDP port, one or more sessions.
+    ep = TwampReflectorEndpoint(("::", 0))              # or ("0.0.0.0", 862); port 0 = any
+    await ep.start()
+    port = ep.port                                      # put it in Accept-Session
+    ep.add_session(sid, peer=("192.0.2.7", 50000), mode=MODE_AUTHENTICATED, keys=test_keys)
+    ...                                                 # Start-Sessions .. Stop-Sessions
+    counters = ep.remove_session(sid); ep.close()
+
+    # STAMP / TWAMP-Light reflector: a default session answers every peer.
+    ep = TwampReflectorEndpoint(("::", 862), default=ReflectorSession(Proto.STAMP))
+
+    # OWAMP receiver (OWAMP server side): records arrivals for Fetch-Session.
+    ep = OwampReceiverEndpoint(("::", 0)); await ep.start()
+    rcv = ep.add_session(sid, peer=(addr, port), mode=MODE_ENCRYPTED, keys=k, expected=n)
+    ... rcv.fetch_records(begin, end, next_seqno)
+
+    # Session-Sender (twping / owping client side): returns one record per packet.
+    records = await run_twamp_sender(local=("0.0.0.0", 0), remote=(addr, port),
+                                     mode=MODE_UNAUTHENTICATED, keys=None, count=100,
+                                     interval=0.1, schedule="poisson", padding=None,
+                                     dscp=0, timeout=2.0)
+    summary = agent.sessions.results.summarize(records)
+
+Sockets are non-blocking and read in batches until EAGAIN; the kernel RX stamp
+(SO_TIMESTAMPING via agent.engine.timestamping, hardware where the NIC stamps), the
+received TTL / Hop Limit and (optionally) TOS come from recvmsg's ancillary data.
+The reflector asks for RX stamps only (T3 must be in the packet before it is
+sent, so a TX stamp could not be used); the sender asks for TX stamps too and
+stores them as T1 kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+import time
+from typing import Any, Callable, Hashable, Iterable
+
+from agent.engine import timestamping as ts
+from agent.engine import tlv as _tlv
+from agent.engine.clock import STAMP_COUNTERS
+from agent.engine.keys import TestKeys
+from agent.engine.packets import (
+    MODE_PTP_TIMESTAMPS,
+    MODE_REFLECT_OCTETS,
+    MODE_UNAUTHENTICATED,
+    Proto,
+    Security,
+    reflect_offset,
+    security_from_mode,
+)
+from agent.engine.receiver import OwampReceiver
+from agent.engine.reflector import ReflectorSession
+from agent.engine.sender import PacketRecord, Schedule, TestSender
+from netlink.secret import Secret
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 862  # RFC 8545 (TWAMP test / STAMP); OWAMP-Test uses 861
+RECV_BUF = 9216
+IP_TOS = 1
+IP_RECVTOS = 13
+IPV6_RECVTCLASS = 66
+IPV6_TCLASS = 67
+_SOL_IP = socket.IPPROTO_IP
+_SOL_IPV6 = socket.IPPROTO_IPV6
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_TS = ts.SCM_TIMESTAMPING
+_TS3 = struct.Struct("=qq")
+_INT = struct.Struct("=i")
+_TX_BITS = ts.SOF_TIMESTAMPING_TX_HARDWARE | ts.SOF_TIMESTAMPING_TX_SOFTWARE
+
+
+def _family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def peer_key(addr: tuple) -> tuple[str, int]:
+    """(host, port) with IPv4-mapped IPv6 addresses folded to plain IPv4."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, addr[1]
+
+
+def open_udp_socket(local: tuple[str, int], *, family: int | None = None, dscp: int | None = None,
+                    rcvbuf: int = 1 << 21, sndbuf: int = 1 << 21) -> socket.socket:
+    """A non-blocking UDP socket bound to ``local`` (dual-stack when bound to '::')."""
+    host = local[0] or "::"
+    fam = family or _family_of(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        if fam == socket.AF_INET6:
+            s.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 0 if host in ("::", "") else 1)
+        # Bursts (and a busy shared CPU) must not overflow the queue: ask past rmem_max when
+        # privileged (SO_*BUFFORCE), else as much as the sysctl allows.
+        for force, opt, val in ((33, socket.SO_RCVBUF, rcvbuf), (32, socket.SO_SNDBUF, sndbuf)):
+            try:
+                s.setsockopt(_SOL_SOCKET, force, val)
+            except OSError:
+                try:
+                    s.setsockopt(_SOL_SOCKET, opt, val)
+                except OSError:
+                    pass
+        if dscp is not None:
+            set_dscp(s, dscp)
+        s.bind((host, local[1]))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def set_dscp(sock: socket.socket, dscp: int, ecn: int = 0) -> None:
+    tos = ((dscp & 0x3F) << 2) | (ecn & 3)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(_SOL_IPV6, IPV6_TCLASS, tos)
+        try:  # v4-mapped peers on a dual-stack socket
+            sock.setsockopt(_SOL_IP, IP_TOS, tos)
+        except OSError:
+            pass
+    else:
+        sock.setsockopt(_SOL_IP, IP_TOS, tos)
+
+
+def enable_recv_tos(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(_SOL_IPV6, IPV6_RECVTCLASS, 1)
+        try:
+            sock.setsockopt(_SOL_IP, IP_RECVTOS, 1)
+        except OSError:
+            pass
+    else:
+        sock.setsockopt(_SOL_IP, IP_RECVTOS, 1)
+
+
+def decode_ancillary(anc: list, hw_config: ts.TimestampingConfig | None) -> tuple[int | None, str, int | None, int | None]:
+    """(RX ns or None, source, TTL, TOS) of one recvmsg.
+
+    The software-only case is decoded inline (one pass, no allocation beyond the
+    tuples); with hardware stamps configured, agent.engine.timestamping.rx_stamp converts
+    the PHC time.
+    """
+    rx = ttl = tos = None
+    src = "sw"
+    for level, ctype, data in anc:
+        if level == _SOL_SOCKET:
+            if ctype == _SCM_TS and len(data) >= 16 and rx is None:
+                sec, nsec = _TS3.unpack_from(data)
+                if sec > 0 and 0 <= nsec < 1_000_000_000:
+                    rx = sec * 1_000_000_000 + nsec
+        elif level == _SOL_IP:
+            if ctype == 2 and data:  # IP_TTL
+                ttl = _INT.unpack_from(data)[0] if len(data) >= 4 else data[0]
+            elif ctype == IP_TOS and data:
+                tos = data[0]
+        elif level == _SOL_IPV6:
+            if ctype == 52 and len(data) >= 4:  # IPV6_HOPLIMIT
+                ttl = _INT.unpack_from(data)[0]
+            elif ctype == IPV6_TCLASS and len(data) >= 4:
+                tos = _INT.unpack_from(data)[0] & 0xFF
+    if hw_config is not None and hw_config.hardware_rx:
+        st = ts.rx_stamp(anc, config=hw_config)
+        if st is not None:
+            return st.ns, st.source.value, ttl, tos
+    return rx, src, ttl, tos
+
+
+class _RateLimitedLog:
+    """Logs counter deltas of dropped packets at most every ``interval`` seconds."""
+
+    def __init__(self, name: str, interval: float = 10.0) -> None:
+        self.name = name
+        self.interval = interval
+        self._last = 0.0
+        self._prev: dict[str, int] = {}
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.interval
+
+    def maybe(self, counters: dict[str, int], what: Iterable[str]) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        delta = {k: counters[k] - self._prev.get(k, 0) for k in what if counters[k] - self._prev.get(k, 0)}
+        if delta:
+            log.warning("%s: dropped test packets in the last %.0f s: %s", self.name, now - self._last if self._last else 0, delta)
+            self._prev = dict(counters)
+            self._last = now
+
+
+class _DatagramEndpoint:
+    """Shared socket handling: batch reads until EAGAIN, ancillary decoding, session lookup."""
+
+    def __init__(self, local_addr: tuple[str, int], *, iface: str | None = None, hardware: bool = True,
+                 recv_tos: bool = False, batch: int = 512, log_interval: float = 10.0) -> None:
+        self.local_addr = local_addr
+        self.iface = iface
+        self.hardware = hardware
+        self.recv_tos = recv_tos
+        self.batch = batch
+        self.sock: socket.socket | None = None
+        self.ts_config: ts.TimestampingConfig | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._by_peer: dict[tuple[str, int], Hashable] = {}
+        self._by_host: dict[str, list[Hashable]] = {}
+        self._sessions: dict[Hashable, Any] = {}
+        self.unknown_peer = 0
+        self.send_errors = 0
+        self._rl = _RateLimitedLog(type(self).__name__, log_interval)
+
+    @property
+    def port(self) -> int:
+        assert self.sock is not None
+        return self.sock.getsockname()[1]
+
+    def _configure(self, sock: socket.socket) -> None:
+        try:
+            cfg = ts.enable_timestamping(sock, self.iface, self.hardware)
+            # RX only: T3 must be written before the send, so TX stamps would only fill the error queue.
+            sock.setsockopt(_SOL_SOCKET, ts.SO_TIMESTAMPING, cfg.flags & ~_TX_BITS)
+            self.ts_config = cfg
+        except (OSError, ts.UnsupportedArchitecture) as e:
+            log.info("no kernel timestamps on the test socket (%s): user-space stamps", e)
+        try:
+            ts.enable_recv_ttl(sock)
+        except OSError as e:
+            log.info("no received TTL (%s)", e)
+        if self.recv_tos:
+            try:
+                enable_recv_tos(sock)
+            except OSError as e:
+                log.info("no received TOS (%s)", e)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sock = open_udp_socket(self.local_addr)
+        self._configure(self.sock)
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    async def __aenter__(self) -> "_DatagramEndpoint":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def _register(self, sid: Hashable, peer: tuple[str, int] | None, handler: Any) -> None:
+        self._sessions[sid] = handler
+        if peer is not None:
+            key = peer_key(peer)
+            if key[1]:
+                self._by_peer[key] = sid
+            self._by_host.setdefault(key[0], []).append(sid)
+
+    def _unregister(self, sid: Hashable) -> Any:
+        h = self._sessions.pop(sid, None)
+        for k in [k for k, v in self._by_peer.items() if v == sid]:
+            del self._by_peer[k]
+        for host, sids in list(self._by_host.items()):
+            if sid in sids:
+                sids.remove(sid)
+                if not sids:
+                    del self._by_host[host]
+        return h
+
+    def _lookup(self, key: tuple[str, int]) -> Any:
+        sid = self._by_peer.get(key)
+        if sid is None:
+            sids = self._by_host.get(key[0])
+            if sids and len(sids) == 1:  # the sender port was 0/unknown in the request
+                sid = sids[0]
+                self._by_peer[key] = sid
+        return self._sessions.get(sid) if sid is not None else None
+
+    def _on_readable(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class TwampReflectorEndpoint(_DatagramEndpoint):
+    """Session-Reflector on one UDP port: per-peer TWAMP sessions and/or a default (STAMP/Light) session."""
+
+    def __init__(self, local_addr: tuple[str, int] = ("::", DEFAULT_PORT), *, default: ReflectorSession | None = None,
+                 iface: str | None = None, hardware: bool = True, recv_tos: bool | None = None, batch: int = 512,
+                 log_interval: float = 10.0, now_ns: Callable[[], int] = time.time_ns) -> None:
+        if recv_tos is None:
+            recv_tos = default is not None and default.proto is Proto.STAMP  # CoS TLV needs it
+        super().__init__(local_addr, iface=iface, hardware=hardware, recv_tos=recv_tos, batch=batch,
+                         log_interval=log_interval)
+        self.default = default
+        self.now_ns = now_ns
+
+    def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
+                    keys: TestKeys | None = None, *, proto: Proto = Proto.TWAMP, ptp: bool = False,
+                    error_estimate=None, reflector_auth_span: int = 16, dscp: int | None = None,
+                    padding: int | None = None, stamp_key: Secret | None = None,
+                    stateful: bool = True, reflect_length: int = 0) -> ReflectorSession:
+        """A TWAMP session from Request-TW-Session: ``mode`` is the negotiated Modes word
+        (RFC 5618 mixed → unauthenticated test packets); ``peer`` the sender's (address, port),
+        port 0 when unknown; ``dscp`` the Type-P Descriptor's DSCP for the replies.
+        ``padding`` needs nothing here: the reflector answers at the sender's size.
+        ``reflect_length``: RFC 6038 Length of padding to reflect (``mode`` must hold bit 32)."""
+        del padding
+        reflect = reflect_offset(mode, proto) if reflect_length and mode & MODE_REFLECT_OCTETS else None
+        # RFC 8186: a negotiated PTPv2 mode bit means PTP timestamps (and Z = 1) in every reply.
+        ptp = ptp or (proto is Proto.TWAMP and bool(mode & MODE_PTP_TIMESTAMPS))
+        sess = ReflectorSession(proto, security_from_mode(mode), keys=keys, stamp_key=stamp_key, stateful=stateful,
+                                ptp=ptp, error_estimate=error_estimate, reflector_auth_span=reflector_auth_span,
+                                dscp=dscp, reflect=None if reflect is None else (reflect, reflect_length))
+        self._register(sid, peer, sess)
+        return sess
+
+    def remove_session(self, sid: Hashable) -> dict[str, int] | None:
+        sess = self._unregister(sid)
+        return sess.counters.as_dict() if isinstance(sess, ReflectorSession) else None
+
+    def session(self, sid: Hashable) -> ReflectorSession | None:
+        s = self._sessions.get(sid)
+        return s if isinstance(s, ReflectorSession) else None
+
+    def counters(self) -> dict[str, int]:
+        total: dict[str, int] = {"unknown_peer": self.unknown_peer, "send_errors": self.send_errors}
+        sessions = list(self._sessions.values()) + ([self.default] if self.default else [])
+        for s in sessions:
+            if isinstance(s, ReflectorSession):
+                for k, v in s.counters.as_dict().items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        recvmsg, sendto = sock.recvmsg, sock.sendto
+        cfg = self.ts_config
+        hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        now = self.now_ns
+        default = self.default
+        by_peer = self._by_peer
+        sessions = self._sessions
+        v6 = sock.family == socket.AF_INET6
+        n_sw = n_user = 0
+        for _ in range(self.batch):
+            try:
+                data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # e.g. ECONNREFUSED from an ICMP error: keep reading
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                continue
+            # Inline of decode_ancillary() for the common software-stamp case (hot path).
+            rx = ttl = tos = None
+            src = "sw"
+            for level, ctype, cdata in anc:
+                if level == _SOL_SOCKET:
+                    if ctype == _SCM_TS and len(cdata) >= 16 and rx is None:
+                        sec, nsec = _TS3.unpack_from(cdata)
+                        if sec > 0 and 0 <= nsec < 1_000_000_000:
+                            rx = sec * 1_000_000_000 + nsec
+                elif level == _SOL_IP:
+                    if ctype == 2 and cdata:
+                        ttl = _INT.unpack_from(cdata)[0] if len(cdata) >= 4 else cdata[0]
+                    elif ctype == IP_TOS and cdata:
+                        tos = cdata[0]
+                elif len(cdata) >= 4:  # IPv6
+                    if ctype == 52:
+                        ttl = _INT.unpack_from(cdata)[0]
+                    elif ctype == IPV6_TCLASS:
+                        tos = _INT.unpack_from(cdata)[0] & 0xFF
+            if hw is not None:
+                st = ts.rx_stamp(anc, config=hw)
+                if st is not None:
+                    rx, src = st.ns, st.source.value
+            if rx is None:
+                rx, src = now(), "user"
+                n_user += 1
+            else:
+                n_sw += 1
+            key = peer_key(addr) if v6 else addr
+            sess = sessions.get(by_peer.get(key)) if by_peer else None
+            if sess is None:
+                sess = self._lookup(key) if sessions else None
+                if sess is None:
+                    sess = default
+                    if sess is None:
+                        self.unknown_peer += 1
+                        continue
+            out = sess.reflect(data, rx, ttl, now, tos, key, src)
+            if out is None:
+                continue
+            try:
+                dscp = sess.reply_dscp
+                if dscp is None:
+                    sendto(out, addr)
+                else:
+                    self._send_with_dscp(sock, out, addr, dscp)
+            except OSError:
+                self.send_errors += 1
+        if n_sw and hw is None:  # with hardware stamps, agent.engine.timestamping.rx_stamp counted them
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
+        if n_user:
+            STAMP_COUNTERS.add("rx", "user", n_user)
+        if self._rl.due():
+            c = self.counters()
+            if c.get("bad_hmac") or c.get("short") or c.get("unknown_peer"):
+                self._rl.maybe(c, ("bad_hmac", "short", "unknown_peer", "malformed_tlv"))
+
+    @staticmethod
+    def _send_with_dscp(sock: socket.socket, data: bytes, addr: tuple, dscp: int) -> None:
+        """RFC 8972 §4.4: the reflected packet carries the DSCP1 the sender asked for."""
+        tos = (dscp & 0x3F) << 2
+        if sock.family == socket.AF_INET6 and not addr[0].startswith("::ffff:"):
+            anc = [(_SOL_IPV6, IPV6_TCLASS, _INT.pack(tos))]
+        else:
+            anc = [(_SOL_IP, IP_TOS, bytes((tos,)))]
+        sock.sendmsg([data], anc, 0, addr)
+
+
+class OwampReceiverEndpoint(_DatagramEndpoint):
+    """OWAMP-Test receiver on one UDP port; one :class:`OwampReceiver` per session."""
+
+    def __init__(self, local_addr: tuple[str, int] = ("::", 0), *, iface: str | None = None, hardware: bool = True,
+                 batch: int = 512, log_interval: float = 10.0, now_ns: Callable[[], int] = time.time_ns) -> None:
+        super().__init__(local_addr, iface=iface, hardware=hardware, batch=batch, log_interval=log_interval)
+        self.now_ns = now_ns
+
+    def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
+                    keys: TestKeys | None = None, *, expected: int | None = None, ptp: bool = False,
+                    error_estimate=None, timeout_s: float | None = None, schedule: Schedule | None = None,
+                    start_ns: int | None = None) -> OwampReceiver:
+        """``timeout_s``, ``schedule``, ``start_ns``: the Request-Session's Timeout, §5 schedule
+        and Start Time, for the RFC 4656 §4.2 validity tests (see :class:`OwampReceiver`)."""
+        rcv = OwampReceiver(security_from_mode(mode), keys=keys, ptp=ptp, error_estimate=error_estimate,
+                            expected=expected, timeout_s=timeout_s, schedule=schedule, start_ns=start_ns)
+        self._register(sid, peer, rcv)
+        return rcv
+
+    def remove_session(self, sid: Hashable) -> OwampReceiver | None:
+        r = self._unregister(sid)
+        return r if isinstance(r, OwampReceiver) else None
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        cfg = self.ts_config
+        hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        n_sw = n_user = 0
+        for _ in range(self.batch):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            rx, src, ttl, _tos = decode_ancillary(anc, hw)
+            if rx is None:
+                rx, src = self.now_ns(), "user"
+                n_user += 1
+            elif src == "sw":
+                n_sw += 1
+            rcv = self._lookup(peer_key(addr))
+            if rcv is None:
+                self.unknown_peer += 1
+                continue
+            rcv.on_packet(data, rx, ttl, src)
+        if n_sw and hw is None:  # as the reflector: hardware-configured stamps were counted by rx_stamp
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
+        if n_user:
+            STAMP_COUNTERS.add("rx", "user", n_user)
+
+
+# --------------------------------------------------------------------------- sender
+
+
+class _SenderSocket:
+    """Reader side of a Session-Sender socket: replies (RX stamps) and TX stamps from the error queue."""
+
+    def __init__(self, sock: socket.socket, sender: TestSender, cfg: ts.TimestampingConfig | None,
+                 tx_keys: dict[int, int], done: asyncio.Event, expect_replies: bool) -> None:
+        self.sock, self.sender, self.cfg, self.tx_keys = sock, sender, cfg, tx_keys
+        self.done, self.expect = done, expect_replies
+        self.on_record: Callable[[PacketRecord], None] | None = None
+        # Failed sends that may have used up an OPT_ID key anyway (kernels before 6.8 did on
+        # EAGAIN, commit 488b6d91): the kernel's key is then ours + 0..key_slack.
+        self.key_slack = 0
+
+    def on_readable(self) -> None:
+        sock, sender = self.sock, self.sender
+        hw = self.cfg if (self.cfg is not None and self.cfg.hardware_rx) else None
+        n_sw = n_user = 0
+        while True:
+            try:
+                data, anc, _f, _addr = sock.recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ICMP unreachable etc.: the packet is simply lost
+                continue
+            rx, src, ttl, _tos = decode_ancillary(anc, hw)
+            if rx is None:
+                rx, src = time.time_ns(), "user"
+                n_user += 1
+            elif src == "sw":
+                n_sw += 1
+            if not self.expect:
+                continue
+            rec = sender.on_reply(data, rx, ttl, src)
+            if rec is not None and self.on_record is not None and not rec.duplicates:
+                self.on_record(rec)
+            if sender.counters.replies >= sender.count:
+                self.done.set()
+        # T4 sources in the process-wide counters too (the reflector counts its T2s the same way);
+        # with hardware RX configured, timestamping.rx_stamp already counted hw/sw.
+        if n_sw and hw is None:
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
+        if n_user:
+            STAMP_COUNTERS.add("rx", "user", n_user)
+        if self.cfg is not None:
+            self.drain_tx()
+
+    def drain_tx(self) -> None:
+        sender, keys = self.sender, self.tx_keys
+        for key, stamp in ts.drain_tx_stamps(self.sock, config=self.cfg):
+            if self.key_slack:
+                # The stamp is of our key - d, d in 0..slack: take the latest of those packets
+                # handed over before the stamp (an earlier stamp cannot be a later packet's).
+                for k in range(key, max(key - self.key_slack, 0) - 1, -1):
+                    t1 = sender.t1_user_ns(keys.get(k, -1))
+                    if t1 is not None and t1 <= stamp.ns:
+                        key = k
+                        break
+            seq = keys.pop(key, None)
+            if seq is not None:
+                sender.on_tx_stamp(seq, stamp.ns, stamp.source.value)
+
+
+async def _sleep_until_ns(t_ns: int, spin_ns: int = 0) -> None:
+    """Sleep until ``t_ns`` (Unix ns). The event loop wakes with ~1 ms granularity (epoll);
+    ``spin_ns`` > 0 sleeps until that much before and busy-waits the rest, for
+    sub-millisecond send times at the cost of CPU."""
+    now = time.time_ns()
+    delay = t_ns - now - spin_ns
+    if delay > 0:
+        await asyncio.sleep(delay / 1e9)
+    if spin_ns:
+        while time.time_ns() < t_ns:
+            pass
+
+
+async def _stop_set_before_ns(stop: asyncio.Event, t_ns: int) -> bool:
+    """Wait until ``t_ns`` (Unix ns) or until ``stop`` is set, whichever comes first."""
+    if stop.is_set():
+        return True
+    delay = (t_ns - time.time_ns()) / 1e9
+    if delay <= 0:
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+async def run_twamp_sender(
+    local: tuple[str, int],
+    remote: tuple[str, int],
+    mode: int = MODE_UNAUTHENTICATED,
+    keys: TestKeys | None = None,
+    count: int = 10,
+    interval: float = 1.0,
+    schedule: str | Schedule = "fixed",
+    padding: int | None = None,
+    dscp: int | None = None,
+    *,
+    proto: Proto = Proto.TWAMP,
+    stamp_key=None,
+    ssid: int = 0,
+    tlvs: Iterable[_tlv.Tlv] = (),
+    timeout: float = 2.0,
+    start_ns: int | None = None,
+    iface: str | None = None,
+    hardware: bool = True,
+    ptp: bool = False,
+    error_estimate=None,
+    reflector_auth_span: int = 16,
+    seed: int | None = None,
+    on_record: Callable[[PacketRecord], None] | None = None,
+    sock: socket.socket | None = None,
+    spin_ns: int = 0,
+    reflect: tuple[int, int] | None = None,
+    server_octets: int = 0,
+    stop: asyncio.Event | None = None,
+) -> list[PacketRecord]:
+    """Send ``count`` test packets on an absolute schedule and collect the replies.
+
+    ``mode`` is the negotiated Modes word (or use ``proto=Proto.STAMP`` with ``stamp_key``
+    for STAMP authenticated mode). For ``proto=Proto.OWAMP`` nothing comes back: the
+    records carry T1 (user and kernel) only. ``start_ns`` (Unix ns) is the session's
+    Start Time; default: now. Waits ``timeout`` seconds after the last send.
+    ``sock``: an already bound UDP socket to use (it is not closed). ``spin_ns``: busy-wait
+    that long before each send time for sub-millisecond precision (default: event-loop
+    sleeps, ~1 ms granularity; the absolute schedule never drifts either way).
+    ``reflect``, ``server_octets``: RFC 6038 Reflect Octets (see :class:`TestSender`).
+    ``stop``: once set, no further packet is sent and no late reply awaited; the records
+    of the packets sent so far are returned (cancelling the task would lose them).
+    """
+    sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule, interval, seed)
+    if proto is Proto.STAMP:
+        security = Security.AUTH if stamp_key is not None and mode & 2 else Security.UNAUTH
+    else:
+        security = security_from_mode(mode)
+        # RFC 8186 mode bit: our timestamps go out in PTP format too (the Z bit says so).
+        ptp = ptp or (proto is Proto.TWAMP and bool(mode & MODE_PTP_TIMESTAMPS))
+    sender = TestSender(proto, security, keys=keys, stamp_key=stamp_key, padding=padding, ssid=ssid, count=count,
+                        schedule=sched, ptp=ptp, error_estimate=error_estimate, tlvs=tlvs,
+                        reflector_auth_span=reflector_auth_span, reflect=reflect, server_octets=server_octets)
+    own = sock is None
+    if sock is None:
+        fam = _family_of(remote[0])
+        host = local[0]
+        if not host or host in ("0.0.0.0", "::"):  # a wildcard follows the remote's family
+            host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+        sock = open_udp_socket((host, local[1]), family=fam, dscp=dscp)
+    elif dscp is not None:
+        set_dscp(sock, dscp)
+    cfg: ts.TimestampingConfig | None = None
+    try:
+        cfg = ts.enable_timestamping(sock, iface, hardware)
+    except (OSError, ts.UnsupportedArchitecture) as e:
+        log.info("no kernel timestamps (%s)", e)
+    try:
+        ts.enable_recv_ttl(sock)
+    except OSError:
+        pass
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    tx_keys: dict[int, int] = {}
+    reader = _SenderSocket(sock, sender, cfg, tx_keys, done, proto is not Proto.OWAMP)
+    reader.on_record = on_record
+    fd = sock.fileno()  # kept: a caller may close the socket while we are being cancelled
+    loop.add_reader(fd, reader.on_readable)
+    next_key = 0
+    start = start_ns if start_ns is not None else time.time_ns()
+    stopped = False
+    try:
+        for n in range(count):
+            t_ns = sender.send_time_ns(n, start)
+            if stop is not None and await _stop_set_before_ns(stop, t_ns - spin_ns):
+                stopped = True
+                break
+            await _sleep_until_ns(t_ns, spin_ns)
+            data = sender.build(n, time.time_ns())
+            for _attempt in range(3):
+                try:
+                    sock.sendto(data, remote)
+                    if cfg is not None:
+                        tx_keys[next_key] = n  # SOF_TIMESTAMPING_OPT_ID numbers successful sends
+                        next_key += 1
+                    break
+                except BlockingIOError:  # send queue full: let the loop run, then retry
+                    reader.key_slack += 1
+                    await asyncio.sleep(0.0005)
+                except OSError as e:  # unreachable etc.: recorded as lost
+                    reader.key_slack += 1
+                    log.debug("send seq %d: %s", n, e)
+                    break
+        if stopped:
+            pass  # what already arrived is read below; no waiting for the rest
+        elif proto is Proto.OWAMP or count == 0:
+            await asyncio.sleep(min(timeout, 0.05))
+        else:
+            waits = [asyncio.ensure_future(done.wait())]
+            if stop is not None:
+                waits.append(asyncio.ensure_future(stop.wait()))
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        reader.on_readable()
+        if cfg is not None:
+            reader.drain_tx()
+    finally:
+        loop.remove_reader(fd)
+        if own:
+            sock.close()
+    records = sender.records()
+    # Packets whose kernel TX stamp never came keep T1 = the user stamp written in them: count those.
+    n_user = sum(1 for r in records if r.t1_kernel_ns is None)
+    if n_user:
+        STAMP_COUNTERS.add("tx", "user", n_user)
+    return records
