@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 VAGRANT = REPO / "vagrant"
 LAB = REPO / "lab"
 SCRIPTS = sorted([*LAB.glob("*.sh"), *(VAGRANT / "provision").glob("*.sh"),
-                  REPO / "tools/lab/strongswan.sh", REPO / "tools/lab/agents.sh"])
+                  REPO / "tools/lab/strongswan.sh", REPO / "tools/lab/agents.sh",
+                  *(p for p in (REPO / "tools/lab/vagrant").iterdir() if p.is_file())])
 
 NODE_A = {"XW_NAME": "a", "XW_PEER": "b", "XW_LOCAL_OUTER": "192.0.2.1", "XW_REMOTE_OUTER": "192.0.2.2",
           "XW_LOCAL_INNER": "10.77.1.1", "XW_REMOTE_INNER": "10.77.2.1"}
@@ -76,7 +77,7 @@ def test_vagrant_validate_libvirt_provider(tmp_path):
 def test_vagrantfile_wiring():
     """Both providers, the Debian 12 box, and a provisioner whose scripts exist and run."""
     text = (VAGRANT / "Vagrantfile").read_text()
-    assert 'config.vm.box = "debian/bookworm64"' in text
+    assert 'BOX = ENV.fetch("XWAMP_LAB_BOX", "debian/bookworm64")' in text and "config.vm.box = BOX" in text
     assert 'provider "libvirt"' in text and 'provider "virtualbox"' in text
     assert "vagrant/provision/node.sh" in text
     node = (VAGRANT / "provision" / "node.sh").read_text()
@@ -87,6 +88,39 @@ def test_vagrantfile_wiring():
         assert (VAGRANT / "provision" / unit).exists()
     ignored = (VAGRANT / ".gitignore").read_text()
     assert "/.secrets/" in ignored  # credentials are made at `vagrant up`, never committed
+
+
+def test_machine_names_cannot_be_read_as_hex():
+    """Vagrant 2.3 takes a machine name that is valid hex as a prefix of a machine-index
+    ID (hashicorp/vagrant#8152): `vagrant ssh a` ran on b. Names must not be hex."""
+    text = (VAGRANT / "Vagrantfile").read_text()
+    names = re.findall(r'^\s*"([\w-]+)" => \{ peer:', text, re.M)
+    assert len(names) == 2
+    for n in names:
+        assert not re.fullmatch(r"[0-9a-fA-F]+", n), n
+
+
+def test_one_side_initiates_ike():
+    """Both routers initiating at once leaves two IKE/CHILD SA pairs: one initiator only."""
+    text = (VAGRANT / "Vagrantfile").read_text()
+    assert re.search(r'^INITIATOR = "router-a"$', text, re.M)
+    assert '"XW_INITIATOR" => name == INITIATOR ? "1" : "0"' in text
+    ipsec = (VAGRANT / "provision" / "ipsec.sh").read_text()
+    assert "start_action=none" in ipsec and '[ "$initiator" = 1 ] && start_action="trap"' in ipsec
+    assert 'if [ "$initiator" = 1 ] && ! swanctl' in ipsec
+
+
+def test_agent_unit_runs_from_the_venv_as_its_own_user():
+    """The packaged unit names /usr/bin/xwamp in ExecStartPre and ExecStart, and User=xwamp:
+    the lab's drop-in must reset both Exec lines (else 203/EXEC) and the user must exist
+    before the unit starts (else 217/USER)."""
+    unit = (REPO / "packaging" / "xwamp.service").read_text()
+    execs = re.findall(r"^(ExecStart\w*)=/usr/bin/xwamp", unit, re.M)
+    agent = (VAGRANT / "provision" / "agent.sh").read_text()
+    for e in execs:
+        assert f'"{e}=" "{e}=$venv/bin/xwamp' in agent, e
+    assert "packaging/xwamp.sysusers.conf" in agent and "systemd-sysusers" in agent
+    assert "packaging/xwamp.tmpfiles.conf" in agent and "systemd-tmpfiles --create" in agent
 
 
 # ----------------------------------------------------------------- shell

@@ -39,16 +39,23 @@ else
     echo "agent.sh: this checkout's xwamp has no 'agent' command yet: configuration not checked"
 fi
 
-# 3. The service: the packaged unit, with ExecStart pointed at the venv.
+# 3. The service: the packaged unit, its user (sysusers.d) and runtime dirs
+# (tmpfiles.d), with every Exec line pointed at the venv.
 unit=$repo/packaging/xwamp.service
-if [ ! -f "$unit" ]; then
-    echo "agent.sh: $unit is not in this checkout yet: xwamp is installed in $venv but not started"
-    exit 0
-fi
 changed=no
+# User=xwamp must exist before the unit starts, or systemd fails it with 217/USER.
+if put_file "$repo/packaging/xwamp.sysusers.conf" /usr/lib/sysusers.d/xwamp.conf 0644 || ! getent passwd xwamp >/dev/null; then
+    systemd-sysusers /usr/lib/sysusers.d/xwamp.conf
+fi
+if put_file "$repo/packaging/xwamp.tmpfiles.conf" /usr/lib/tmpfiles.d/xwamp.conf 0644; then
+    systemd-tmpfiles --create /usr/lib/tmpfiles.d/xwamp.conf
+fi
 put_file "$unit" /etc/systemd/system/xwamp.service 0644 && changed=yes
 tmp=$(mktemp)
+# Both Exec lines name /usr/bin/xwamp in the packaged unit: reset both, or the
+# unit fails with 203/EXEC on a machine where xwamp lives in a venv.
 printf '%s\n' "# The Vagrant lab runs xwamp from a venv (vagrant/provision/agent.sh)." "[Service]" \
+    "ExecStartPre=" "ExecStartPre=$venv/bin/xwamp agent --config /etc/xwamp/xwamp.toml --check" \
     "ExecStart=" "ExecStart=$venv/bin/xwamp agent --config /etc/xwamp/xwamp.toml" > "$tmp"
 put_file "$tmp" /etc/systemd/system/xwamp.service.d/vagrant-lab.conf 0644 && changed=yes
 rm -f "$tmp"

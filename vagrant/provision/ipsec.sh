@@ -36,11 +36,14 @@ if [ $net_changed = yes ] && systemctl is-active --quiet xwamp-lab-net.service; 
 fi
 enable_start xwamp-lab-net.service
 
-# 2. strongSwan configuration: the shared renderer. trap on both sides: the
-# first packet between the inner addresses (the agents') brings the tunnel up,
-# whichever VM booted first.
+# 2. strongSwan configuration: the shared renderer. Only the initiator (router-a)
+# traps and initiates: when both sides initiate at once (a parallel `vagrant up`),
+# two IKE/CHILD SA pairs come up and only one carries traffic.
+initiator=${XW_INITIATOR:-0}
+start_action=none
+[ "$initiator" = 1 ] && start_action="trap"
 changes=$(XW_SECRETS=$secrets XW_VICI=unix:///run/xwamp-lab/charon.vici \
-          XW_LOG=/var/log/xwamp-lab/charon.log XW_START_ACTION=trap \
+          XW_LOG=/var/log/xwamp-lab/charon.log XW_START_ACTION=$start_action \
           "$repo/lab/render.sh" "$conf")
 [ -n "$changes" ] && echo "$changes"
 
@@ -57,9 +60,10 @@ if systemctl is-active --quiet xwamp-charon.service; then
 fi
 enable_start xwamp-charon.service
 
-# 4. Try to bring the tunnel up now (the peer may not be up yet: trap will do it later).
+# 4. The initiator tries to bring the tunnel up now (the peer may not be up yet:
+# trap will do it later). The responder waits.
 export STRONGSWAN_CONF=$conf/strongswan.conf
-if ! swanctl --list-sas --child xwamp 2>/dev/null | grep -q INSTALLED; then
+if [ "$initiator" = 1 ] && ! swanctl --list-sas --child xwamp 2>/dev/null | grep -q INSTALLED; then
     if swanctl --initiate --child xwamp --timeout 15 >/dev/null 2>&1; then
         echo "tunnel up"
     else
