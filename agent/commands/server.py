@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.commands._runtime import ipsec_runtime, netns_entered, wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
+    from agent.control.authguard import AUTH_GUARD
     from agent.control.keyring import KeyFileError, PassphraseFile
     from agent.control.server import ServerConfig
     from agent.sessions.session import OwampHandler, SaBoundHandler, TwampHandler
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         caps: dict = {"max_rate": args.max_rate, "max_reflected": args.max_packets}
         if args.max_packets is not None:
             caps["max_packets"] = args.max_packets
-        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions, **caps)
+        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions,
+                           auth_guard=AUTH_GUARD, **caps)
     except ValueError as e:
         print(f"xwamp server: {e}", file=sys.stderr)
         return 2
@@ -126,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
             for lst in listeners:
                 await lst.close()
                 log.info("%s: %s", "TWAMP" if lst.twamp else "OWAMP", lst.stats)
+            log.info("authentication failures: %d (%d set-ups refused by the rate limit)",
+                     AUTH_GUARD.failures_total, AUTH_GUARD.limited_total)
             if runtime is not None:
                 log.info("binder: %s", runtime.counters())
                 await runtime.close()

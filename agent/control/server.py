@@ -18,13 +18,14 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import _Conn
+from agent.control.authguard import AuthGuard
 from agent.control.states import (
     COMMANDS,
     INITIAL,
@@ -61,6 +62,10 @@ from netlink.secret import Secret
 
 log = logging.getLogger(__name__)
 
+# What an unknown KeyID is derived against: the refusal then costs what a known one's does,
+# so response time does not tell which identities exist (issue 11, item 6).
+_DUMMY_PASSPHRASE = Secret(os.urandom(32))
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -82,6 +87,9 @@ class ServerConfig:
     max_rate: float | None = None
     # Packets one TWAMP reflector session answers at most (None: no cap); OWAMP: max_packets.
     max_reflected: int | None = None
+    # Counts and rate-limits failed authentications per source address (None: neither).
+    # Shared by every connection (and listener) given this config: it holds state.
+    auth_guard: AuthGuard | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.count < MIN_COUNT or self.count & (self.count - 1):
@@ -187,19 +195,24 @@ class ControlServer(_Conn):
         if not sec.control_crypto:
             return self._start_control(None, sec.test_auth, resp.client_iv)
         challenge = self.greeting.challenge
+        guard, addr = self.config.auth_guard, self.peer[0] if self.peer is not None else None
+        if guard is not None and addr is not None and not guard.allow(addr):
+            # this address spent its failure budget: no derivation for it until it refills
+            return self._reject_setup(m.ACCEPT_TEMPORARY_LIMIT, "authentication rate limit")
         # Key-source hooks run here (they may keep state); only PBKDF2 may leave the loop.
         try:
             keys = hooked_open_token(self._key_source, resp.key_id, ctx, challenge, resp.token)
             key = None if keys is not None else token_key_or_job(self._key_source, resp.key_id, ctx)
         except TokenRejected:
-            return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+            return self._auth_failed("bad_token", "authentication failed")
         except Exception:
             log.exception("key source failed")
             return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
         if keys is not None:
             return self._start_control(keys, sec.test_auth, resp.client_iv)
-        if key is None:
-            return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
+        unknown = key is None
+        if key is None:  # the same work as a known identity, then the same refusal
+            key = Pbkdf2Job(_DUMMY_PASSPHRASE, self.greeting.salt, self.greeting.count)
 
         def opened(result: object, error: BaseException | None) -> list[ev.Event]:
             if error is not None:
@@ -209,7 +222,10 @@ class ControlServer(_Conn):
             try:
                 opened_keys = open_client_token(result, challenge, resp.token)
             except TokenRejected:
-                return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+                return self._auth_failed("unknown_key" if unknown else "bad_token",
+                                         "unknown key identity" if unknown else "authentication failed")
+            if unknown:  # pragma: no cover - a Token that opens with the random dummy key
+                return self._auth_failed("unknown_key", "unknown key identity")
             return self._start_control(opened_keys, sec.test_auth, resp.client_iv)
 
         if isinstance(key, Pbkdf2Job):
@@ -230,6 +246,13 @@ class ControlServer(_Conn):
         row = on_receive(self.role, self.proto, State.SETUP, Msg.SET_UP_RESPONSE)
         self.state = State(row.ok)
         return [ev.SetupComplete(self.mode, self.key_id)]
+
+    def _auth_failed(self, kind: str, reason: str) -> list[ev.Event]:
+        """Server-Start Accept=1 (RFC 4656 §3.1), counted against the peer's address."""
+        guard = self.config.auth_guard
+        if guard is not None and self.peer is not None:
+            guard.failed(self.peer[0], kind)
+        return self._reject_setup(m.ACCEPT_FAILURE, reason)
 
     def _reject_setup(self, accept: int, reason: str) -> list[ev.Event]:
         self._out += m.ServerStart(accept, os.urandom(16), 0).pack()  # all clear: no keys agreed
