@@ -40,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="packets per test session: OWAMP requests over it are refused (Accept=4), "
                         "TWAMP reflectors answer N at most (default: OWAMP 1048576, TWAMP no cap)")
     p.add_argument("--idle-timeout", type=float, default=30.0, help="close control connections idle this long")
+    p.add_argument("--setup-timeout", type=float, default=5.0,
+                   help="close control connections not set up this long after connecting")
+    p.add_argument("--empty-test-timeout", type=float, default=10.0,
+                   help="close control connections started with no test session after this long")
     p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (default: run until ^C)")
     p.set_defaults(func=run)
 
@@ -94,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"xwamp server: {e}", file=sys.stderr)
         return 2
     limits = ListenerLimits(max_connections=args.max_connections, max_per_client=args.max_per_client,
-                            max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout)
+                            max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout,
+                            setup_timeout=args.setup_timeout, empty_test_timeout=args.empty_test_timeout)
     protocols = [(twamp, port, handler) for twamp, port, handler, name in
                  ((True, args.twamp_port, TwampHandler, "twamp"), (False, args.owamp_port, OwampHandler, "owamp"))
                  if args.protocol in ("both", name)]

@@ -59,7 +59,8 @@ class ControlServers:
             sources.append(keyring.PassphraseFile(s.keyfile))
         ks = keyring.ChainedKeySource(*sources) if sources else None
         limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
-                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout)
+                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout,
+                                setup_timeout=s.setup_timeout, empty_test_timeout=s.empty_test_timeout)
         hosts = list(s.listen)
         twamp_handler: Any = session.TwampHandler
         if self.runtime is not None:
