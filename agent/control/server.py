@@ -292,6 +292,12 @@ class ControlServer(_Conn):
             if self.owamp and stop.num_sessions > len(self.sessions):
                 # RFC 4656 §3.8: one description per session the client sent; no more
                 raise ProtocolError("Stop-Sessions describes more sessions than were requested")
+            for d in stop.descriptions:  # the receiver bounds them (OwampReceiver.fetch_records)
+                s = self.sessions.get(d.sid)
+                n = s.request.num_packets if s is not None and isinstance(s.request, m.RequestSession) else None
+                if n is not None and d.next_seqno > n:
+                    log.info("control peer %s: Stop-Sessions Next Seqno %d over Number of Packets %d: bounded",
+                             self.peer, d.next_seqno, n)
             if self.twamp:
                 self.sessions.clear()
             self._decide(row.ok)
