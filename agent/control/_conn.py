@@ -143,6 +143,8 @@ class _Conn:
     def _take_stop(self) -> m.StopSessions | None:
         """A complete Stop-Sessions (either direction; OWAMP's carries session descriptions)."""
         n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
+        if n is not None and n > MAX_BUFFER:  # sessions x skip ranges: refuse now, not at 1 MiB
+            raise ProtocolError("Stop-Sessions longer than we hold")
         plain = None if n is None else self._take(n, (n - HMAC_LEN,))
         return None if plain is None else m.StopSessions.unpack(plain, owamp=self.owamp)
 

@@ -286,12 +286,13 @@ class ControlServer(_Conn):
             self._decide(row.ok)
             return [ev.StartRequested()]
         if cmd == m.CMD_STOP_SESSIONS:
+            if self.owamp and int.from_bytes(first[4:8], "big") > len(self.sessions):
+                # RFC 4656 §3.8: one description per session the client sent; no more
+                # (checked on the first block, before we wait for the rest)
+                raise ProtocolError("Stop-Sessions describes more sessions than were requested")
             stop = self._take_stop()
             if stop is None:
                 return None
-            if self.owamp and stop.num_sessions > len(self.sessions):
-                # RFC 4656 §3.8: one description per session the client sent; no more
-                raise ProtocolError("Stop-Sessions describes more sessions than were requested")
             for d in stop.descriptions:  # the receiver bounds them (OwampReceiver.fetch_records)
                 s = self.sessions.get(d.sid)
                 n = s.request.num_packets if s is not None and isinstance(s.request, m.RequestSession) else None
