@@ -112,8 +112,8 @@ CLIENT_WIRE = {
     Msg.STOP_N_ACK: n_sessions(10, 0),
 }
 # What the client must have asked for to read each answer (None: unsolicited).
-PENDING = {Msg.ACCEPT_SESSION: "accept", Msg.START_ACK: "start-ack", Msg.FETCH_ACK: "fetch",
-           Msg.START_N_ACK: "start-n", Msg.STOP_N_ACK: "stop-n", Msg.STOP_SESSIONS: None}
+PENDING = {Msg.ACCEPT_SESSION: Msg.ACCEPT_SESSION, Msg.START_ACK: Msg.START_ACK, Msg.FETCH_ACK: Msg.FETCH_ACK,
+           Msg.START_N_ACK: Msg.START_N_ACK, Msg.STOP_N_ACK: Msg.STOP_N_ACK, Msg.STOP_SESSIONS: None}
 
 
 # ---------------------------------------------------------------- connections in a given state
@@ -149,13 +149,13 @@ def client_in(proto: Proto, state: State) -> ControlClient:
     if state in (State.READY, State.TEST):
         cli.receive_data(server_start())
     if state == State.TEST:
-        cli._pending.append(("accept", None))
+        cli._pending.append((Msg.ACCEPT_SESSION, None))
         cli.receive_data(accept_session())
         if proto is Proto.TWAMP_ISC:
-            cli._pending.append(("start-n", None))
+            cli._pending.append((Msg.START_N_ACK, None))
             cli.receive_data(n_sessions(8, 0))
         else:
-            cli._pending.append(("start-ack", None))
+            cli._pending.append((Msg.START_ACK, None))
             cli.receive_data(start_ack())
     cli.data_to_send()
     assert cli.state == state and not cli.closed
@@ -308,7 +308,7 @@ def test_unknown_accept_reads_as_failure() -> None:
     evs = cli.receive_data(server_start(accept=77))
     assert evs == [ev.SetupRefused(1)] and cli.closed
     cli = client_in(Proto.TWAMP, State.READY)
-    cli._pending.append(("start-ack", None))
+    cli._pending.append((Msg.START_ACK, None))
     (e,) = cli.receive_data(start_ack(accept=200))
     assert e == ev.StartAckReceived(1) and cli.state == State.READY
 

@@ -20,7 +20,7 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import modes as md
 from agent.control._conn import _Conn
-from agent.control.states import INITIAL, Msg, Role, State, UsageError, on_receive, on_send
+from agent.control.states import INITIAL, Msg, Role, State, UsageError, on_receive, on_send, on_unknown_command
 from agent.control.keyring import (
     HandshakeContext,
     IPAddress,
@@ -37,17 +37,6 @@ from agent.control.security import (
     SessionKeys,
 )
 from netlink.secret import Secret
-
-
-# What the server's next answer is, by the request we sent (RFC 4656 §3.4: in order).
-_ANSWER_TO = {
-    "accept": Msg.ACCEPT_SESSION,
-    "start-ack": Msg.START_ACK,
-    "stop": Msg.STOP_SESSIONS,
-    "fetch": Msg.FETCH_ACK,
-    "start-n": Msg.START_N_ACK,
-    "stop-n": Msg.STOP_N_ACK,
-}
 
 
 class ControlClient(_Conn):
@@ -77,7 +66,7 @@ class ControlClient(_Conn):
         self.start_time = 0
         self.state = INITIAL[self.role]
         self._start_head: bytes | None = None  # Server-Start's clear part, its tail not yet in
-        self._pending: deque[tuple[str, object]] = deque()  # expected answers, in order
+        self._pending: deque[tuple[Msg, object]] = deque()  # expected answers, in order (§3.4)
         self._fetch_stage: tuple | None = None
         # Why our key source refused the greeting (e.g. agent.binder.keys.BinderRefusal: the
         # announced SA pair is not in our kernel); the connection then fails. No key material.
@@ -189,13 +178,12 @@ class ControlClient(_Conn):
             # Unsolicited: only a server Stop-Sessions is allowed (RFC 4656 §3.8, RFC 5357 §3.8).
             if not self._have(16):
                 return None
-            if buf[0] != m.CMD_STOP_SESSIONS:
-                raise ProtocolError(f"unsolicited message from server (client {self.proto} in state {self.state})")
-            on_receive(self.role, self.proto, self.state, Msg.STOP_SESSIONS)
+            if buf[0] != m.CMD_STOP_SESSIONS:  # nothing asked for: only a command can come
+                raise on_unknown_command(self.role, self.proto, self.state, buf[0])
             return self._read_stop()
         kind, ctx = self._pending[0]
-        row = on_receive(self.role, self.proto, self.state, _ANSWER_TO[kind])
-        if kind == "accept":
+        row = on_receive(self.role, self.proto, self.state, kind)
+        if kind is Msg.ACCEPT_SESSION:
             msg = self._take(m.AcceptSession.SIZE, m.AcceptSession.hmac_offsets())
             if msg is None:
                 return None
@@ -204,7 +192,7 @@ class ControlClient(_Conn):
             keys = self.test_keys(acc.sid) if acc.accept == m.ACCEPT_OK else None
             self.state = State(row.ok)
             return [ev.SessionAccepted(ctx, acc, keys)]  # type: ignore[arg-type]
-        if kind == "start-ack":
+        if kind is Msg.START_ACK:
             msg = self._take(32, m.StartAck.hmac_offsets())
             if msg is None:
                 return None
@@ -212,12 +200,12 @@ class ControlClient(_Conn):
             a = m.StartAck.unpack(msg).accept
             self._next(row, a == m.ACCEPT_OK)
             return [ev.StartAckReceived(a)]
-        if kind == "stop":
+        if kind is Msg.STOP_SESSIONS:
             return self._read_stop()
-        if kind == "fetch":
+        if kind is Msg.FETCH_ACK:
             return self._on_fetch(row)
-        if kind in ("start-n", "stop-n"):
-            cls = m.StartNAck if kind == "start-n" else m.StopNAck
+        if kind in (Msg.START_N_ACK, Msg.STOP_N_ACK):
+            cls = m.StartNAck if kind is Msg.START_N_ACK else m.StopNAck
             n = cls.needed_length(bytes(buf))
             if n is None:
                 return None
@@ -226,7 +214,7 @@ class ControlClient(_Conn):
                 return None
             self._pending.popleft()
             parsed = cls.unpack(msg)
-            if kind == "start-n":
+            if kind is Msg.START_N_ACK:
                 # a refused Start-N-Ack leaves a running test running (states: TEST -> TEST)
                 self._next(row, parsed.accept == m.ACCEPT_OK)
                 return [ev.StartNAckReceived(parsed)]
@@ -244,7 +232,7 @@ class ControlClient(_Conn):
         stop = self._take_stop()
         if stop is None:
             return None
-        if self._pending and self._pending[0][0] == "stop":
+        if self._pending and self._pending[0][0] is Msg.STOP_SESSIONS:
             self._pending.popleft()
         self._next(row, True)
         return [ev.StopSessionsReceived(stop)]
@@ -304,7 +292,7 @@ class ControlClient(_Conn):
             raise UsageError("Request-TW-Session is TWAMP only")
         nxt = self._send_msg(Msg.REQUEST_TW_SESSION)
         self._emit(req.pack(), req.hmac_offsets())
-        self._pending.append(("accept", req))
+        self._pending.append((Msg.ACCEPT_SESSION, req))
         self.state = nxt
 
     def request_session(self, req: m.RequestSession) -> None:
@@ -312,13 +300,13 @@ class ControlClient(_Conn):
             raise UsageError("Request-Session is OWAMP only")
         nxt = self._send_msg(Msg.REQUEST_SESSION)
         self._emit(req.pack(), req.hmac_offsets())
-        self._pending.append(("accept", req))
+        self._pending.append((Msg.ACCEPT_SESSION, req))
         self.state = nxt
 
     def start_sessions(self) -> None:
         nxt = self._send_msg(Msg.START_SESSIONS)
         self._emit(m.StartSessions().pack(), m.StartSessions.hmac_offsets())
-        self._pending.append(("start-ack", None))
+        self._pending.append((Msg.START_ACK, None))
         self.state = nxt
 
     def stop_sessions(self, num_sessions: int, accept: int = m.ACCEPT_OK,
@@ -330,7 +318,7 @@ class ControlClient(_Conn):
         msg = m.StopSessions(accept, len(descriptions) if self.owamp else num_sessions, tuple(descriptions))
         self._emit(msg.pack(), msg.hmac_offsets())
         if self.owamp:
-            self._pending.append(("stop", None))
+            self._pending.append((Msg.STOP_SESSIONS, None))
         self.state = nxt
 
     def fetch_session(self, sid: bytes, begin: int = 0, end: int = 0xFFFFFFFF) -> None:
@@ -339,21 +327,21 @@ class ControlClient(_Conn):
         nxt = self._send_msg(Msg.FETCH_SESSION)
         msg = m.FetchSession(sid, begin, end)
         self._emit(msg.pack(), msg.hmac_offsets())
-        self._pending.append(("fetch", None))
+        self._pending.append((Msg.FETCH_ACK, None))
         self.state = nxt
 
     def start_n_sessions(self, sids: tuple[bytes, ...]) -> None:
         nxt = self._isc(Msg.START_N_SESSIONS, sids)
         msg = m.StartNSessions(tuple(sids))
         self._emit(msg.pack(), msg.hmac_offsets())
-        self._pending.append(("start-n", None))
+        self._pending.append((Msg.START_N_ACK, None))
         self.state = nxt
 
     def stop_n_sessions(self, sids: tuple[bytes, ...]) -> None:
         nxt = self._isc(Msg.STOP_N_SESSIONS, sids)
         msg = m.StopNSessions(tuple(sids))
         self._emit(msg.pack(), msg.hmac_offsets())
-        self._pending.append(("stop-n", None))
+        self._pending.append((Msg.STOP_N_ACK, None))
         self.state = nxt
 
     def _isc(self, msg: Msg, sids: tuple[bytes, ...]) -> State:

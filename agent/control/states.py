@@ -301,6 +301,8 @@ def on_receive(role: Role, proto: Proto, state: State, msg: Msg) -> Row:
 
 
 def on_unknown_command(role: Role, proto: Proto, state: State, cmd: int) -> ProtocolError:
+    """The error for a message whose first octet names no message we could expect here
+    (the caller raises it: framing cannot go on past it)."""
     return ProtocolError(f"command {cmd} not allowed ({_where(role, proto, state)})")
 
 
