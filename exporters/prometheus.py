@@ -205,6 +205,11 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
                               value=srv.get("connections_total", 0))
     yield CounterMetricFamily(f"{NS}_server_connections_refused", "Control connections refused (limits).",
                               value=srv.get("refused_total", 0))
+    yield CounterMetricFamily(f"{NS}_control_auth_failures", "Failed control authentications (Set-Up-Response).",
+                              value=srv.get("auth_failures_total", 0))
+    yield CounterMetricFamily(f"{NS}_control_auth_rate_limited",
+                              "Control set-ups refused because their address failed too often.",
+                              value=srv.get("auth_rate_limited_total", 0))
     reloads = CounterMetricFamily(f"{NS}_config_reloads", "Configuration reloads (SIGHUP).", labels=["result"])
     for k in ("success", "failure"):
         reloads.add_metric([k], s.reloads.get(k, 0))

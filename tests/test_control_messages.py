@@ -55,8 +55,9 @@ def test_server_start_layout() -> None:
     b = s.pack()
     assert b[:15] == bytes(15) and b[15] == 0 and b[16:32] == b"V" * 16
     assert b[32:40] == bytes.fromhex("0102030405060708") and b[40:] == bytes(8)
-    with pytest.raises(m.ProtocolError):
-        m.ServerStart.unpack(b[:15] + b"\x09" + b[16:])
+    # RFC 4656 §3.3: a receiver "MUST interpret all values of Accept other than these
+    # reserved values as 1" (issue 13: this used to raise)
+    assert m.ServerStart.unpack(b[:15] + b"\x09" + b[16:]).accept == m.ACCEPT_FAILURE
 
 
 def test_request_tw_session_layout() -> None:
@@ -114,8 +115,8 @@ def test_accept_session_layout() -> None:
     b = a.pack()
     assert b[0] == 0 and b[1] == 0 and b[2:4] == b"\x12\x34" and b[4:20] == b"s" * 16 and b[20:] == bytes(28)
     assert m.AcceptSession.unpack(b) == a
-    with pytest.raises(m.ProtocolError):
-        m.AcceptSession.unpack(b"\x06" + b[1:])
+    # an unassigned Accept reads as 1 (RFC 4656 §3.3; issue 13: this used to raise)
+    assert m.AcceptSession.unpack(b"\x07" + b[1:]).accept == m.ACCEPT_FAILURE
 
 
 def test_start_stop_layouts() -> None:

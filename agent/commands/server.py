@@ -40,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="packets per test session: OWAMP requests over it are refused (Accept=4), "
                         "TWAMP reflectors answer N at most (default: OWAMP 1048576, TWAMP no cap)")
     p.add_argument("--idle-timeout", type=float, default=30.0, help="close control connections idle this long")
+    p.add_argument("--setup-timeout", type=float, default=5.0,
+                   help="close control connections not set up this long after connecting")
+    p.add_argument("--empty-test-timeout", type=float, default=10.0,
+                   help="close control connections started with no test session after this long")
     p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (default: run until ^C)")
     p.set_defaults(func=run)
 
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.commands._runtime import ipsec_runtime, netns_entered, wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
+    from agent.control.authguard import AUTH_GUARD
     from agent.control.keyring import KeyFileError, PassphraseFile
     from agent.control.server import ServerConfig
     from agent.sessions.session import OwampHandler, SaBoundHandler, TwampHandler
@@ -87,12 +92,14 @@ def run(args: argparse.Namespace) -> int:
         caps: dict = {"max_rate": args.max_rate, "max_reflected": args.max_packets}
         if args.max_packets is not None:
             caps["max_packets"] = args.max_packets
-        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions, **caps)
+        cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions,
+                           auth_guard=AUTH_GUARD, **caps)
     except ValueError as e:
         print(f"xwamp server: {e}", file=sys.stderr)
         return 2
     limits = ListenerLimits(max_connections=args.max_connections, max_per_client=args.max_per_client,
-                            max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout)
+                            max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout,
+                            setup_timeout=args.setup_timeout, empty_test_timeout=args.empty_test_timeout)
     protocols = [(twamp, port, handler) for twamp, port, handler, name in
                  ((True, args.twamp_port, TwampHandler, "twamp"), (False, args.owamp_port, OwampHandler, "owamp"))
                  if args.protocol in ("both", name)]
@@ -126,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             for lst in listeners:
                 await lst.close()
                 log.info("%s: %s", "TWAMP" if lst.twamp else "OWAMP", lst.stats)
+            log.info("authentication failures: %d (%d set-ups refused by the rate limit)",
+                     AUTH_GUARD.failures_total, AUTH_GUARD.limited_total)
             if runtime is not None:
                 log.info("binder: %s", runtime.counters())
                 await runtime.close()

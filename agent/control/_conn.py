@@ -9,7 +9,9 @@ from agent.control import events as ev
 from agent.control import messages as m
 from agent.control.keyring import HandshakeContext
 from agent.control.messages import HMAC_LEN, ProtocolError
+from agent.control import modes as md
 from agent.control.security import RecvStream, SendStream, SessionKeys, derive_test_keys
+from agent.control.states import HOLD_STATES, Proto, Role, State, UsageError, protocol_of
 from agent.engine.keys import TestKeys
 
 log = logging.getLogger(__name__)
@@ -17,21 +19,22 @@ log = logging.getLogger(__name__)
 MAX_BUFFER = 1 << 20  # a peer may not make us hold more than this undecoded
 
 
-class UsageError(RuntimeError):
-    """A send_* method was called in a state where it is not allowed (our bug, not the peer's)."""
+__all__ = ["UsageError", "_Conn"]  # UsageError lives in states.py, with the tables it enforces
 
 
 KeyContinuation = Callable[[object, "BaseException | None"], list[ev.Event]]
 
 
 class _Conn:
+    role: Role
+
     def __init__(self, twamp: bool, defer_keys: bool = False) -> None:
         self.twamp = twamp
         # defer_keys: hand slow key derivations to the I/O adapter (ev.KeyNeeded) instead of
         # running them inside receive_data(), so one client's PBKDF2 never stalls the others.
         self.defer_keys = defer_keys
         self._key_cont: KeyContinuation | None = None
-        self._key_state = ""
+        self._key_state = State.CLOSED
         self.owamp = not twamp
         self._send = SendStream()
         self._recv = RecvStream()
@@ -39,11 +42,16 @@ class _Conn:
         self._keys: SessionKeys | None = None
         self.mode = 0
         self.closed = False
-        self.state = "init"
+        self.state = State.CLOSED  # the subclass sets its initial state
         self._key_source: object | None = None
         self._ctx: HandshakeContext | None = None
         self._test_plane_secure = False
         self._released = False
+
+    @property
+    def proto(self) -> Proto:
+        """Which tables apply: OWAMP, TWAMP, or TWAMP with RFC 5938 (from the selected mode)."""
+        return protocol_of(self.twamp, bool(self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL))
 
     @property
     def context(self) -> HandshakeContext | None:
@@ -72,7 +80,7 @@ class _Conn:
             self._recv.feed(bytes(data))
             if len(self._recv.plain) > MAX_BUFFER:
                 raise ProtocolError("peer sent too much unanswered data")
-            while not self.closed and self.state != "wait-key":
+            while not self.closed and self.state not in HOLD_STATES:
                 step = self._step()
                 if step is None:
                     break
@@ -100,7 +108,7 @@ class _Conn:
             except Exception as e:  # handed to cont, which decides what it means
                 return cont(None, e)
             return cont(result, None)
-        self._key_cont, self._key_state, self.state = cont, self.state, "wait-key"
+        self._key_cont, self._key_state, self.state = cont, self.state, State.WAIT_KEY
         return [ev.KeyNeeded(job)]
 
     def key_ready(self, result: object = None, error: BaseException | None = None) -> list[ev.Event]:
@@ -135,6 +143,8 @@ class _Conn:
     def _take_stop(self) -> m.StopSessions | None:
         """A complete Stop-Sessions (either direction; OWAMP's carries session descriptions)."""
         n = m.StopSessions.needed_length(bytes(self._recv.plain), self.owamp)
+        if n is not None and n > MAX_BUFFER:  # sessions x skip ranges: refuse now, not at 1 MiB
+            raise ProtocolError("Stop-Sessions longer than we hold")
         plain = None if n is None else self._take(n, (n - HMAC_LEN,))
         return None if plain is None else m.StopSessions.unpack(plain, owamp=self.owamp)
 
@@ -147,13 +157,13 @@ class _Conn:
 
     def _fail(self, reason: str) -> ev.ProtocolFailure:
         self.closed = True
-        self.state = "closed"
+        self.state = State.CLOSED
         self.release()
         return ev.ProtocolFailure(reason)
 
     def close(self, reason: str = "closed") -> ev.ConnectionClosed:
         self.closed = True
-        self.state = "closed"
+        self.state = State.CLOSED
         self.release()
         return ev.ConnectionClosed(reason)
 

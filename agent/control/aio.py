@@ -25,6 +25,7 @@ from agent.control import messages as m
 from agent.control.client import ControlClient
 from agent.control.security import DEFAULT_MAX_COUNT
 from agent.control.server import ControlServer, ServerConfig
+from agent.control.states import Deadline, deadline_kind
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,46 @@ class _Live:
 
 @dataclass
 class ListenerLimits:
+    """Deadlines hang off the control states (agent.control.states.DEADLINES): each runs from
+    when its state was entered (or, for idle, from the last complete message), never from
+    the last read, so a peer trickling bytes cannot keep a connection open."""
+
     max_connections: int = 64
     max_per_client: int = 8
     max_sessions_per_client: int = 32  # test sessions over all of one address's connections
-    idle_timeout: float = 30.0  # seconds without a complete exchange outside a running test
+    idle_timeout: float = 30.0  # seconds without a complete message outside a running test
     max_test_time: float = 3600.0  # a running test may keep a connection this long
+    # Connect to Server-Start, absolute (a Set-Up-Response is one 164-octet message and a
+    # PBKDF2 the client can run before answering; 5 s is ample even over a slow path).
+    setup_timeout: float = 5.0
+    # Start-Sessions accepted with no session to run: nothing will happen on the connection.
+    empty_test_timeout: float = 10.0
+
+    def deadline(self, kind: Deadline) -> float | None:
+        """Seconds allowed in a state of deadline ``kind`` (None: no peer deadline)."""
+        return {
+            Deadline.SETUP: min(self.setup_timeout, self.idle_timeout),
+            Deadline.IDLE: self.idle_timeout,
+            Deadline.EMPTY_TEST: min(self.empty_test_timeout, self.idle_timeout),
+            Deadline.TEST: self.max_test_time,
+        }.get(kind)
+
+
+class _Clock:
+    """The running deadline of one connection: restarted when its kind changes (a state
+    change), and for IDLE when a complete message arrives; never by a bare read."""
+
+    def __init__(self, limits: ListenerLimits, now: float) -> None:
+        self.limits = limits
+        self.kind = Deadline.SETUP
+        self.since = now  # the set-up deadline runs from connect
+
+    def remaining(self, srv: ControlServer, now: float, progressed: bool) -> tuple[Deadline, float | None]:
+        kind = deadline_kind(srv.state, srv.proto, len(srv.sessions))
+        if kind is not Deadline.NONE and (kind is not self.kind or (progressed and kind is Deadline.IDLE)):
+            self.kind, self.since = kind, now
+        limit = self.limits.deadline(kind)
+        return kind, None if limit is None else self.since + limit - now
 
 
 class ControlListener:
@@ -219,7 +255,7 @@ class ControlListener:
 
     async def _do_abort(self, srv: ControlServer, live: _Live) -> None:
         accept = live.abort if live.abort is not None else m.ACCEPT_INTERNAL_ERROR
-        if srv.state == "test":
+        if srv.may_stop:  # in TEST, and not with RFC 5938 (its client alone stops sessions)
             descs: tuple[m.SessionDescription, ...] = ()
             hook = getattr(live.handler, "stop_sessions", None)
             if srv.owamp and hook is not None:
@@ -235,6 +271,9 @@ class ControlListener:
                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str = "?") -> None:
         pending: list[ev.Event] = []
         live = self._live.get(srv)
+        loop = asyncio.get_running_loop()
+        clock = _Clock(self.limits, loop.time())
+        progressed = False  # a complete message since the deadline was last looked at
         while True:
             if live is not None and live.abort is not None and srv.awaiting is None and not srv.closed:
                 pending.clear()  # nothing more is answered on an aborted connection
@@ -245,6 +284,7 @@ class ControlListener:
                 await writer.drain()
             if pending:
                 e = pending.pop(0)
+                progressed = True
                 if isinstance(e, ev.KeyNeeded):  # PBKDF2 in a worker thread: other clients go on
                     pending.extend(srv.key_ready(*await run_key_job(e)))
                     continue
@@ -267,12 +307,18 @@ class ControlListener:
                 return
             if srv.awaiting is not None:
                 raise RuntimeError(f"handler did not answer {srv.awaiting}")
-            timeout = self.limits.max_test_time if srv.state == "test" else self.limits.idle_timeout
+            kind, left = clock.remaining(srv, loop.time(), progressed)
+            progressed = False
             try:
-                data = await _read_or_wake(reader, live.wake if live is not None else None, timeout)
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                data = await _read_or_wake(reader, live.wake if live is not None else None, left)
             except asyncio.TimeoutError:
                 self.stats["timeouts"] += 1
-                log.info("control peer %s idle for %.0fs: closing", srv.peer, timeout)
+                key = f"timeouts_{kind.value.replace('-', '_')}"
+                self.stats[key] = self.stats.get(key, 0) + 1
+                log.info("control peer %s: %s deadline (%.0fs) passed in state %s: closing",
+                         srv.peer, kind.value, self.limits.deadline(kind) or 0, srv.state)
                 return
             if data is None:  # woken: an abort to carry out
                 continue
@@ -281,7 +327,8 @@ class ControlListener:
             pending.extend(srv.receive_data(data))
 
 
-async def _read_or_wake(reader: asyncio.StreamReader, wake: asyncio.Event | None, timeout: float) -> bytes | None:
+async def _read_or_wake(reader: asyncio.StreamReader, wake: asyncio.Event | None,
+                        timeout: float | None) -> bytes | None:
     """The next chunk from ``reader`` (b"" at EOF), or None once ``wake`` is set (and it is
     cleared). Raises asyncio.TimeoutError after ``timeout`` seconds of neither."""
     if wake is None:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import modes as md
-from agent.control._conn import UsageError, _Conn
+from agent.control._conn import _Conn
+from agent.control.states import INITIAL, Msg, Role, State, UsageError, on_receive, on_send, on_unknown_command
 from agent.control.keyring import (
     HandshakeContext,
     IPAddress,
@@ -39,6 +40,8 @@ from netlink.secret import Secret
 
 
 class ControlClient(_Conn):
+    role = Role.CLIENT
+
     def __init__(
         self,
         twamp: bool = True,
@@ -61,8 +64,9 @@ class ControlClient(_Conn):
         self.peer = peer
         self.greeting: m.ServerGreeting | None = None
         self.start_time = 0
-        self.state = "greeting"
-        self._pending: deque[tuple[str, object]] = deque()  # expected answers, in order
+        self.state = INITIAL[self.role]
+        self._start_head: bytes | None = None  # Server-Start's clear part, its tail not yet in
+        self._pending: deque[tuple[Msg, object]] = deque()  # expected answers, in order (§3.4)
         self._fetch_stage: tuple | None = None
         # Why our key source refused the greeting (e.g. agent.binder.keys.BinderRefusal: the
         # announced SA pair is not in our kernel); the connection then fails. No key material.
@@ -70,19 +74,18 @@ class ControlClient(_Conn):
 
     # ------------------------------------------------------------------ input
     def _step(self) -> list[ev.Event] | None:
-        if self.state == "greeting":
+        if self.state == State.GREETING:
             return self._on_greeting()
-        if self.state == "server-start":
+        if self.state == State.SERVER_START:
             return self._on_server_start()
-        if self.state == "server-start-tail":  # Start-Time block arrived in a later segment
-            return self._on_server_start_tail()
-        if self.state in ("ready", "test"):
+        if self.state in (State.READY, State.TEST):
             return self._on_answer()
         return None
 
     def _on_greeting(self) -> list[ev.Event] | None:
         if not self._have(m.ServerGreeting.SIZE):
             return None
+        row = on_receive(self.role, self.proto, self.state, Msg.SERVER_GREETING)
         g = m.ServerGreeting.unpack(self._recv.take(m.ServerGreeting.SIZE))
         self.greeting = g
         if g.modes == 0:
@@ -104,7 +107,7 @@ class ControlClient(_Conn):
         greeted: list[ev.Event] = [ev.GreetingReceived(g, mode)]
         if not sec.control_crypto:
             self._out += m.SetUpResponse(mode).pack()
-            self.state = "server-start"
+            self.state = State(row.ok)
             return greeted
         if self._key_source is None:
             raise ProtocolError("an authenticated mode needs a key source")
@@ -121,7 +124,7 @@ class ControlClient(_Conn):
                 raise ProtocolError("key derivation failed")
             return self._send_setup(mode, make_client_token(result, g.challenge), sec.test_auth, client_iv)
 
-        self.state = "server-start"  # what the derivation resumes to
+        self.state = State(row.ok)  # what the derivation resumes to
         if isinstance(key, Pbkdf2Job):
             return greeted + self._derive(key, derived)
         return greeted + derived(key, None)
@@ -145,32 +148,28 @@ class ControlClient(_Conn):
         self._keys = keys
         self._test_plane_secure = test_auth
         self._send = SendStream(keys, client_iv)
-        self.state = "server-start"
+        self.state = State(on_receive(self.role, self.proto, State.GREETING, Msg.SERVER_GREETING).ok)
         return []
 
     def _on_server_start(self) -> list[ev.Event] | None:
-        if not self._have(m.ServerStart.SIZE if self._keys is None else m.ServerStart.CLEAR):
-            return None
-        head = self._recv.take(32)
-        accept = head[15]
-        if accept not in m.ACCEPT_NAMES:
-            raise ProtocolError(f"invalid Server-Start Accept {accept}")
-        if accept != m.ACCEPT_OK:
-            self.close(f"server refused: {m.ACCEPT_NAMES[accept]}")
-            return [ev.SetupRefused(accept)]
-        if self._keys is not None:
-            self._switch_recv(RecvStream(self._keys, head[16:32]))
-        self.state = "server-start-tail"
-        return self._on_server_start_tail()
-
-    def _on_server_start_tail(self) -> list[ev.Event] | None:
-        if not self._have(16):
-            self.state = "server-start-tail"
+        row = on_receive(self.role, self.proto, self.state, Msg.SERVER_START)
+        if self._start_head is None:
+            if not self._have(m.ServerStart.SIZE if self._keys is None else m.ServerStart.CLEAR):
+                return None
+            head = self._recv.take(32)
+            accept = m.read_accept(head[15])  # RFC 4656 §3.3: an unknown value reads as 1
+            if accept != m.ACCEPT_OK:
+                self.close(f"server refused: {m.ACCEPT_NAMES[accept]}")  # row.refused: CLOSED
+                return [ev.SetupRefused(accept)]
+            if self._keys is not None:
+                self._switch_recv(RecvStream(self._keys, head[16:32]))
+            self._start_head = head
+        if not self._have(16):  # Start-Time comes encrypted, maybe in a later segment
             return None
         tail = self._recv.take(16)
         self._recv.verify(tail, ())  # Start-Time joins the server's HMAC chain
         self.start_time = int.from_bytes(tail[:8], "big")
-        self.state = "ready"
+        self.state = State(row.ok)
         return [ev.Ready(self.start_time)]
 
     def _on_answer(self) -> list[ev.Event] | None:
@@ -179,34 +178,34 @@ class ControlClient(_Conn):
             # Unsolicited: only a server Stop-Sessions is allowed (RFC 4656 §3.8, RFC 5357 §3.8).
             if not self._have(16):
                 return None
-            if buf[0] != m.CMD_STOP_SESSIONS:
-                raise ProtocolError("unsolicited message from server")
+            if buf[0] != m.CMD_STOP_SESSIONS:  # nothing asked for: only a command can come
+                raise on_unknown_command(self.role, self.proto, self.state, buf[0])
             return self._read_stop()
         kind, ctx = self._pending[0]
-        if kind == "accept":
+        row = on_receive(self.role, self.proto, self.state, kind)
+        if kind is Msg.ACCEPT_SESSION:
             msg = self._take(m.AcceptSession.SIZE, m.AcceptSession.hmac_offsets())
             if msg is None:
                 return None
             self._pending.popleft()
             acc = m.AcceptSession.unpack(msg)
             keys = self.test_keys(acc.sid) if acc.accept == m.ACCEPT_OK else None
+            self.state = State(row.ok)
             return [ev.SessionAccepted(ctx, acc, keys)]  # type: ignore[arg-type]
-        if kind == "start-ack":
-            if self.state == "test" and self._have(16) and buf[0] == m.CMD_STOP_SESSIONS and self.owamp:
-                return self._read_stop()
+        if kind is Msg.START_ACK:
             msg = self._take(32, m.StartAck.hmac_offsets())
             if msg is None:
                 return None
             self._pending.popleft()
             a = m.StartAck.unpack(msg).accept
-            self.state = "test" if a == m.ACCEPT_OK else "ready"
+            self._next(row, a == m.ACCEPT_OK)
             return [ev.StartAckReceived(a)]
-        if kind == "stop":
+        if kind is Msg.STOP_SESSIONS:
             return self._read_stop()
-        if kind == "fetch":
-            return self._on_fetch()
-        if kind in ("start-n", "stop-n"):
-            cls = m.StartNAck if kind == "start-n" else m.StopNAck
+        if kind is Msg.FETCH_ACK:
+            return self._on_fetch(row)
+        if kind in (Msg.START_N_ACK, Msg.STOP_N_ACK):
+            cls = m.StartNAck if kind is Msg.START_N_ACK else m.StopNAck
             n = cls.needed_length(bytes(buf))
             if n is None:
                 return None
@@ -215,23 +214,30 @@ class ControlClient(_Conn):
                 return None
             self._pending.popleft()
             parsed = cls.unpack(msg)
-            if kind == "start-n":
-                if parsed.accept == m.ACCEPT_OK:
-                    self.state = "test"
+            if kind is Msg.START_N_ACK:
+                # a refused Start-N-Ack leaves a running test running (states: TEST -> TEST)
+                self._next(row, parsed.accept == m.ACCEPT_OK)
                 return [ev.StartNAckReceived(parsed)]
+            self._next(row, True)
             return [ev.StopNAckReceived(parsed)]
         raise ProtocolError("internal: unknown pending answer")  # pragma: no cover
 
+    def _next(self, row, accepted: bool) -> None:
+        """The row's next state: ``ok`` when the answer's Accept is 0, else ``refused``."""
+        nxt = row.ok if accepted or row.refused is None else row.refused
+        self.state = State(nxt)
+
     def _read_stop(self) -> list[ev.Event] | None:
+        row = on_receive(self.role, self.proto, self.state, Msg.STOP_SESSIONS)
         stop = self._take_stop()
         if stop is None:
             return None
-        if self._pending and self._pending[0][0] == "stop":
+        if self._pending and self._pending[0][0] is Msg.STOP_SESSIONS:
             self._pending.popleft()
-        self.state = "ready"
+        self._next(row, True)
         return [ev.StopSessionsReceived(stop)]
 
-    def _on_fetch(self) -> list[ev.Event] | None:
+    def _on_fetch(self, row) -> list[ev.Event] | None:
         # Stages: Fetch-Ack, then Request-Session, skip ranges, records (RFC 4656 §3.8).
         stage = self._fetch_stage
         if stage is None:
@@ -241,6 +247,7 @@ class ControlClient(_Conn):
             ack = m.FetchAck.unpack(msg)
             if ack.accept != m.ACCEPT_OK:
                 self._pending.popleft()
+                self._next(row, False)
                 return [ev.FetchResult(ack)]
             if ack.num_records > 1 << 24 or ack.num_skip_ranges > 1 << 20:
                 raise ProtocolError("Fetch-Ack announces too much data")
@@ -270,72 +277,79 @@ class ControlClient(_Conn):
         recs = m.FetchRecords.unpack(msg, ack.num_records).records
         self._fetch_stage = None
         self._pending.popleft()
+        self._next(row, True)
         return [ev.FetchResult(ack, stage[1], stage[2], recs)]
 
     # ------------------------------------------------------------------ requests
-    def _ready(self, *states: str) -> None:
+    def _send_msg(self, msg: Msg) -> State:
+        """The state after sending ``msg`` now (states.SEND); UsageError if not allowed."""
         if self.closed:
             raise UsageError("connection closed")
-        if self.state not in states:
-            raise UsageError(f"not allowed in state {self.state}")
+        return on_send(self.role, self.proto, self.state, msg)
 
     def request_tw_session(self, req: m.RequestTWSession) -> None:
         if not self.twamp:
             raise UsageError("Request-TW-Session is TWAMP only")
-        isc = bool(self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL)
-        self._ready("ready", *(("test",) if isc else ()))
+        nxt = self._send_msg(Msg.REQUEST_TW_SESSION)
         self._emit(req.pack(), req.hmac_offsets())
-        self._pending.append(("accept", req))
+        self._pending.append((Msg.ACCEPT_SESSION, req))
+        self.state = nxt
 
     def request_session(self, req: m.RequestSession) -> None:
         if self.twamp:
             raise UsageError("Request-Session is OWAMP only")
-        self._ready("ready")
+        nxt = self._send_msg(Msg.REQUEST_SESSION)
         self._emit(req.pack(), req.hmac_offsets())
-        self._pending.append(("accept", req))
+        self._pending.append((Msg.ACCEPT_SESSION, req))
+        self.state = nxt
 
     def start_sessions(self) -> None:
-        self._ready("ready")
+        nxt = self._send_msg(Msg.START_SESSIONS)
         self._emit(m.StartSessions().pack(), m.StartSessions.hmac_offsets())
-        self._pending.append(("start-ack", None))
+        self._pending.append((Msg.START_ACK, None))
+        self.state = nxt
 
     def stop_sessions(self, num_sessions: int, accept: int = m.ACCEPT_OK,
                       descriptions: tuple[m.SessionDescription, ...] = ()) -> None:
         """TWAMP: num_sessions = the sessions being stopped (never 0 when some run:
         perfSONAR aborts). OWAMP: one description per session we sent; the server answers
         with its own Stop-Sessions (StopSessionsReceived)."""
-        self._ready("test")
+        nxt = self._send_msg(Msg.STOP_SESSIONS)
         msg = m.StopSessions(accept, len(descriptions) if self.owamp else num_sessions, tuple(descriptions))
         self._emit(msg.pack(), msg.hmac_offsets())
         if self.owamp:
-            self._pending.append(("stop", None))
-        else:
-            self.state = "ready"
+            self._pending.append((Msg.STOP_SESSIONS, None))
+        self.state = nxt
 
     def fetch_session(self, sid: bytes, begin: int = 0, end: int = 0xFFFFFFFF) -> None:
         if self.twamp:
             raise UsageError("Fetch-Session is OWAMP only")
-        self._ready("ready")
+        nxt = self._send_msg(Msg.FETCH_SESSION)
         msg = m.FetchSession(sid, begin, end)
         self._emit(msg.pack(), msg.hmac_offsets())
-        self._pending.append(("fetch", None))
+        self._pending.append((Msg.FETCH_ACK, None))
+        self.state = nxt
 
     def start_n_sessions(self, sids: tuple[bytes, ...]) -> None:
-        self._isc()
+        nxt = self._isc(Msg.START_N_SESSIONS, sids)
         msg = m.StartNSessions(tuple(sids))
         self._emit(msg.pack(), msg.hmac_offsets())
-        self._pending.append(("start-n", None))
+        self._pending.append((Msg.START_N_ACK, None))
+        self.state = nxt
 
     def stop_n_sessions(self, sids: tuple[bytes, ...]) -> None:
-        self._isc()
+        nxt = self._isc(Msg.STOP_N_SESSIONS, sids)
         msg = m.StopNSessions(tuple(sids))
         self._emit(msg.pack(), msg.hmac_offsets())
-        self._pending.append(("stop-n", None))
+        self._pending.append((Msg.STOP_N_ACK, None))
+        self.state = nxt
 
-    def _isc(self) -> None:
+    def _isc(self, msg: Msg, sids: tuple[bytes, ...]) -> State:
         if not (self.twamp and self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL):
             raise UsageError("individual session control was not negotiated (RFC 5938)")
-        self._ready("ready", "test")
+        if not sids:
+            raise UsageError(f"{msg} needs at least one SID (RFC 5938 §3.2, §3.4)")
+        return self._send_msg(msg)
 
     @property
     def pending(self) -> int:

@@ -18,13 +18,28 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.control import events as ev
 from agent.control import messages as m
 from agent.control import modes as md
-from agent.control._conn import UsageError, _Conn
+from agent.control._conn import _Conn
+from agent.control.authguard import AuthGuard
+from agent.control.states import (
+    COMMANDS,
+    INITIAL,
+    SEND,
+    Decision,
+    Msg,
+    Role,
+    State,
+    UsageError,
+    on_answer,
+    on_receive,
+    on_send,
+    on_unknown_command,
+)
 from agent.control.keyring import (
     HandshakeContext,
     IPAddress,
@@ -47,6 +62,10 @@ from netlink.secret import Secret
 
 log = logging.getLogger(__name__)
 
+# What an unknown KeyID is derived against: the refusal then costs what a known one's does,
+# so response time does not tell which identities exist (issue 11, item 6).
+_DUMMY_PASSPHRASE = Secret(os.urandom(32))
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -68,6 +87,9 @@ class ServerConfig:
     max_rate: float | None = None
     # Packets one TWAMP reflector session answers at most (None: no cap); OWAMP: max_packets.
     max_reflected: int | None = None
+    # Counts and rate-limits failed authentications per source address (None: neither).
+    # Shared by every connection (and listener) given this config: it holds state.
+    auth_guard: AuthGuard | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.count < MIN_COUNT or self.count & (self.count - 1):
@@ -86,6 +108,8 @@ class ServerSession:
 
 
 class ControlServer(_Conn):
+    role = Role.SERVER
+
     def __init__(
         self,
         twamp: bool = True,
@@ -107,9 +131,9 @@ class ControlServer(_Conn):
         self._uptime = uptime_ntp if uptime_ntp is not None else self._now()
         self.sessions: dict[bytes, ServerSession] = {}
         self._pending: tuple[m.RequestSession | m.RequestTWSession, bytes] | None = None
-        self._awaiting: str | None = None  # which application answer we wait for
+        self._awaiting: Decision | None = None  # which application answer we wait for
         self.key_id = ""
-        self._resume_state = "request"
+        self._resume_state = State.REQUEST  # where WAIT_APP returns to (states.RESUME)
         offered = md.offerable(config.modes, twamp)
         if key_source is None:  # without keys only unauthenticated mode can work
             offered &= ~int(md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED)
@@ -138,21 +162,20 @@ class ControlServer(_Conn):
         if refuse:
             self.close("refused: server busy")
         else:
-            self.state = "setup"
+            self.state = INITIAL[self.role]
 
     # ------------------------------------------------------------------ input
     def _step(self) -> list[ev.Event] | None:
-        if self.state == "setup":
+        if self.state == State.SETUP:
             return self._on_setup()
-        if self.state in ("request", "test"):
+        if self.state in (State.REQUEST, State.TEST):
             return self._on_command()
-        if self.state == "wait-app":
-            return None  # pipelined input waits until the application answered
-        return None
+        return None  # WAIT_APP / WAIT_KEY: pipelined input waits (states.HOLD_STATES)
 
     def _on_setup(self) -> list[ev.Event] | None:
         if not self._have(m.SetUpResponse.SIZE):
             return None
+        on_receive(self.role, self.proto, self.state, Msg.SET_UP_RESPONSE)
         resp = m.SetUpResponse.unpack(self._recv.take(m.SetUpResponse.SIZE))
         if resp.mode == 0:
             return [self.close("client declined all offered modes")]
@@ -172,19 +195,24 @@ class ControlServer(_Conn):
         if not sec.control_crypto:
             return self._start_control(None, sec.test_auth, resp.client_iv)
         challenge = self.greeting.challenge
+        guard, addr = self.config.auth_guard, self.peer[0] if self.peer is not None else None
+        if guard is not None and addr is not None and not guard.allow(addr):
+            # this address spent its failure budget: no derivation for it until it refills
+            return self._reject_setup(m.ACCEPT_TEMPORARY_LIMIT, "authentication rate limit")
         # Key-source hooks run here (they may keep state); only PBKDF2 may leave the loop.
         try:
             keys = hooked_open_token(self._key_source, resp.key_id, ctx, challenge, resp.token)
             key = None if keys is not None else token_key_or_job(self._key_source, resp.key_id, ctx)
         except TokenRejected:
-            return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+            return self._auth_failed("bad_token", "authentication failed")
         except Exception:
             log.exception("key source failed")
             return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")
         if keys is not None:
             return self._start_control(keys, sec.test_auth, resp.client_iv)
-        if key is None:
-            return self._reject_setup(m.ACCEPT_FAILURE, "unknown key identity")
+        unknown = key is None
+        if key is None:  # the same work as a known identity, then the same refusal
+            key = Pbkdf2Job(_DUMMY_PASSPHRASE, self.greeting.salt, self.greeting.count)
 
         def opened(result: object, error: BaseException | None) -> list[ev.Event]:
             if error is not None:
@@ -194,7 +222,10 @@ class ControlServer(_Conn):
             try:
                 opened_keys = open_client_token(result, challenge, resp.token)
             except TokenRejected:
-                return self._reject_setup(m.ACCEPT_FAILURE, "authentication failed")
+                return self._auth_failed("unknown_key" if unknown else "bad_token",
+                                         "unknown key identity" if unknown else "authentication failed")
+            if unknown:  # pragma: no cover - a Token that opens with the random dummy key
+                return self._auth_failed("unknown_key", "unknown key identity")
             return self._start_control(opened_keys, sec.test_auth, resp.client_iv)
 
         if isinstance(key, Pbkdf2Job):
@@ -212,66 +243,71 @@ class ControlServer(_Conn):
         start = m.ServerStart(m.ACCEPT_OK, server_iv, self._uptime).pack()
         self._out += start[:32]  # clear part; Start-Time opens our stream and our HMAC chain
         self._emit(start[32:])
-        self.state = "request"
+        row = on_receive(self.role, self.proto, State.SETUP, Msg.SET_UP_RESPONSE)
+        self.state = State(row.ok)
         return [ev.SetupComplete(self.mode, self.key_id)]
+
+    def _auth_failed(self, kind: str, reason: str) -> list[ev.Event]:
+        """Server-Start Accept=1 (RFC 4656 §3.1), counted against the peer's address."""
+        guard = self.config.auth_guard
+        if guard is not None and self.peer is not None:
+            guard.failed(self.peer[0], kind)
+        return self._reject_setup(m.ACCEPT_FAILURE, reason)
 
     def _reject_setup(self, accept: int, reason: str) -> list[ev.Event]:
         self._out += m.ServerStart(accept, os.urandom(16), 0).pack()  # all clear: no keys agreed
         self.close(reason)
         return [ev.SetupRejected(accept, reason)]
 
-    def _allowed(self, cmd: int) -> bool:
-        isc = bool(self.mode & md.Mode.INDIVIDUAL_SESSION_CONTROL)
-        if self.state == "test":
-            return cmd == m.CMD_STOP_SESSIONS or (isc and cmd in (m.CMD_START_N_SESSIONS, m.CMD_STOP_N_SESSIONS,
-                                                                   m.CMD_REQUEST_TW_SESSION))
-        if self.twamp:
-            ok = {m.CMD_REQUEST_TW_SESSION, m.CMD_START_SESSIONS}
-            if isc:
-                ok |= {m.CMD_START_N_SESSIONS, m.CMD_STOP_N_SESSIONS}
-        else:
-            ok = {m.CMD_REQUEST_SESSION, m.CMD_START_SESSIONS, m.CMD_FETCH_SESSION}
-        return cmd in ok
-
     def _on_command(self) -> list[ev.Event] | None:
         if not self._have(16):
             return None
         first = bytes(self._recv.plain[:16])
         cmd = first[0]
-        if not self._allowed(cmd):
-            raise ProtocolError(f"command {cmd} not allowed in state {self.state}")
+        kind = COMMANDS.get(cmd)
+        if kind is None:
+            raise on_unknown_command(self.role, self.proto, self.state, cmd)
+        row = on_receive(self.role, self.proto, self.state, kind)  # refuses what has no row
         if cmd == m.CMD_REQUEST_TW_SESSION:
             msg = self._take(m.RequestTWSession.SIZE, m.RequestTWSession.hmac_offsets())
-            return None if msg is None else self._on_request(m.RequestTWSession.unpack(msg))
+            return None if msg is None else self._on_request(m.RequestTWSession.unpack(msg), row.ok)
         if cmd == m.CMD_REQUEST_SESSION:
             n = m.RequestSession.length_from_first_block(first)
             nslots = (n - 128) // 16
             if nslots > self.config.max_slots:
                 raise ProtocolError("too many schedule slots")
             msg = self._take(n, (96, n - 16))
-            return None if msg is None else self._on_request(m.RequestSession.unpack(msg))
+            return None if msg is None else self._on_request(m.RequestSession.unpack(msg), row.ok)
         if cmd == m.CMD_START_SESSIONS:
             msg = self._take(32, m.StartSessions.hmac_offsets())
             if msg is None:
                 return None
             m.StartSessions.unpack(msg)
-            self._awaiting, self.state = "start", "wait-app"
+            self._decide(row.ok)
             return [ev.StartRequested()]
         if cmd == m.CMD_STOP_SESSIONS:
+            if self.owamp and int.from_bytes(first[4:8], "big") > len(self.sessions):
+                # RFC 4656 §3.8: one description per session the client sent; no more
+                # (checked on the first block, before we wait for the rest)
+                raise ProtocolError("Stop-Sessions describes more sessions than were requested")
             stop = self._take_stop()
             if stop is None:
                 return None
+            for d in stop.descriptions:  # the receiver bounds them (OwampReceiver.fetch_records)
+                s = self.sessions.get(d.sid)
+                n = s.request.num_packets if s is not None and isinstance(s.request, m.RequestSession) else None
+                if n is not None and d.next_seqno > n:
+                    log.info("control peer %s: Stop-Sessions Next Seqno %d over Number of Packets %d: bounded",
+                             self.peer, d.next_seqno, n)
             if self.twamp:
                 self.sessions.clear()
-                self.state = "request"
-            else:
-                self._awaiting, self.state = "stop", "wait-app"
+            self._decide(row.ok)
             return [ev.StopRequested(stop)]
         if cmd == m.CMD_FETCH_SESSION:
             msg = self._take(48, m.FetchSession.hmac_offsets())
             if msg is None:
                 return None
-            self._awaiting, self.state = "fetch", "wait-app"
+            self._decide(row.ok)
             return [ev.FetchRequested(m.FetchSession.unpack(msg))]
         if cmd in (m.CMD_START_N_SESSIONS, m.CMD_STOP_N_SESSIONS):
             cls = m.StartNSessions if cmd == m.CMD_START_N_SESSIONS else m.StopNSessions
@@ -282,16 +318,22 @@ class ControlServer(_Conn):
             if msg is None:
                 return None
             parsed = cls.unpack(msg)
-            self._resume_state = self.state
+            if not parsed.sids:  # RFC 5938 §3.2, §3.4: Number of Sessions "MUST be one or greater"
+                raise ProtocolError(f"{kind} with no session")
+            self._decide(row.ok)
             if cmd == m.CMD_START_N_SESSIONS:
-                self._awaiting, self.state = "start-n", "wait-app"
                 return [ev.StartNRequested(parsed)]
-            self._awaiting, self.state = "stop-n", "wait-app"
             return [ev.StopNRequested(parsed)]
-        raise ProtocolError(f"unknown command {cmd}")  # pragma: no cover - _allowed filters
+        raise ProtocolError(f"unknown command {cmd}")  # pragma: no cover - COMMANDS filters
 
-    def _on_request(self, req: m.RequestSession | m.RequestTWSession) -> list[ev.Event]:
-        self._resume_state = self.state
+    def _decide(self, nxt: State | Decision) -> None:
+        """Take the row's next state; a Decision holds in WAIT_APP for the application."""
+        if isinstance(nxt, Decision):
+            self._awaiting, self._resume_state, self.state = nxt, self.state, State.WAIT_APP
+        else:
+            self.state = nxt
+
+    def _on_request(self, req: m.RequestSession | m.RequestTWSession, nxt: State | Decision) -> list[ev.Event]:
         refuse: tuple[int, str] | None = None
         if len(self.sessions) >= self.config.max_sessions:
             refuse = (m.ACCEPT_PERMANENT_LIMIT, "session limit for this connection reached")
@@ -301,6 +343,8 @@ class ControlServer(_Conn):
             refuse = (m.ACCEPT_NOT_SUPPORTED, "padding to reflect too large")
         elif req.start_time and req.start_time - self._now() > int(self.config.max_start_delay * (1 << 32)):
             refuse = (m.ACCEPT_NOT_SUPPORTED, "Start Time too far ahead")
+        elif isinstance(req, m.RequestSession) and req.conf_sender and req.conf_receiver:
+            refuse = (m.ACCEPT_NOT_SUPPORTED, "a session between two third parties")  # RFC 4656 §3.5
         elif req.dscp is None:
             refuse = (m.ACCEPT_NOT_SUPPORTED, "Type-P descriptor is not a DSCP")
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
@@ -325,16 +369,19 @@ class ControlServer(_Conn):
                 recv = self.local[0]
             sid = m.make_sid(recv, self._now())
         self._pending = (req, sid)
-        self._awaiting, self.state = "accept", "wait-app"
+        self._decide(nxt)
         return [ev.SessionRequested(req, sid)]
 
     # ------------------------------------------------------------------ application answers
-    def _answer(self, what: str) -> None:
+    def _answer(self, what: Decision) -> None:
         if self.closed:
             raise UsageError("connection closed")
         if self._awaiting != what:
             raise UsageError(f"not waiting for {what} (waiting for {self._awaiting})")
         self._awaiting = None
+
+    def _answered(self, what: Decision, accepted: bool) -> None:
+        self.state = on_answer(self.proto, what, accepted, self._resume_state)
 
     def accept_session(self, accept: int, port: int = 0, sid: bytes | None = None,
                        server_octets: int = 0) -> ServerSession | None:
@@ -342,7 +389,7 @@ class ControlServer(_Conn):
 
         With RFC 6038 Reflect Octets negotiated, Accept-Session echoes the request's Octets
         to be reflected and carries ``server_octets`` (0: we need none)."""
-        self._answer("accept")
+        self._answer(Decision.ACCEPT)
         assert self._pending is not None
         req, default_sid = self._pending
         self._pending = None
@@ -352,7 +399,7 @@ class ControlServer(_Conn):
         msg = m.AcceptSession(accept, port if ok else 0, use_sid if ok else bytes(16),
                               req.octets_to_reflect if refl else 0, server_octets if refl else 0)
         self._emit(msg.pack(), msg.hmac_offsets())
-        self.state = self._resume_state
+        self._answered(Decision.ACCEPT, ok)
         if accept != m.ACCEPT_OK:
             return None
         s = ServerSession(use_sid, req, port)
@@ -360,29 +407,38 @@ class ControlServer(_Conn):
         return s
 
     def start_ack(self, accept: int = m.ACCEPT_OK) -> None:
-        self._answer("start")
+        self._answer(Decision.START)
         self._emit(m.StartAck(accept).pack(), m.StartAck.hmac_offsets())
-        self.state = "test" if accept == m.ACCEPT_OK else "request"
+        self._answered(Decision.START, accept == m.ACCEPT_OK)
 
     def send_stop_sessions(self, accept: int = m.ACCEPT_OK,
                            descriptions: tuple[m.SessionDescription, ...] = ()) -> None:
         """OWAMP answer to the client's Stop-Sessions (our sent sessions), or a server-
         initiated stop. TWAMP servers use it only to abort (RFC 5357 §3.8)."""
-        if self._awaiting == "stop":
-            self._awaiting = None
-        elif self.state != "test":
-            raise UsageError("no sessions to stop")
+        if self.closed:
+            raise UsageError("connection closed")
+        if self._awaiting == Decision.STOP:
+            self._answer(Decision.STOP)
+            nxt = on_answer(self.proto, Decision.STOP, True, self._resume_state)
+        else:
+            nxt = on_send(self.role, self.proto, self.state, Msg.STOP_SESSIONS)  # our own stop
         n = len(descriptions) if self.owamp else len(self.sessions)
         msg = m.StopSessions(accept, n, tuple(descriptions))
         self._emit(msg.pack(), msg.hmac_offsets())
         self.sessions.clear()
-        self.state = "request"
+        self.state = nxt
+
+    @property
+    def may_stop(self) -> bool:
+        """Whether the server may send Stop-Sessions of its own accord now (not with RFC
+        5938: commands 2 and 3 "MUST NOT" be used, and Stop-N is the client's alone)."""
+        return not self.closed and Msg.STOP_SESSIONS in SEND[(self.role, self.proto)].get(self.state, {})
 
     def send_fetch_response(self, ack: m.FetchAck, request: m.RequestSession | None = None,
                             skip_ranges: tuple[tuple[int, int], ...] = (),
                             records: tuple[m.DataRecord, ...] = ()) -> None:
         """Fetch-Ack, then (if accepted) the original Request-Session, skip ranges and records."""
-        self._answer("fetch")
+        self._answer(Decision.FETCH)
         self._emit(ack.pack(), ack.hmac_offsets())
         if ack.accept == m.ACCEPT_OK:
             if request is None or len(skip_ranges) != ack.num_skip_ranges or len(records) != ack.num_records:
@@ -392,32 +448,32 @@ class ControlServer(_Conn):
             self._emit(sk.pack(), sk.hmac_offsets())
             rec = m.FetchRecords(tuple(records))
             self._emit(rec.pack(), rec.hmac_offsets())
-        self.state = "request"
+        self._answered(Decision.FETCH, ack.accept == m.ACCEPT_OK)
 
     def reject_fetch(self, accept: int = m.ACCEPT_FAILURE) -> None:
         self.send_fetch_response(m.FetchAck(accept))
 
     def start_n_ack(self, accept: int, sids: tuple[bytes, ...]) -> None:
-        self._answer("start-n")
+        self._answer(Decision.START_N)
         msg = m.StartNAck(tuple(sids), accept)
         self._emit(msg.pack(), msg.hmac_offsets())
-        self.state = "test" if accept == m.ACCEPT_OK else self._resume_state
+        self._answered(Decision.START_N, accept == m.ACCEPT_OK)
 
     def stop_n_ack(self, accept: int, sids: tuple[bytes, ...]) -> None:
-        self._answer("stop-n")
+        self._answer(Decision.STOP_N)
         msg = m.StopNAck(tuple(sids), accept)
         self._emit(msg.pack(), msg.hmac_offsets())
         if accept == m.ACCEPT_OK:
             for s in sids:
                 self.sessions.pop(s, None)
-        self.state = self._resume_state
+        self._answered(Decision.STOP_N, accept == m.ACCEPT_OK)
 
     def resume(self) -> list[ev.Event]:
         """Process input that arrived while we waited for the application."""
         return self.receive_data(b"")
 
     @property
-    def awaiting(self) -> str | None:
+    def awaiting(self) -> Decision | None:
         return self._awaiting
 
 

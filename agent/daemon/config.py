@@ -68,6 +68,8 @@ class ServerSection:
     max_sessions_per_client: int = 32  # test sessions over all of one address's connections
     max_sessions_per_connection: int = 16
     idle_timeout: float = 900.0  # RFC 5357 SERVWAIT default
+    setup_timeout: float = 5.0  # connect to Server-Start, absolute (agent.control.states.Deadline)
+    empty_test_timeout: float = 10.0  # Start-Sessions with no session to run
     max_rate: float = 1000.0  # packets per second a single session may ask for
     max_packets: int = 1 << 20  # OWAMP Number of Packets per session
     max_padding: int = 9000
@@ -341,6 +343,8 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         max_sessions_per_client=s.int_range("max_sessions_per_client", 32, 1, 1_000_000),
         max_sessions_per_connection=s.int_range("max_sessions_per_connection", 16, 1, 10_000),
         idle_timeout=s.positive("idle_timeout", 900.0, 86400.0),
+        setup_timeout=s.positive("setup_timeout", 5.0, 3600.0),
+        empty_test_timeout=s.positive("empty_test_timeout", 10.0, 86400.0),
         max_rate=s.positive("max_rate", 1000.0, 1e6),
         max_packets=s.int_range("max_packets", 1 << 20, 1, 1 << 32),
         max_padding=s.int_range("max_padding", 9000, 0, 65000),

@@ -47,6 +47,7 @@ class ControlServers:
     async def start(self) -> None:
         from agent.control import keyring
         from agent.control.aio import ControlListener, ListenerLimits
+        from agent.control.authguard import AUTH_GUARD
         from agent.control.server import ServerConfig
         from agent.sessions import session
 
@@ -58,7 +59,8 @@ class ControlServers:
             sources.append(keyring.PassphraseFile(s.keyfile))
         ks = keyring.ChainedKeySource(*sources) if sources else None
         limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
-                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout)
+                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout,
+                                setup_timeout=s.setup_timeout, empty_test_timeout=s.empty_test_timeout)
         hosts = list(s.listen)
         twamp_handler: Any = session.TwampHandler
         if self.runtime is not None:
@@ -70,7 +72,7 @@ class ControlServers:
             if not enabled:
                 continue
             conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_connection,
-                                max_packets=s.max_packets, max_padding=s.max_padding)
+                                max_packets=s.max_packets, max_padding=s.max_padding, auth_guard=AUTH_GUARD)
             lst = ControlListener(handler, twamp=twamp, hosts=hosts, port=port, config=conf, key_source=ks,
                                   limits=limits)
             try:
@@ -98,4 +100,8 @@ class ControlServers:
         for lst in self.listeners:
             out["connections_total"] += lst.stats.get("accepted", 0)
             out["refused_total"] += lst.stats.get("refused", 0)
+        from agent.control.authguard import AUTH_GUARD  # process-wide: both listeners share it
+
+        out["auth_failures_total"] = AUTH_GUARD.failures_total
+        out["auth_rate_limited_total"] = AUTH_GUARD.limited_total
         return out

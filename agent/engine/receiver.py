@@ -147,6 +147,16 @@ class OwampReceiver:
             if begin <= r.seq <= end
         ]
         if next_seqno is not None:
+            # Next Seqno is the sender's claim (Stop-Sessions, RFC 4656 §3.8): bound it by
+            # the packets this session could have recorded at all (Number of Packets; seq
+            # numbers at or above it were refused as out_of_range), else a peer claiming
+            # 0xFFFFFFFF makes us build four billion lost records (issue 11, row 1).
+            if self.expected is not None:
+                next_seqno = min(next_seqno, self.expected)
+            elif self._seen:
+                next_seqno = min(next_seqno, max(self._seen) + 1)
+            else:
+                next_seqno = 0
             recv_err = self._err.get(time.time_ns())
             for s in range(begin, min(end + 1, next_seqno)):
                 if s not in self._seen:

@@ -49,9 +49,16 @@ ACCEPT_NAMES = {
 
 
 def _check_accept(v: int) -> int:
+    """For messages we build: only the assigned values."""
     if v not in ACCEPT_NAMES:
         raise ProtocolError(f"invalid Accept value {v}")
     return v
+
+
+def read_accept(v: int) -> int:
+    """For messages we read: RFC 4656 §3.3, "The message receiver MUST interpret all values
+    of Accept other than these reserved values as 1" (so future values stay usable)."""
+    return v if v in ACCEPT_NAMES else ACCEPT_FAILURE
 
 
 def _need(data: bytes | memoryview, n: int, what: str) -> bytes:

@@ -18,6 +18,7 @@ from agent.control.messages.base import (
     SID_LEN,
     ProtocolError,
     _check_accept,
+    read_accept,
     _fixed,
     _need,
     _pad16,
@@ -64,7 +65,7 @@ class StartAck:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "StartAck":
-        return cls(_check_accept(_need(data, 32, "Start-Ack")[0]))
+        return cls(read_accept(_need(data, 32, "Start-Ack")[0]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +178,7 @@ class StopSessions:
             for _ in range(n):
                 d, off = SessionDescription.unpack_at(data, off)
                 descs.append(d)
-        return cls(_check_accept(accept), n, tuple(descs))
+        return cls(read_accept(accept), n, tuple(descs))
 
 
 # --- Individual session control (RFC 5938 §3) ------------------------------------------------
@@ -236,7 +237,7 @@ class _NSessions:
         if cmd != cls.COMMAND:
             raise ProtocolError(f"not a {cls.__name__}")
         sids = tuple(data[16 + SID_LEN * i: 32 + SID_LEN * i] for i in range(n))
-        return cls(sids, _check_accept(accept) if cls.HAS_ACCEPT else 0)
+        return cls(sids, read_accept(accept) if cls.HAS_ACCEPT else 0)
 
 
 @dataclass(frozen=True, slots=True)

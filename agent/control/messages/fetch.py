@@ -12,6 +12,7 @@ from agent.control.messages.base import (
     SID_LEN,
     ProtocolError,
     _check_accept,
+    read_accept,
     _fixed,
     _need,
     _pad16,
@@ -85,7 +86,7 @@ class FetchAck:
         a, fin, _mbz, nxt, nskip, nrec, _h = struct.unpack("!BBHIII16s", _need(data, 32, "Fetch-Ack"))
         if fin > 1:
             raise ProtocolError("Fetch-Ack Finished must be 0 or 1")
-        return cls(_check_accept(a), bool(fin), nxt, nskip, nrec)
+        return cls(read_accept(a), bool(fin), nxt, nskip, nrec)
 
 
 @dataclass(frozen=True, slots=True)

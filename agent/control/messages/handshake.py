@@ -11,6 +11,7 @@ from agent.control.messages.base import (
     TOKEN_LEN,
     ProtocolError,
     _check_accept,
+    read_accept,
     _fixed,
     _need,
     _u32,
@@ -126,6 +127,6 @@ class ServerStart:
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "ServerStart":
         _mbz, accept, iv, start, _mbz2 = _SSTART.unpack(_need(data, 48, "Server-Start"))
-        return cls(_check_accept(accept), iv, start)
+        return cls(read_accept(accept), iv, start)
 
 

@@ -18,6 +18,7 @@ from agent.control.messages.base import (
     IPAddress,
     ProtocolError,
     _check_accept,
+    read_accept,
     _fixed,
     _need,
     _u32,
@@ -211,8 +212,8 @@ class RequestSession(_RequestBase):
 
     def __post_init__(self) -> None:
         self._check()
-        if self.conf_sender == self.conf_receiver:
-            raise ValueError("exactly one of conf_sender / conf_receiver must be set")
+        if not (self.conf_sender or self.conf_receiver):
+            raise ValueError("conf_sender or conf_receiver must be set")
         _u32(self.num_packets, "number of packets")
         if not self.slots:
             raise ValueError("Request-Session needs at least one schedule slot")
@@ -247,8 +248,10 @@ class RequestSession(_RequestBase):
         if nslots == 0 or nslots > cls.MAX_SLOTS:
             raise ProtocolError("Request-Session slot count invalid")
         _need(data, 112 + BLOCK * nslots + HMAC_LEN, "Request-Session")
-        if cs > 1 or cr > 1 or cs == cr:
-            raise ProtocolError("Request-Session: exactly one of Conf-Sender/Conf-Receiver must be 1")
+        # RFC 4656 §3.5: "The server MUST interpret any non-zero value as 1" and "At least
+        # one of Conf-Sender and Conf-Receiver MUST be 1" (both: the server refuses, Accept=3).
+        if not cs and not cr:
+            raise ProtocolError("Request-Session: neither Conf-Sender nor Conf-Receiver is set")
         slots = tuple(Slot.unpack(data[112 + BLOCK * i: 128 + BLOCK * i]) for i in range(nslots))
         return cls(sa, ra, sport, rport, sid, pad, start, to, tp, bool(cs), bool(cr), npackets, slots)
 
@@ -291,7 +294,7 @@ class AcceptSession:
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "AcceptSession":
         accept, _mbz, port, sid, refl, srv, _mbz2, _hmac = _ACCEPT.unpack(_need(data, 48, "Accept-Session"))
-        return cls(_check_accept(accept), port, sid, refl, srv)
+        return cls(read_accept(accept), port, sid, refl, srv)
 
 
 # --- SID (RFC 4656 §3.5) ---------------------------------------------------------------------
