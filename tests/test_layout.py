@@ -105,7 +105,8 @@ def test_every_part_is_a_package_that_says_what_it_may_import() -> None:
 
 
 def test_the_old_rooms_are_gone() -> None:
-    assert not (ROOT / "agent" / "test").exists()
+    # Sources only: an old checkout may keep an ignored agent/test/__pycache__ after a pull.
+    assert not list((ROOT / "agent" / "test").glob("*.py"))
     for name in ("binder", "bound", "session", "metrics", "daemon", "config", "keyring", "timestamping"):
         assert not (ROOT / "agent" / f"{name}.py").exists(), name
 
