@@ -169,11 +169,6 @@ def test_alt2_refusals(sa, reason: Reason) -> None:
     assert ei.value.reason is reason
 
 
-def test_rfc7717_key() -> None:
-    sk_d = Secret(os.urandom(32))
-    assert ik.rfc7717_token_key16(sk_d).reveal() == hmac.new(sk_d.reveal(), b"IPPM", hashlib.sha256).digest()[:16]
-
-
 def test_control_keys_repr_is_key_free() -> None:
     keys = ik.alt1_keys(Secret(b"\x99" * 40))
     r = repr(keys) + str(keys)
