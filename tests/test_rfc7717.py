@@ -247,7 +247,7 @@ def test_rfc7717_kdf_config_checked() -> None:
 
 
 def test_with_rfc7717_puts_the_ike_key_first() -> None:
-    from agent.commands._client import with_rfc7717
+    from agent.binder.rfc7717 import with_rfc7717
 
     assert with_rfc7717(("unauth",), passphrase=False) == ("auth+rfc7717", "unauth")
     assert with_rfc7717(("enc", "auth"), passphrase=True) == ("enc+rfc7717", "enc", "auth+rfc7717", "auth")
@@ -302,3 +302,68 @@ def test_cli_ike_keys_on_by_default(tmp_path) -> None:
     finally:
         srv.terminate()
         srv.wait(10)
+
+
+# --- the agent: agent.ike_keys turns RFC 7717 on ----------------------------------------------
+
+def test_agent_config_ike_keys_turns_rfc7717_on(tmp_path) -> None:
+    from agent.daemon import config as cfg
+
+    ikef = _ike_file(tmp_path)
+    c = cfg.parse({"agent": {"ike_keys": str(ikef)}, "peers": [{"address": "127.0.0.1"}]}, "x.toml")
+    assert c.agent.rfc7717_on and c.agent.rfc7717_kdf == "pbkdf2"
+    assert "auth+rfc7717" in c.server.modes and "enc+rfc7717" in c.server.modes
+    assert c.peers[0].session.modes == ("auth+rfc7717", "unauth")
+    off = cfg.parse({"agent": {"ike_keys": str(ikef), "rfc7717": False}, "peers": [{"address": "127.0.0.1"}]}, "x")
+    assert off.peers[0].session.modes == ("unauth",) and not any("rfc7717" in m for m in off.server.modes)
+    with pytest.raises(cfg.ConfigError, match="needs agent.ike_keys"):
+        cfg.parse({"peers": [{"address": "127.0.0.1", "mode": "auth+rfc7717"}]}, "x")
+    ikef.chmod(0o644)
+    with pytest.raises(cfg.ConfigError, match="agent.ike_keys: .*chmod 600"):
+        cfg.parse({"agent": {"ike_keys": str(ikef)}}, "x")
+
+
+@pytest.mark.parametrize("where", ["agent", "server"])
+def test_old_rfc7717_unverified_name_is_one_clear_error(where) -> None:
+    from agent.daemon import config as cfg
+
+    with pytest.raises(cfg.ConfigError) as ei:
+        cfg.parse({where: {"rfc7717_unverified": True}}, "x.toml")
+    assert str(ei.value).startswith(f"x.toml: {where}.rfc7717_unverified: renamed:") and "agent.ike_keys" in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_agent_server_and_sessions_key_from_ike_file(tmp_path) -> None:
+    """`xwamp agent` with agent.ike_keys: its server offers RFC 7717 and an xwamp client
+    keyed from the same file selects it (both ends from one config, loopback)."""
+    import asyncio
+
+    from agent.control.aio import AsyncControlClient
+    from agent.daemon import config as cfg
+    from agent.daemon.servers import ControlServers
+
+    ikef = _ike_file(tmp_path)
+    import dataclasses
+
+    c = cfg.parse({"agent": {"ike_keys": str(ikef)}, "server": {"listen": ["127.0.0.1"], "owamp": False}}, "x")
+    c = dataclasses.replace(c, server=dataclasses.replace(c.server, twamp_port=0))  # any free port
+
+    class FakeDaemon:
+        runtime = None
+        config = c
+        rfc7717_keys = RFC7717KeySource(__import__("agent.binder.keysource", fromlist=["x"]).FileIKEKeySource(ikef))
+
+    async def main() -> int:
+        servers = ControlServers(c.server, FakeDaemon())  # type: ignore[arg-type]
+        await servers.start()
+        try:
+            port = servers.listeners[0].addresses[0][1]
+            cli = await AsyncControlClient.connect("127.0.0.1", port, wanted=["auth+rfc7717"],
+                                                   key_source=FakeDaemon.rfc7717_keys, timeout=20)
+            mode = cli.cli.mode
+            await cli.close()
+            return mode
+        finally:
+            await servers.stop()
+
+    assert asyncio.run(main()) == AUTH | TWAMP_BIT

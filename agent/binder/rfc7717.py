@@ -149,3 +149,23 @@ class RFC7717KeySource:
 
     def __repr__(self) -> str:
         return f"<RFC7717KeySource kdf={self.kdf} over {self.ike!r}>"
+
+
+def with_rfc7717(modes: tuple[str, ...], passphrase: bool) -> tuple[str, ...]:
+    """A client's mode preferences once an IKE key source is configured: RFC 7717 first,
+    since "IKEv2-derived keys SHOULD be used instead of shared secrets" (RFC 7717 §1).
+    Each plain keyed mode is preceded by its ``+rfc7717`` form; the default (``unauth``
+    alone) becomes ``auth+rfc7717`` then ``unauth``. A plain keyed mode stays only with a
+    passphrase to key it: it is the §5.1 fallback. Other key modes are left alone."""
+    if modes == ("unauth",):
+        modes = ("auth", "unauth")
+    out: list[str] = []
+    for m in modes:
+        sec, _, key = m.partition("+")
+        if not key and sec != "unauth":
+            out.append(f"{sec}+rfc7717")
+            if passphrase:
+                out.append(m)
+        else:
+            out.append(m)
+    return tuple(dict.fromkeys(out))

@@ -87,6 +87,8 @@ def options(args: argparse.Namespace):
     modes = tuple(args.mode or ("unauth",))
     ks = key_source(args)
     if getattr(args, "ike_keys", None):
+        from agent.binder.rfc7717 import with_rfc7717
+
         modes = with_rfc7717(modes, passphrase=bool(args.keyfile or args.passphrase_env))
     if any(m != "unauth" and not is_ipsec_mode(m) and not m.endswith("+rfc7717") for m in modes) and ks is None:
         raise ValueError("authenticated modes need --keyfile or --passphrase-env (and --user)")
@@ -101,25 +103,6 @@ def options(args: argparse.Namespace):
                        dscp=args.dscp, wanted=modes, key_id=args.user, key_source=ks, max_count=args.max_count,
                        wait=args.wait, timeout=args.timeout, test_port=args.test_port, features=features,
                        reflect_length=reflect, local_addr=args.source)
-
-
-def with_rfc7717(modes: tuple[str, ...], passphrase: bool) -> tuple[str, ...]:
-    """With an IKE key source, RFC 7717 comes first: "IKEv2-derived keys SHOULD be used
-    instead of shared secrets" (RFC 7717 §1). Each keyed mode is preceded by its
-    +rfc7717 form; the default (unauth) becomes auth+rfc7717 then unauth. A plain keyed
-    mode stays in the list only with a passphrase: it is the §5.1 fallback."""
-    if modes == ("unauth",):
-        modes = ("auth", "unauth")
-    out: list[str] = []
-    for m in modes:
-        sec, _, key = m.partition("+")
-        if not key and sec != "unauth":
-            out.append(f"{sec}+rfc7717")
-            if passphrase:
-                out.append(m)
-        else:
-            out.append(m)
-    return tuple(dict.fromkeys(out))
 
 
 def mode_name(mode: int, twamp: bool = True) -> str:
