@@ -223,3 +223,44 @@ def test_owamp_server_sender_does_not_burst_on_a_long_past_start_time() -> None:
             await lst.close()
 
     asyncio.run(main())
+
+
+def test_twamp_packet_received_at_start_time_is_reflected() -> None:
+    """Issue 13 §3: a packet that arrives at Start Time, before a timer set for Start Time
+    has run, is answered: the session is registered at Start-Sessions and each packet is
+    judged by its receive stamp. (The old timer lost it as unknown_peer, and the drop log
+    raised KeyError 'bad_hmac'.) Deterministic: asyncio runs I/O callbacks before the
+    timers that fell due during the same blocking wait."""
+    async def main() -> None:
+        rec = Recorder(TwampHandler)
+        lst, conn, sock = await _setup(True, rec)
+        snd = TestSender(count=10)
+        loop = asyncio.get_running_loop()
+        try:
+            start = time.time_ns() + 400_000_000
+            dest = await _tw_session(conn, sock, start_time=ntp_from_unix_ns(start), timeout=NTP_S)
+            assert await conn.start_sessions() == 0
+            while time.time_ns() < start + 2_000_000:  # block the loop past Start Time
+                time.sleep(0.01)
+            sock.sendto(snd.build(0, time.time_ns()), dest)
+            time.sleep(0.05)  # the packet is queued before the loop's next turn
+            await asyncio.wait_for(loop.sock_recv(sock, 2048), 5)
+            (h,) = rec.handlers
+            (s,) = h.sessions.values()
+            assert s.counters()["unknown_peer"] == 0 and s.counters()["before_start"] == 0
+            await conn.stop_sessions(1)
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
+
+
+def test_drop_log_with_counters_an_endpoint_lacks() -> None:
+    """Issue 13 §3: the rate-limited drop log must not raise KeyError for a counter the
+    endpoint does not have (an endpoint with no session has no 'bad_hmac')."""
+    from agent.engine.udp import _RateLimitedLog
+
+    _RateLimitedLog("x", 0.0).maybe({"unknown_peer": 3, "send_errors": 0},
+                                    ("bad_hmac", "short", "unknown_peer", "malformed_tlv"))

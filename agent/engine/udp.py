@@ -190,7 +190,8 @@ class _RateLimitedLog:
         now = time.monotonic()
         if now - self._last < self.interval:
             return
-        delta = {k: counters[k] - self._prev.get(k, 0) for k in what if counters[k] - self._prev.get(k, 0)}
+        # .get: an endpoint with no session (or none of that kind) lacks e.g. "bad_hmac"
+        delta = {k: d for k in what if (d := counters.get(k, 0) - self._prev.get(k, 0))}
         if delta:
             log.warning("%s: dropped test packets in the last %.0f s: %s", self.name, now - self._last if self._last else 0, delta)
             self._prev = dict(counters)

@@ -138,14 +138,38 @@ class _TwSession:
     ep: TwampReflectorEndpoint
     peer: tuple[str, int]
     request: m.RequestTWSession
-    timer: asyncio.TimerHandle | None = None  # pending start at the request's Start Time
+    timer: asyncio.TimerHandle | None = None  # unused since StartGate; kept for subclasses
     policer: ReflectPolicer | None = None
+    gate: "StartGate | None" = None
 
     def counters(self) -> dict[str, int]:
         c = self.ep.counters()
         if self.policer is not None:
             c.update(self.policer.counters())
+        if self.gate is not None:
+            c["before_start"] = self.gate.early
         return c
+
+
+class StartGate:
+    """Wraps a reflector session's ``reflect`` until Start Time: a packet received (by its
+    receive stamp) before Start Time is not answered (RFC 5357 §3.5, "not before"); the
+    first one at or after it removes the gate, so the hot path is the plain one again."""
+
+    __slots__ = ("sess", "inner", "not_before_ns", "early")
+
+    def __init__(self, sess, not_before_ns: int) -> None:
+        self.sess = sess
+        self.inner = sess.reflect
+        self.not_before_ns = not_before_ns
+        self.early = 0
+
+    def __call__(self, data: bytes, rx_ns: int, *rest):
+        if rx_ns < self.not_before_ns:
+            self.early += 1
+            return None
+        self.sess.reflect = self.inner
+        return self.inner(data, rx_ns, *rest)
 
 
 class TwampHandler:
@@ -202,15 +226,15 @@ class TwampHandler:
         now = time.time_ns()
         for sid in sids:
             s = self.sessions[sid]
-            if sid in self.active or s.timer is not None:
+            if sid in self.active:
                 continue
             at = _start_ns(s.request.start_time)
-            if at is not None and at > now:  # RFC 5357 §3.5: a later Start Time wins
-                s.timer = self._loop.call_later((at - now) / 1e9, self._activate, sid)
-            else:
-                self._activate(sid)
+            # RFC 5357 §3.5: a later Start Time wins. The session is registered now and each
+            # packet is judged by its receive stamp against Start Time (StartGate): a timer
+            # firing at Start Time lost packets that arrived within a loop turn of it.
+            self._activate(sid, at if at is not None and at > now else None)
 
-    def _activate(self, sid: bytes) -> None:
+    def _activate(self, sid: bytes, not_before_ns: int | None = None) -> None:
         s = self.sessions.get(sid)
         if s is None or sid in self.active:
             return
@@ -227,6 +251,10 @@ class TwampHandler:
             # method, so the reflector's hot path stays as it is when no cap is set.
             s.policer = ReflectPolicer(sess.reflect, cfg.max_rate, cfg.max_reflected)
             sess.reflect = s.policer  # type: ignore[method-assign]
+        if not_before_ns is not None:
+            sess.last_rx_ns = not_before_ns  # REFWAIT counts from Start Time
+            s.gate = StartGate(sess, not_before_ns)
+            sess.reflect = s.gate  # type: ignore[method-assign]
         self.active.add(sid)
         if self._refwait_task is None:
             self._refwait_task = self._loop.create_task(self._watch_refwait())
