@@ -264,3 +264,44 @@ def test_drop_log_with_counters_an_endpoint_lacks() -> None:
 
     _RateLimitedLog("x", 0.0).maybe({"unknown_peer": 3, "send_errors": 0},
                                     ("bad_hmac", "short", "unknown_peer", "malformed_tlv"))
+
+
+class TrimmingOwampServer(OwampHandler):
+    """A receiver that does what RFC 4656 §3.8 says on Stop-Sessions: it "MUST discard any
+    packet records ... with a (computed) send time that falls between the current time
+    minus Timeout and the current time"."""
+
+    trimmed = 0
+
+    async def on_event(self, srv, e) -> None:
+        if isinstance(e, ev.StopRequested):
+            from agent.engine.timefmt import unix_ns_from_ntp
+
+            now = time.time_ns()
+            for s in self.sessions.values():
+                if s.receiver is None:
+                    continue
+                limit = now - int(s.request.timeout * 1e9 / NTP_S)
+                keep = [r for r in s.receiver.records if unix_ns_from_ntp(r.send_timestamp) < limit]
+                type(self).trimmed += len(s.receiver.records) - len(keep)
+                s.receiver.records[:] = keep
+        await super().on_event(srv, e)
+
+
+def test_owping_waits_timeout_before_stop_sessions() -> None:
+    """Issue 13 §3: against a receiver that trims as §3.8 says, xwamp owping kept none of
+    the forward direction (Stop-Sessions right after the reverse packets were in)."""
+    from agent.sessions.session import PingOptions, owping
+
+    async def main():
+        lst = ControlListener(TrimmingOwampServer, twamp=False, hosts=["127.0.0.1"], port=0, config=CFG)
+        await lst.start()
+        try:
+            opt = PingOptions("127.0.0.1", lst.addresses[0][1], count=5, interval=0.01, wait=0.5, timeout=20)
+            return await owping(opt)
+        finally:
+            await lst.close()
+
+    res = asyncio.run(main())
+    assert TrimmingOwampServer.trimmed == 0
+    assert len(res.forward_records) == 5 and res.forward.received == 5

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 _NS = 1_000_000_000
 NTP_SECOND = 1 << 32
 START_LEAD_S = 0.2  # OWAMP Start Time = now + this when requesting
+STOP_MARGIN_NS = 50_000_000  # RFC 4656 §3.8's "small increment" after Timeout before Stop-Sessions
 
 
 async def _started_endpoint(cls: type, host: str, port: int):
@@ -682,7 +683,17 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
             hardware=False, start_ns=start_ns, stop=stop)  # late: catch up, later packets stay on schedule
         loop = asyncio.get_running_loop()
         end = loop.time() + opt.wait + opt.interval
-        while loop.time() < end and len(receiver.records) < opt.count and not (stop and stop.is_set()):
+        # RFC 4656 §3.8: the receiver "MUST discard any packet records ... with a (computed)
+        # send time that falls between the current time minus Timeout and the current time",
+        # and "each side ... SHOULD wait until all sessions are complete before sending the
+        # Stop-Sessions message", complete being "Timeout after the scheduled time for the
+        # last sequence number" (plus "a small increment"). Our last packet's send time is at
+        # or after its scheduled time, so Stop-Sessions goes no earlier than that + Timeout.
+        fwd_done_ns = max((r.t1_ns for r in sent), default=time.time_ns()) + int(opt.wait * _NS) + STOP_MARGIN_NS
+        while not (stop and stop.is_set()):
+            rev_done = len(receiver.records) >= opt.count or loop.time() >= end
+            if rev_done and time.time_ns() >= fwd_done_ns:
+                break
             await asyncio.sleep(0.01)
         stop = await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(fwd.accept.sid, len(sent)),))
         their_sent = opt.count
