@@ -305,3 +305,31 @@ def test_owping_waits_timeout_before_stop_sessions() -> None:
     res = asyncio.run(main())
     assert TrimmingOwampServer.trimmed == 0
     assert len(res.forward_records) == 5 and res.forward.received == 5
+
+
+def test_fetch_session_reproduction_carries_real_sid_and_port() -> None:
+    """Issue 13 §3 / RFC 4656 §3.9: the reproduced Request-Session carries the session's
+    SID and "actual sender and receiver port numbers that were used", not the request's
+    SID 0 and receiver port 0."""
+    async def main() -> None:
+        lst, conn, sock = await _setup(False, OwampHandler)
+        try:
+            start = time.time_ns() + 100_000_000
+            req = m.RequestSession(LO, LO, sock.getsockname()[1], 0, conf_sender=False, conf_receiver=True,
+                                   num_packets=1, timeout=NTP_S // 10, start_time=ntp_from_unix_ns(start),
+                                   slots=(m.Slot.seconds(m.Slot.FIXED, 0.01),))
+            acc = await conn.request_session(req)
+            assert acc.ok and acc.accept.port != 0
+            assert await conn.start_sessions() == 0
+            await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(acc.accept.sid, 0),))
+            got = await conn.fetch_session(acc.accept.sid)
+            assert got.ack.accept == 0 and got.request is not None
+            assert got.request.sid == acc.accept.sid
+            assert got.request.receiver_port == acc.accept.port
+            assert got.request.sender_port == sock.getsockname()[1]
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ events (one instance per control connection). Client side: :func:`twamp_ping` an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -387,8 +388,13 @@ class OwampHandler:
                 return
             recs = fetch_records(s.receiver, e.fetch.begin_seq, e.fetch.end_seq, s.next_seqno)
             nxt = s.next_seqno if s.next_seqno is not None else s.request.num_packets
+            # RFC 4656 §3.9: "A reproduction of the Request-Session command ... modified so that
+            # actual sender and receiver port numbers that were used ... always appear in the
+            # reproduction"; and the SID the session ran under, not the request's zeros.
+            used = dataclasses.replace(s.request, sid=s.sid, receiver_port=s.receiver_ep.port if s.receiver_ep
+                                       else s.request.receiver_port)
             srv.send_fetch_response(m.FetchAck(m.ACCEPT_OK, s.next_seqno is not None, nxt, 0, len(recs)),
-                                    s.request, (), recs)
+                                    used, (), recs)
 
     async def stop_sessions(self, timeout: float = 2.0) -> tuple[m.SessionDescription, ...]:
         """Stop the sessions we send and describe them for Stop-Sessions: RFC 4656 §3.8
