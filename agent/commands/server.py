@@ -140,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
             for lst in listeners:
                 await lst.start()
                 for a in lst.addresses:
+                    # mixed is TWAMP only (RFC 5618): the OWAMP greeting never offers it
+                    here = [n for n in shown if lst.twamp or n != "mixed"]
                     print(f"xwamp server: {'TWAMP' if lst.twamp else 'OWAMP'} on {a[0]} port {a[1]}, "
-                          f"modes {', '.join(shown)}", flush=True)
+                          f"modes {', '.join(here)}", flush=True)
             await wait_until_stopped(args.duration)
         finally:
             for lst in listeners:

@@ -49,6 +49,10 @@ class ControlError(Exception):
     """A control conversation failed (refused, peer error, timeout). Safe to print."""
 
 
+class ConnectionLost(ControlError):
+    """The server closed or reset the control connection while we waited for an answer."""
+
+
 class GreetingRefused(ControlError):
     """Our key source refused the server's greeting: for the IPsec-bound modes, the SA pair
     it announces is not ours (draft-ietf-ippm-ipsec §4.1: the client MUST close).
@@ -440,9 +444,9 @@ class AsyncControlClient:
             except asyncio.TimeoutError:
                 raise ControlError(f"timed out waiting for {kind.__name__}") from None
             except OSError as e:
-                raise ControlError(f"connection error: {e}") from None
+                raise ConnectionLost(f"connection error: {e}") from None
             if not data:
-                raise ControlError("server closed the connection")
+                raise ConnectionLost("server closed the connection")
             self._events.extend(self.cli.receive_data(data))
 
     async def request_tw_session(self, req: m.RequestTWSession) -> ev.SessionAccepted:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from agent.control import events as ev
 from agent.control import messages as m
-from agent.control.aio import AsyncControlClient, ControlError, family_of
+from agent.control.aio import AsyncControlClient, ConnectionLost, ControlError, family_of
 from agent.control.modes import Mode
 from agent.control.server import ControlServer
 from agent.engine import udp
@@ -577,7 +577,13 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
         req = m.RequestTWSession(local_ip, peer_ip, sock.getsockname()[1], opt.test_port, padding_length=pad,
                                  timeout=_duration_ntp(opt.wait), type_p=m.typep_from_dscp(opt.dscp),
                                  octets_to_reflect=token, reflect_length=reflect)
-        acc = await conn.request_tw_session(req)
+        try:
+            acc = await conn.request_tw_session(req)
+        except ConnectionLost as e:
+            # An OWAMP server greets like a TWAMP one (RFC 4656 §3.1) and only drops the
+            # connection at Request-TW-Session, a command OWAMP does not have.
+            raise ControlError(f"{e} at Request-TW-Session: port {conn.peer[1]} does not speak TWAMP-Control "
+                               f"(an OWAMP server? TWAMP-Control is TCP 862, OWAMP-Control 861)") from None
         if not acc.ok:
             raise ControlError(f"session refused: {m.ACCEPT_NAMES[acc.accept.accept]}")
         if reflect and acc.accept.reflected_octets != token:  # RFC 6038 §4.1: echoed as sent
