@@ -367,3 +367,31 @@ def test_agent_server_and_sessions_key_from_ike_file(tmp_path) -> None:
             await servers.stop()
 
     assert asyncio.run(main()) == AUTH | TWAMP_BIT
+
+
+def test_charon_keys_records_peers_for_the_client() -> None:
+    """tools/lab/charon-keys puts the far IKE address and the remote traffic selectors in
+    each IKE SA's `peers`, so a client with several IKE SAs picks its server's."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("charon_keys", str(ROOT / "tools" / "lab" / "charon-keys"))
+    spec = importlib.util.spec_from_loader("charon_keys", loader)
+    ck = importlib.util.module_from_spec(spec)
+    loader.exec_module(ck)
+    sas = ck.parse_list_sas(
+        "xwamp: #2, ESTABLISHED, IKEv2, 8e5c3ae507221684_i* b1f201bb155c3acd_r\n"
+        "  local  '192.0.2.1' @ 192.0.2.1[500]\n"
+        "  remote '192.0.2.2' @ 192.0.2.2[4500]\n"
+        "  AES_CBC-128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_2048\n"
+        "  xwamp: #1, reqid 1, INSTALLED, TUNNEL, ESP:AES_CBC-128/HMAC_SHA2_256_128\n"
+        "    in  c1234567,      0 bytes,     0 packets\n"
+        "    local  10.77.1.1/32\n"
+        "    remote 10.77.2.0/24 fd77:2::/64\n")
+    doc = ck.build({2: {"sk_d": SK_D, "children": []}}, sas)
+    from agent.binder.keysource import StaticIKEKeySource, parse_entries
+
+    src = StaticIKEKeySource(parse_entries(doc))
+    assert doc["ike_sas"][0]["peers"] == ["192.0.2.2", "10.77.2.0/24", "fd77:2::/64"]
+    assert src.for_peer("10.77.2.1").spi_i.hex() == "8e5c3ae507221684"
+    assert src.for_peer("fd77:2::1") is not None and src.for_peer("10.77.3.1") is None
