@@ -94,6 +94,8 @@ class IKEEntry:
             a = ipaddress.ip_address(addr)  # type: ignore[arg-type]
         except ValueError:
             return False
+        if a.version == 6 and a.ipv4_mapped is not None:  # a dual-stack socket's view of IPv4
+            a = a.ipv4_mapped
         return any(a.version == n.version and a in n for n in self.peers)
 
     def __repr__(self) -> str:
