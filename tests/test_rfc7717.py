@@ -395,3 +395,28 @@ def test_charon_keys_records_peers_for_the_client() -> None:
     assert doc["ike_sas"][0]["peers"] == ["192.0.2.2", "10.77.2.0/24", "fd77:2::/64"]
     assert src.for_peer("10.77.2.1").spi_i.hex() == "8e5c3ae507221684"
     assert src.for_peer("fd77:2::1") is not None and src.for_peer("10.77.3.1") is None
+
+
+def test_charon_keys_follows_an_ike_rekey() -> None:
+    """charon derives the successor IKE_SA's keys while logging under the old one, then says
+    "IKE_SA xwamp[2] rekeyed between ...": the second SK_d dump belongs to IKE_SA #2."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("charon_keys", str(ROOT / "tools" / "lab" / "charon-keys"))
+    spec = importlib.util.spec_from_loader("charon_keys", loader)
+    ck = importlib.util.module_from_spec(spec)
+    loader.exec_module(ck)
+
+    def dump(uid, label, data):
+        out = [f"04[IKE] <xwamp|{uid}> {label} => {len(data)} bytes @ 0x7f0000001000"]
+        for off in range(0, len(data), 16):
+            chunk = data[off:off + 16]
+            out.append(f"04[IKE] <xwamp|{uid}> {off:4d}: {' '.join(f'{b:02X}' for b in chunk).ljust(47)}  ....")
+        return out
+
+    old_d, new_d = bytes(range(32)), bytes(range(100, 132))
+    log = [*dump(1, "Sk_d secret", old_d), *dump(1, "Sk_d secret", new_d),
+           "04[IKE] <xwamp|1> IKE_SA xwamp[2] rekeyed between 192.0.2.1[a]...192.0.2.2[b]"]
+    ikes = ck.parse_keylog(log)
+    assert ikes[1]["sk_d"] == old_d and ikes[2]["sk_d"] == new_d

@@ -45,6 +45,19 @@ def ike_spis(keyfile: Path) -> set[tuple[str, str]]:
     return {(e["spi_i"], e["spi_r"]) for e in doc["ike_sas"]}
 
 
+def diagnostics() -> str:
+    """charon's key-log lines that are not key material (headers, IKE events), and list-sas."""
+    state = Path(os.environ.get("XWAMP_LAB_STATE", "/tmp/xwamp-lab")) / P / "a"
+    out = []
+    for name in ("keys.log", "list-sas.txt"):
+        f = state / name
+        if f.exists():
+            keep = [ln for ln in f.read_text(errors="replace").splitlines()
+                    if name != "keys.log" or ("=>" in ln or "IKE_SA" in ln or "CHILD_SA" in ln)]
+            out.append(f"--- {name}\n" + "\n".join(keep[-60:]))
+    return "\n".join(out)
+
+
 def snapshot(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     dst.chmod(0o600)
@@ -103,11 +116,12 @@ def test_rfc7717_from_strongswan_survives_ike_rekey(tunnel) -> None:
         # The rekey gave the IKE SA new SPIs (and SK_d): the key source follows it...
         deadline = time.monotonic() + 120
         while True:
-            lab("keys", P)
-            new = ike_spis(live)
+            r = subprocess.run([str(LAB), "keys", P], capture_output=True, text=True, timeout=300)
+            new = ike_spis(live) if r.returncode == 0 else set()
             if new and first not in new:
                 break
-            assert time.monotonic() < deadline, f"the IKE SA was not rekeyed: {new}"
+            if time.monotonic() > deadline:
+                pytest.fail(f"no key-source entry for the rekeyed IKE SA ({new}): {r.stderr}\n" + diagnostics())
             time.sleep(2)
         r = xwamp(A, "ping", IB, "--port", str(PORT), "--source", IA, "--ike-keys", str(live),
                   "-c", "3", "-i", "0.2", "--wait", "5", "--timeout", "120", "--json")
