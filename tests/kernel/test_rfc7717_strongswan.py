@@ -11,6 +11,7 @@ the old SPIs gets Server-Start Accept = 6 (§5.3)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,12 @@ def lab(*args: str, **env: str) -> str:
 def ike_spis(keyfile: Path) -> set[tuple[str, str]]:
     doc = json.loads(keyfile.read_text())
     return {(e["spi_i"], e["spi_r"]) for e in doc["ike_sas"]}
+
+
+def live_ike_spis() -> set[tuple[str, str]]:
+    """(SPIi, SPIr) of the IKE SAs node a's charon holds now."""
+    out = lab("swanctl", "a", P, "--", "--list-sas")
+    return set(re.findall(r"IKEv2, ([0-9a-f]{16})_i\*? ([0-9a-f]{16})_r", out))
 
 
 def diagnostics() -> str:
@@ -102,11 +109,17 @@ def test_rfc7717_from_strongswan_survives_ike_rekey(tunnel) -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and cli.poll() is None:
             st = subprocess.run(["ip", "-n", A, "-s", "xfrm", "state"], capture_output=True, text=True).stdout
-            if any(int(x) >= 3 for x in __import__("re").findall(r"(\d+)\(packets\)", st)):
+            if any(int(x) >= 3 for x in re.findall(r"(\d+)\(packets\)", st)):
                 break
             time.sleep(0.5)
         assert cli.poll() is None, "the session ended before the rekey: " + (cli.stderr.read() if cli.stderr else "")
         lab("swanctl", "a", P, "--", "--rekey", "--ike", "xwamp")
+        # The rekey is done (the old IKE SA gone from charon) while the session still runs.
+        deadline = time.monotonic() + 120
+        while first in live_ike_spis():
+            assert time.monotonic() < deadline, "charon did not replace the IKE SA"
+            time.sleep(0.5)
+        assert cli.poll() is None, "the session ended before the IKE rekey completed"
         out, err = cli.communicate(timeout=900)
         assert cli.returncode == 0, err
         doc = json.loads(out)
