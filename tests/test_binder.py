@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.binder import announce as bd
-from agent.binder import keys as ik
 from agent.binder.announce import (
     Announcement,
     Binder,
@@ -183,23 +182,19 @@ def test_server_refusals() -> None:
     assert ei.value.reason is Reason.KEYS_REDACTED
 
 
-def test_skeyseed_root_and_rfc7717() -> None:
+def test_skeyseed_root() -> None:
     c2s, s2c = _pair()
     seed, sk_d = os.urandom(32), os.urandom(32)
     src = StaticIKEKeySource([IKEEntry(os.urandom(8), os.urandom(8), PRF.HMAC_SHA2_256, Secret(sk_d), Secret(seed),
                                        children=(ChildEntry(7, frozenset((c2s.spi, s2c.spi))),))])
     st_, ct = _tables(c2s, s2c)
-    cfg = BinderConfig(root=Root.SKEYSEED, rfc7717_unverified=True)
+    cfg = BinderConfig(root=Root.SKEYSEED)
     sb = Binder(st_, cfg, src).announce(SA_, CA)
     cb = Binder(ct, cfg, src).accept(sb.announcement.pack(), CA, SA_)
     assert sb.root().reveal() == seed == cb.root().reveal()
-    k = cb.token_key(bd.RFC7717_TWAMP | 2, "twamp")
-    assert k == ik.rfc7717_token_key16(Secret(sk_d)) == sb.token_key(bd.RFC7717_OWAMP | 2, "owamp")
-    assert Binder(st_, cfg, src).offerable(sb, "owamp") & bd.RFC7717_OWAMP
-    # disabled by default: the derivation is unverified
-    plain = Binder(ct).accept(_announce_raw(), CA, SA_)
-    with pytest.raises(BinderRefusal):
-        plain.token_key(bd.RFC7717_TWAMP | 2, "twamp")
+    # RFC 7717 is its own key mode now (agent.binder.rfc7717): the binder neither offers nor keys it
+    assert not Binder(st_, cfg, src).offerable(sb, "owamp") & bd.RFC7717_OWAMP
+    assert cb.token_key(bd.RFC7717_TWAMP | 2, "twamp") is None
 
 
 @pytest.mark.parametrize("mode,ok", [
@@ -399,9 +394,8 @@ def test_adapter_counts_key_derivation_refusals() -> None:
     with pytest.raises(TokenRejected):
         src.open_token("x", srv, bytes(16), bytes(64))
     srv, _ = _ctxs(int(bd.RFC7717_TWAMP | 2))
-    with pytest.raises(BinderRefusal):
-        src.token_key("x", srv)
-    assert src.binder.refusals == {"bad_mode": 2}
+    assert src.token_key("x", srv) is None  # not the binder's: agent.binder.rfc7717
+    assert src.binder.refusals == {"bad_mode": 1}
 
 
 def test_v4_mapped_connection_addresses() -> None:

@@ -46,8 +46,12 @@ def test_setup_response_layout_and_repr_hides_token() -> None:
     assert b[84:148] == b"T" * 64 and b[148:] == b"I" * 16
     assert m.SetUpResponse.unpack(b) == s
     assert "TTTT" not in repr(s)
-    with pytest.raises(m.ProtocolError):
-        m.SetUpResponse.unpack(b[:4] + b"\xff" * 80 + b[84:])
+    # RFC 7717 §5.3: a binary KeyID (SPIi | SPIr | zeros) is no protocol error; its raw
+    # octets reach the key source whole, trailing zero octets of an SPI included
+    kid = bytes.fromhex("ff00000000000000" "0102030405060700") + bytes(64)
+    got = m.SetUpResponse.unpack(b[:4] + kid + b[84:])
+    assert got.key_id_raw == kid and got.token == b"T" * 64
+    assert m.SetUpResponse(2, "", b"T" * 64, b"I" * 16, kid).pack()[4:84] == kid
 
 
 def test_server_start_layout() -> None:

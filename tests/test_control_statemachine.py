@@ -159,7 +159,7 @@ def test_mode_not_offered() -> None:
 
 def test_owamp_never_offers_mixed_or_twamp_features() -> None:
     srv = ControlServer(False, ServerConfig(count=1024, modes=0x1FF), KEYS)
-    # OWAMP-Modes bit 4 (16) is RFC 7717 there, offered only with a key-source announcement
+    # OWAMP-Modes bit 4 (16) is RFC 7717 there, offered only when a key source serves it
     assert m.ServerGreeting.unpack(srv.data_to_send()).modes == 7
 
 

@@ -49,7 +49,7 @@ def test_twamp_unauth_reflector_fields_and_sizes() -> None:
 def test_reflector_ttl_unknown_is_255_and_short_counted() -> None:
     r = ReflectorSession(error_estimate=1)
     assert r.reflect(b"\x00" * 13, T0, 64, clock()) is None
-    out = r.reflect(b"\x00" * 14, T0, None, clock())
+    out = r.reflect(b"\x00" * 13 + b"\x01", T0, None, clock())  # Error Estimate Multiplier 1
     assert out is not None and out[40] == 255
     assert r.counters.short == 1 and r.counters.reflected == 1
 

@@ -54,7 +54,7 @@ def test_twamp_exchange_with_kernel_stamps(mode: int) -> None:
         assert r.t4_source in ("sw", "hw")  # kernel RX stamp on our side
         assert r.t1_ns <= r.t2_ns <= r.t3_ns <= r.t4_ns  # one clock on loopback
         assert r.t2_ns != r.t3_ns
-        assert r.sender_ttl == 64 and r.reply_ttl == 64  # real received TTLs
+        assert r.sender_ttl == 255 and r.reply_ttl == 255  # real received TTLs: we send 255 (RFC 4656 §4.1.2)
         assert 0 < r.rtt_ns < 50_000_000
     s = summarize(recs)
     assert s.loss.lost == 0 and s.rtt is not None and s.rtt.count == 5
@@ -113,7 +113,7 @@ def test_owamp_receiver_endpoint() -> None:
     recs, rcv = _run(main())
     assert len(recs) == 4 and all(r.lost for r in recs)  # one-way: nothing comes back
     assert sorted(r.seq for r in rcv.records) == [0, 1, 2, 3]
-    assert all(r.recv_source in ("sw", "hw") and r.ttl == 64 for r in rcv.records)
+    assert all(r.recv_source in ("sw", "hw") and r.ttl == 255 for r in rcv.records)
 
 
 def test_reflect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import os
 
@@ -167,11 +166,6 @@ def test_alt2_refusals(sa, reason: Reason) -> None:
     with pytest.raises(BinderRefusal) as ei:
         ik.alt2_keys(sa)
     assert ei.value.reason is reason
-
-
-def test_rfc7717_key() -> None:
-    sk_d = Secret(os.urandom(32))
-    assert ik.rfc7717_token_key16(sk_d).reveal() == hmac.new(sk_d.reveal(), b"IPPM", hashlib.sha256).digest()[:16]
 
 
 def test_control_keys_repr_is_key_free() -> None:

@@ -157,6 +157,9 @@ class FakeAlt1:
     def shared_secret(self, key_id, ctx):
         return None
 
+    def serves_key_mode(self, bit, protocol):  # an unannounced key mode is offered when served
+        return bit == self.BIT
+
 
 def test_key_mode_with_derived_session_keys() -> None:
     from agent.control import modes as md

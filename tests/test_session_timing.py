@@ -223,3 +223,113 @@ def test_owamp_server_sender_does_not_burst_on_a_long_past_start_time() -> None:
             await lst.close()
 
     asyncio.run(main())
+
+
+def test_twamp_packet_received_at_start_time_is_reflected() -> None:
+    """Issue 13 §3: a packet that arrives at Start Time, before a timer set for Start Time
+    has run, is answered: the session is registered at Start-Sessions and each packet is
+    judged by its receive stamp. (The old timer lost it as unknown_peer, and the drop log
+    raised KeyError 'bad_hmac'.) Deterministic: asyncio runs I/O callbacks before the
+    timers that fell due during the same blocking wait."""
+    async def main() -> None:
+        rec = Recorder(TwampHandler)
+        lst, conn, sock = await _setup(True, rec)
+        snd = TestSender(count=10)
+        loop = asyncio.get_running_loop()
+        try:
+            start = time.time_ns() + 400_000_000
+            dest = await _tw_session(conn, sock, start_time=ntp_from_unix_ns(start), timeout=NTP_S)
+            assert await conn.start_sessions() == 0
+            while time.time_ns() < start + 2_000_000:  # block the loop past Start Time
+                time.sleep(0.01)
+            sock.sendto(snd.build(0, time.time_ns()), dest)
+            time.sleep(0.05)  # the packet is queued before the loop's next turn
+            await asyncio.wait_for(loop.sock_recv(sock, 2048), 5)
+            (h,) = rec.handlers
+            (s,) = h.sessions.values()
+            assert s.counters()["unknown_peer"] == 0 and s.counters()["before_start"] == 0
+            await conn.stop_sessions(1)
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())
+
+
+def test_drop_log_with_counters_an_endpoint_lacks() -> None:
+    """Issue 13 §3: the rate-limited drop log must not raise KeyError for a counter the
+    endpoint does not have (an endpoint with no session has no 'bad_hmac')."""
+    from agent.engine.udp import _RateLimitedLog
+
+    _RateLimitedLog("x", 0.0).maybe({"unknown_peer": 3, "send_errors": 0},
+                                    ("bad_hmac", "short", "unknown_peer", "malformed_tlv"))
+
+
+class TrimmingOwampServer(OwampHandler):
+    """A receiver that does what RFC 4656 §3.8 says on Stop-Sessions: it "MUST discard any
+    packet records ... with a (computed) send time that falls between the current time
+    minus Timeout and the current time"."""
+
+    trimmed = 0
+
+    async def on_event(self, srv, e) -> None:
+        if isinstance(e, ev.StopRequested):
+            from agent.engine.timefmt import unix_ns_from_ntp
+
+            now = time.time_ns()
+            for s in self.sessions.values():
+                if s.receiver is None:
+                    continue
+                limit = now - int(s.request.timeout * 1e9 / NTP_S)
+                keep = [r for r in s.receiver.records if unix_ns_from_ntp(r.send_timestamp) < limit]
+                type(self).trimmed += len(s.receiver.records) - len(keep)
+                s.receiver.records[:] = keep
+        await super().on_event(srv, e)
+
+
+def test_owping_waits_timeout_before_stop_sessions() -> None:
+    """Issue 13 §3: against a receiver that trims as §3.8 says, xwamp owping kept none of
+    the forward direction (Stop-Sessions right after the reverse packets were in)."""
+    from agent.sessions.session import PingOptions, owping
+
+    async def main():
+        lst = ControlListener(TrimmingOwampServer, twamp=False, hosts=["127.0.0.1"], port=0, config=CFG)
+        await lst.start()
+        try:
+            opt = PingOptions("127.0.0.1", lst.addresses[0][1], count=5, interval=0.01, wait=0.5, timeout=20)
+            return await owping(opt)
+        finally:
+            await lst.close()
+
+    res = asyncio.run(main())
+    assert TrimmingOwampServer.trimmed == 0
+    assert len(res.forward_records) == 5 and res.forward.received == 5
+
+
+def test_fetch_session_reproduction_carries_real_sid_and_port() -> None:
+    """Issue 13 §3 / RFC 4656 §3.9: the reproduced Request-Session carries the session's
+    SID and "actual sender and receiver port numbers that were used", not the request's
+    SID 0 and receiver port 0."""
+    async def main() -> None:
+        lst, conn, sock = await _setup(False, OwampHandler)
+        try:
+            start = time.time_ns() + 100_000_000
+            req = m.RequestSession(LO, LO, sock.getsockname()[1], 0, conf_sender=False, conf_receiver=True,
+                                   num_packets=1, timeout=NTP_S // 10, start_time=ntp_from_unix_ns(start),
+                                   slots=(m.Slot.seconds(m.Slot.FIXED, 0.01),))
+            acc = await conn.request_session(req)
+            assert acc.ok and acc.accept.port != 0
+            assert await conn.start_sessions() == 0
+            await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(acc.accept.sid, 0),))
+            got = await conn.fetch_session(acc.accept.sid)
+            assert got.ack.accept == 0 and got.request is not None
+            assert got.request.sid == acc.accept.sid
+            assert got.request.receiver_port == acc.accept.port
+            assert got.request.sender_port == sock.getsockname()[1]
+        finally:
+            sock.close()
+            await conn.close()
+            await lst.close()
+
+    asyncio.run(main())

@@ -1,9 +1,10 @@
 """Sender TTL is the TTL / Hop Limit the reflector really received, across a forwarding hop.
 
 Three network namespaces this test creates: sender -- router -- reflector (two veth
-pairs, IPv4 and IPv6, forwarding on in the router). The sender's namespace sends with
-TTL / Hop Limit 50, so the reflector must report 49 in Sender TTL (RFC 5357 §4.2.1),
-and the sender sees the reflector's default 64 minus one hop on the replies. Runs the
+pairs, IPv4 and IPv6, forwarding on in the router). The sender's namespace defaults to
+TTL / Hop Limit 50, but test packets go out with 255 (RFC 4656 §4.1.2), so the reflector
+must report 254 in Sender TTL (RFC 5357 §4.2.1), and the sender sees the reflector's 255
+minus one hop on the replies. Runs the
 real CLI (``xwamp server`` / ``xwamp ping``) inside the namespaces; no ESP needed, so it
 runs on the host (root + iproute2), not in the kernel VM.
 """
@@ -91,8 +92,8 @@ def test_sender_ttl_is_the_received_ttl_after_one_hop(routed_namespaces) -> None
             doc = json.loads(r.stdout)
             assert doc["summary"]["loss"]["received"] == 3, host
             for rec in doc["records"]:
-                assert rec["sender_ttl"] == SENDER_TTL - 1, (host, rec)  # what the reflector received
-                assert rec["reply_ttl"] == 64 - 1, (host, rec)  # the reflector's default, one hop
+                assert rec["sender_ttl"] == 255 - 1, (host, rec)  # what the reflector received
+                assert rec["reply_ttl"] == 255 - 1, (host, rec)  # the reflector sends 255 too, one hop
     finally:
         srv.terminate()
         srv.wait(10)

@@ -145,7 +145,6 @@ class BinderConfig:
     sid_bound: bool = False  # announce Flags bit 0 (IPSEC_BOUND test keys = PRF{root, SID})
     accept_prfs: frozenset[PRF] = frozenset(PRF)  # client: PRFs it agrees to use
     allow_alt2: bool = False  # key reuse with ESP (wire-format §4.3): off by default
-    rfc7717_unverified: bool = False  # wire-format §4.4: derivation not checked against the RFC
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,15 +190,10 @@ class Binding:
     # --- keys per mode (wire-format §4) --------------------------------------
 
     def token_key(self, mode: int, protocol: str = "twamp") -> Secret | None:
-        """The 16-octet RFC 4656 Token key (replaces PBKDF2) for IPSEC_BOUND and RFC 7717."""
+        """The 16-octet RFC 4656 Token key (replaces PBKDF2) for IPSEC_BOUND. (RFC 7717 is
+        its own key mode, keyed from the IKE SA alone: agent.binder.rfc7717.)"""
         if mode & Modes.IPSEC_BOUND:
             return ik.token_key16(self.root(), self.prf)
-        if mode & rfc7717_bit(protocol):
-            if not self.config.rfc7717_unverified:
-                raise BinderRefusal(Reason.BAD_MODE, "RFC 7717 mode disabled (derivation unverified)")
-            if self.ike is None or self.ike.sk_d is None:
-                raise BinderRefusal(Reason.NO_IKE_SOURCE, self._ids())
-            return ik.rfc7717_token_key16(self.ike.sk_d, self.ike.prf)
         return None
 
     def control_keys(self, mode: int) -> ControlKeys | None:
@@ -330,8 +324,6 @@ class Binder:
                 bits |= Modes.IPSEC_ALT2
             except BinderRefusal:
                 pass
-        if self.config.rfc7717_unverified and binding.ike is not None and binding.ike.sk_d is not None:
-            bits |= rfc7717_bit(protocol)
         return bits
 
     # --- client -------------------------------------------------------------
@@ -360,8 +352,10 @@ class Binder:
         return self._finish("client", ann, c2s, s2c)
 
     def check_mode(self, mode: int, protocol: str = "twamp") -> None:
-        """Wire-format §1.2: at most one key bit; ALT1/ALT2/RFC 7717 need a keyed security bit."""
-        key_bits = mode & (IPSEC_BITS | rfc7717_bit(protocol))
+        """Wire-format §1.2: at most one key bit; ALT1/ALT2 need a keyed security bit."""
+        if mode & rfc7717_bit(protocol) and mode & IPSEC_BITS:
+            raise self._refuse(Reason.BAD_MODE, f"mode 0x{mode:08x}: more than one key mode")
+        key_bits = mode & IPSEC_BITS
         if key_bits & (key_bits - 1):
             raise self._refuse(Reason.BAD_MODE, f"mode 0x{mode:08x}: more than one key mode")
         if key_bits and key_bits != Modes.IPSEC_BOUND and not mode & KEYED_SECURITY:
@@ -389,7 +383,7 @@ class BinderKeySource:
         return (ctx.role, ctx.local, ctx.peer)
 
     def _mine(self, ctx: HandshakeContext) -> bool:
-        return bool(ctx.mode & (IPSEC_BITS | rfc7717_bit(ctx.protocol)))
+        return bool(ctx.mode & IPSEC_BITS)
 
     def _remember(self, ctx: HandshakeContext, b: Binding) -> Binding:
         self._bindings[self._conn(ctx)] = b

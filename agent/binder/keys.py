@@ -13,7 +13,6 @@ Functions
 * :func:`sid_test_keys` — draft §4.1 PRF{root, SID} test keys (SID-bound flag).
 * :func:`alt1_keys`, :func:`alt1_token`, :func:`alt1_token_ok` — draft §4.2.1.
 * :func:`alt2_keys` — draft §4.2.2.
-* :func:`rfc7717_token_key16` — RFC 7717 (derivation *unverified*, see the spec).
 """
 
 from __future__ import annotations
@@ -198,14 +197,3 @@ def alt2_keys(c2s: SA, alg: PRF = DEFAULT_PRF) -> ControlKeys:
         raise BinderRefusal(Reason.ALT2_CIPHER, describe(c2s))
     assert c2s.auth is not None  # check_usable
     return ControlKeys(Secret(ikev2.fit(c2s.crypt.key, 16, alg)), Secret(ikev2.fit(c2s.auth.key, 32, alg)))
-
-
-RFC7717_LABEL = b"IPPM"
-
-
-def rfc7717_token_key16(sk_d: Secret, alg: PRF = DEFAULT_PRF) -> Secret:
-    """RFC 7717 shared secret = prf(SK_d, "IPPM"), first 16 octets as the Token key.
-
-    *Unverified* against the RFC text (wire-format §4.4); gated by configuration.
-    """
-    return Secret(ikev2.prf(sk_d, RFC7717_LABEL, alg)[:16])

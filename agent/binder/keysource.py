@@ -9,6 +9,10 @@ Lookups (all O(1)):
   * ``by_child_spis(spi_a, spi_b)`` — the two SPIs of one CHILD_SA, any order;
   * ``by_reqid(reqid)`` — the kernel reqid the daemon installed the CHILD_SA with.
 Both return an :class:`IKEMaterial` (the IKE SA's secrets plus that child's nonces).
+RFC 7717 (agent.binder.rfc7717) needs no CHILD_SA: ``by_ike_spis(spi_i, spi_r)`` (the
+server, from the KeyID) and ``for_peer(addr)`` (the client: the IKE SA whose ``peers``
+hold the O/TWAMP server's address; with no ``peers`` anywhere, the only IKE SA) return
+an :class:`IKEEntry`.
 
 File format (JSON, secrets and nonces in hex, mode 0600 or stricter)::
 
@@ -18,6 +22,7 @@ File format (JSON, secrets and nonces in hex, mode 0600 or stricter)::
         "prf": "hmac-sha256",                  # optional, default hmac-sha256
         "sk_d": "…", "skeyseed": "…",           # either may be absent
         "ni": "…", "nr": "…",                   # IKE_SA_INIT nonces (optional)
+        "peers": ["192.0.2.2", "10.77.2.0/24"],  # optional: O/TWAMP peers reached over this IKE SA
         "children": [
           {"reqid": 1, "spis": ["c0000001", "c0000002"],
            "ni": "…", "nr": "…"}                # CHILD_SA nonces (CREATE_CHILD_SA), optional
@@ -48,6 +53,7 @@ the mode that needs no daemon cooperation.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import stat
@@ -81,6 +87,16 @@ class IKEEntry:
     ni: bytes | None = None
     nr: bytes | None = None
     children: tuple[ChildEntry, ...] = field(default=())
+    peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=())
+
+    def reaches(self, addr: object) -> bool:
+        try:
+            a = ipaddress.ip_address(addr)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        if a.version == 6 and a.ipv4_mapped is not None:  # a dual-stack socket's view of IPv4
+            a = a.ipv4_mapped
+        return any(a.version == n.version and a in n for n in self.peers)
 
     def __repr__(self) -> str:
         return (f"<IKEEntry {self.spi_i.hex()}/{self.spi_r.hex()} prf={self.prf.name} "
@@ -121,12 +137,16 @@ class StaticIKEKeySource:
     def __init__(self, entries: list[IKEEntry] | tuple[IKEEntry, ...] = ()) -> None:
         self._by_spis: dict[frozenset[int], IKEMaterial] = {}
         self._by_reqid: dict[int, IKEMaterial] = {}
+        self._by_ike: dict[tuple[bytes, bytes], IKEEntry] = {}
+        self._entries: list[IKEEntry] = []
         self._n = 0
         for e in entries:
             self.add(e)
 
     def add(self, entry: IKEEntry) -> None:
         self._n += 1
+        self._by_ike[(entry.spi_i, entry.spi_r)] = entry
+        self._entries.append(entry)
         for ch in entry.children:
             mat = IKEMaterial(entry, ch)
             self._by_spis[ch.spis] = mat
@@ -138,6 +158,19 @@ class StaticIKEKeySource:
 
     def by_reqid(self, reqid: int) -> IKEMaterial | None:
         return self._by_reqid.get(reqid)
+
+    def by_ike_spis(self, spi_i: bytes, spi_r: bytes) -> IKEEntry | None:
+        return self._by_ike.get((bytes(spi_i), bytes(spi_r)))
+
+    def for_peer(self, addr: object) -> IKEEntry | None:
+        """The newest (last listed) IKE SA whose ``peers`` reach ``addr``; when no entry
+        lists peers, the only entry (a file for one tunnel), else None."""
+        hits = [e for e in self._entries if e.reaches(addr)]
+        if hits:
+            return hits[-1]
+        if len(self._entries) == 1 and not self._entries[0].peers:
+            return self._entries[0]
+        return None
 
     def __repr__(self) -> str:
         return f"<StaticIKEKeySource {self._n} IKE SAs>"
@@ -158,6 +191,16 @@ def _hex(obj: dict, key: str, where: str, size: int | None = None, required: boo
     if size is not None and len(b) != size:
         raise KeySourceError(f"{where}: {key} must be {size} octets")
     return b
+
+
+def _peers(obj: dict, where: str) -> tuple:
+    v = obj.get("peers", [])
+    if not isinstance(v, list) or len(v) > 1024:
+        raise KeySourceError(f"{where}: peers must be a list of addresses or prefixes")
+    try:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in v)
+    except (ValueError, TypeError):
+        raise KeySourceError(f"{where}: peers must be a list of addresses or prefixes") from None
 
 
 def parse_entries(doc: object) -> list[IKEEntry]:
@@ -204,6 +247,7 @@ def parse_entries(doc: object) -> list[IKEEntry]:
             skeyseed=Secret(seed) if seed is not None else None,
             ni=_hex(e, "ni", where), nr=_hex(e, "nr", where),
             children=tuple(children),
+            peers=_peers(e, where),
         ))
     return out
 
@@ -247,6 +291,14 @@ class FileIKEKeySource:
     def by_reqid(self, reqid: int) -> IKEMaterial | None:
         self._load()
         return self._inner.by_reqid(reqid)
+
+    def by_ike_spis(self, spi_i: bytes, spi_r: bytes) -> IKEEntry | None:
+        self._load()
+        return self._inner.by_ike_spis(spi_i, spi_r)
+
+    def for_peer(self, addr: object) -> IKEEntry | None:
+        self._load()
+        return self._inner.for_peer(addr)
 
     def __repr__(self) -> str:
         return f"<FileIKEKeySource {self.path}>"

@@ -20,10 +20,12 @@ MODES = ("unauth", "auth", "enc", "mixed")
 # IPsec-bound modes (docs/wire-format.md): keyed from the SA pair the server announces,
 # which the client checks against its own kernel before answering.
 IPSEC_MODES = ipsec_modes(MODES)
+# RFC 7717: keyed from the IKE SA of --ike-keys (agent.binder.rfc7717); keyed modes only (§5.1).
+RFC7717_MODES = tuple(f"{s}+rfc7717" for s in MODES if s != "unauth")
 
 
 def add_client_options(p: argparse.ArgumentParser, default_port: int,
-                       modes: tuple[str, ...] = MODES + IPSEC_MODES) -> None:
+                       modes: tuple[str, ...] = MODES + IPSEC_MODES + RFC7717_MODES) -> None:
     """Options shared by ``ping`` and ``owping``."""
     p.add_argument("host", help="server address or name")
     p.add_argument("--port", type=int, default=default_port, help=f"control TCP port (default {default_port})")
@@ -41,6 +43,12 @@ def add_client_options(p: argparse.ArgumentParser, default_port: int,
                                                     "(e.g. the tunnel's local inner address)")
     p.add_argument("--netns", metavar="NS", help="run in this network namespace (its SAs key the IPsec modes)")
     p.add_argument("--keyfile", help="key file: 'identity passphrase' lines (or a perfSONAR .pfs file)")
+    p.add_argument("--ike-keys", metavar="FILE",
+                   help="IKE key-source JSON (SK_d per IKE SA, agent/binder/keysource.py): select RFC 7717 "
+                        "(IKEv2-derived key) when the server offers it, before each keyed --mode")
+    p.add_argument("--rfc7717-kdf", choices=("pbkdf2", "direct"), default="pbkdf2",
+                   help="RFC 7717 secret to Token key: PBKDF2 with the greeting's Salt/Count (default) or its "
+                        "first 16 octets (docs/wire-format.md §4.4)")
     p.add_argument("--user", default="", help="identity (KeyID) to authenticate as")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase for --user from this environment variable")
     p.add_argument("--max-count", type=int, default=1 << 20, help="largest PBKDF2 Count accepted from a server")
@@ -57,7 +65,12 @@ def key_source(args: argparse.Namespace):
     from agent.control.keyring import ChainedKeySource, PassphraseFile, StaticKeySource
     from netlink.secret import Secret
 
-    sources = []
+    sources: list = []
+    if getattr(args, "ike_keys", None):
+        from agent.binder.keysource import FileIKEKeySource
+        from agent.binder.rfc7717 import RFC7717KeySource
+
+        sources.append(RFC7717KeySource(FileIKEKeySource(args.ike_keys), args.rfc7717_kdf))
     if args.passphrase_env:
         v = os.environ.get(args.passphrase_env)
         if v is None:
@@ -73,7 +86,11 @@ def options(args: argparse.Namespace):
 
     modes = tuple(args.mode or ("unauth",))
     ks = key_source(args)
-    if any(m != "unauth" and not is_ipsec_mode(m) for m in modes) and ks is None:
+    if getattr(args, "ike_keys", None):
+        from agent.binder.rfc7717 import with_rfc7717
+
+        modes = with_rfc7717(modes, passphrase=bool(args.keyfile or args.passphrase_env))
+    if any(m != "unauth" and not is_ipsec_mode(m) and not m.endswith("+rfc7717") for m in modes) and ks is None:
         raise ValueError("authenticated modes need --keyfile or --passphrase-env (and --user)")
     from agent.control.modes import Mode
 

@@ -12,7 +12,8 @@ from agent.commands._runtime import ipsec_modes
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("owping", help="OWAMP client (one-way delay and loss, both directions)",
                               description="Run OWAMP sessions to and from HOST and report one-way statistics.")
-    add_client_options(p, 861, modes=("unauth", "auth", "enc") + ipsec_modes(("unauth", "auth", "enc")))
+    add_client_options(p, 861, modes=("unauth", "auth", "enc") + ipsec_modes(("unauth", "auth", "enc"))
+                       + ("auth+rfc7717", "enc+rfc7717"))
     p.set_defaults(func=run)
 
 

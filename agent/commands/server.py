@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also offer the IPsec-bound modes (ipsec-bound, ipsec-alt1), keyed from the kernel's SAs")
     p.add_argument("--allow-alt2", action="store_true",
                    help="with --ipsec, offer ipsec-alt2 too (reuses the ESP keys: wire-format §4.3)")
+    p.add_argument("--ike-keys", metavar="FILE",
+                   help="IKE key-source JSON (SK_d per IKE SA, agent/binder/keysource.py): also offer RFC 7717 "
+                        "(IKEv2-derived key, TWAMP mode 128, OWAMP 16) with each keyed mode")
+    p.add_argument("--rfc7717-kdf", choices=("pbkdf2", "direct"), default="pbkdf2",
+                   help="RFC 7717 secret to Token key (docs/wire-format.md §4.4; default pbkdf2)")
     p.add_argument("--netns", metavar="NS", help="serve in this network namespace (and key from its SAs)")
     p.add_argument("--count", type=int, default=4096, help="PBKDF2 Count offered to clients (power of 2 >= 1024)")
     p.add_argument("--max-connections", type=int, default=64)
@@ -69,17 +74,33 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, KeyFileError) as e:
             print(f"xwamp server: {e}", file=sys.stderr)
             return 2
+    if args.ike_keys:
+        from agent.binder.keysource import FileIKEKeySource, KeySourceError
+        from agent.binder.rfc7717 import RFC7717KeySource
+        from agent.control.keyring import ChainedKeySource
+
+        try:  # first in the chain: it answers only for the RFC 7717 bit
+            ike = RFC7717KeySource(FileIKEKeySource(args.ike_keys), args.rfc7717_kdf)
+        except (OSError, KeySourceError) as e:
+            print(f"xwamp server: {e}", file=sys.stderr)
+            return 2
+        ks = ChainedKeySource(ike, *([ks] if ks else []))
     if args.allow_alt2 and not args.ipsec:
         print("xwamp server: --allow-alt2 needs --ipsec", file=sys.stderr)
         return 2
     # The IPsec key modes go with a keyed security mode (ALT1/ALT2) or any (IPSEC_BOUND).
     names = args.mode or (["unauth", "auth", "enc", "mixed"] if ks or args.ipsec else ["unauth"])
+    if args.ike_keys and not any(n != "unauth" for n in names):
+        print("xwamp server: --ike-keys needs a keyed --mode (auth, enc or mixed: RFC 7717 §5.1)", file=sys.stderr)
+        return 2
     # TWAMP capabilities the server implements (OWAMP drops them: modes.offerable):
     # RFC 5938 individual session control, RFC 6038 Reflect Octets and Symmetrical Size.
     modes = int(md.Mode.INDIVIDUAL_SESSION_CONTROL | md.Mode.REFLECT_OCTETS | md.Mode.SYMMETRICAL_SIZE)
     for n in names:
         modes |= md.by_name(n).bit
-    shown = list(names)
+    if args.ike_keys:  # RFC 7717 §5.2: the Modes bit alone says so (TWAMP 128, OWAMP 16)
+        modes |= int(md.Mode.IKEV2_DERIVED) | md.OWAMP_IKEV2_DERIVED
+    shown = list(names) + (["rfc7717"] if args.ike_keys else [])
     if args.ipsec:
         from agent.binder import announce as bd
 
@@ -126,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
             for lst in listeners:
                 await lst.start()
                 for a in lst.addresses:
+                    # mixed is TWAMP only (RFC 5618): the OWAMP greeting never offers it
+                    here = [n for n in shown if lst.twamp or n != "mixed"]
                     print(f"xwamp server: {'TWAMP' if lst.twamp else 'OWAMP'} on {a[0]} port {a[1]}, "
-                          f"modes {', '.join(shown)}", flush=True)
+                          f"modes {', '.join(here)}", flush=True)
             await wait_until_stopped(args.duration)
         finally:
             for lst in listeners:

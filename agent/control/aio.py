@@ -34,8 +34,24 @@ OWAMP_PORT = 861
 READ_CHUNK = 65536
 
 
+def setup_refusal(accept: int, mode: int) -> str:
+    """Server-Start's Accept in words. In a keyed mode, 1 answers our Token: the server
+    could not open it with the key for our KeyID (RFC 4656 §3.1), i.e. a wrong identity or
+    passphrase; say so rather than "failure"."""
+    from agent.control import modes as md
+
+    keyed = any(sm.control_crypto for sm in md.security_bits(mode))
+    if accept == m.ACCEPT_FAILURE and keyed:
+        return "authentication failed (wrong identity or passphrase?)"
+    return m.SERVER_START_ACCEPT_NAMES.get(accept, f"Accept {accept}")
+
+
 class ControlError(Exception):
     """A control conversation failed (refused, peer error, timeout). Safe to print."""
+
+
+class ConnectionLost(ControlError):
+    """The server closed or reset the control connection while we waited for an answer."""
 
 
 class GreetingRefused(ControlError):
@@ -464,7 +480,7 @@ class AsyncControlClient:
                         raise GreetingRefused(self.cli.refusal)
                     raise ControlError(f"protocol error: {e.reason}")
                 if isinstance(e, ev.SetupRefused):
-                    raise ControlError(f"server refused the connection: {m.ACCEPT_NAMES[e.accept]}")
+                    raise ControlError(f"server refused the connection: {setup_refusal(e.accept, self.cli.mode)}")
             if self.cli.closed:
                 raise ControlError("connection closed")
             left = deadline - loop.time()
@@ -475,9 +491,9 @@ class AsyncControlClient:
             except asyncio.TimeoutError:
                 raise ControlError(f"timed out waiting for {kind.__name__}") from None
             except OSError as e:
-                raise ControlError(f"connection error: {e}") from None
+                raise ConnectionLost(f"connection error: {e}") from None
             if not data:
-                raise ControlError("server closed the connection")
+                raise ConnectionLost("server closed the connection")
             self._events.extend(self.cli.receive_data(data))
 
     async def request_tw_session(self, req: m.RequestTWSession) -> ev.SessionAccepted:

@@ -90,7 +90,13 @@ class ControlClient(_Conn):
         self.greeting = g
         if g.modes == 0:
             raise ProtocolError("server offers no modes (it does not wish to talk)")
-        sec_bit = md.choose(g.modes, self.wanted, self.twamp)
+        offered = g.modes
+        pick = getattr(self._key_source, "filter_offer", None)
+        if pick is not None:  # e.g. RFC 7717 §5.1: no IKE SA for this peer -> fall back
+            pre = HandshakeContext("client", "twamp" if self.twamp else "owamp", self.local, self.peer, 0,
+                                   g.salt, g.count, g.unused)
+            offered = self._key_hook(pick, pre, offered)
+        sec_bit = md.choose(offered, self.wanted, self.twamp)
         if sec_bit is None:
             raise ProtocolError(f"server offers modes {g.modes:#x}, none of {self.wanted}")
         sec, _key, _ = md.split_mode(sec_bit, self.twamp)  # sec_bit may include a key-mode bit
@@ -144,7 +150,9 @@ class ControlClient(_Conn):
                     client_iv: bytes) -> list[ev.Event]:
         """Set-Up-Response with the Token; our direction is encrypted from now on (RFC 4656 §3.1)."""
         token, keys = made
-        self._out += m.SetUpResponse(mode, self.key_id, token, client_iv).pack()
+        octets = getattr(self._key_source, "key_id_octets", None)
+        raw = octets(self._ctx) if octets is not None else None  # RFC 7717 §5.3: SPIi | SPIr
+        self._out += m.SetUpResponse(mode, self.key_id, token, client_iv, raw or b"").pack()
         self._keys = keys
         self._test_plane_secure = test_auth
         self._send = SendStream(keys, client_iv)
@@ -157,9 +165,11 @@ class ControlClient(_Conn):
             if not self._have(m.ServerStart.SIZE if self._keys is None else m.ServerStart.CLEAR):
                 return None
             head = self._recv.take(32)
-            accept = m.read_accept(head[15])  # RFC 4656 §3.3: an unknown value reads as 1
+            accept = head[15]
+            if accept != m.ACCEPT_NO_IKE_SA:  # RFC 7717 §5.3's 6 exists for Server-Start
+                accept = m.read_accept(accept)  # RFC 4656 §3.3: an unknown value reads as 1
             if accept != m.ACCEPT_OK:
-                self.close(f"server refused: {m.ACCEPT_NAMES[accept]}")  # row.refused: CLOSED
+                self.close(f"server refused: {m.SERVER_START_ACCEPT_NAMES[accept]}")  # row.refused: CLOSED
                 return [ev.SetupRefused(accept)]
             if self._keys is not None:
                 self._switch_recv(RecvStream(self._keys, head[16:32]))

@@ -42,6 +42,22 @@ Optional hooks, discovered with ``getattr`` so a plain passphrase source needs n
 (RFC 7717, IPSEC_BOUND, ALT1, ALT2: agent.control.modes.register_key_mode)
 the client picked and answers only for that.
 
+``key_id_octets(ctx) -> bytes | None``    (client side)
+    The KeyID octets to send instead of the UTF-8 identity, for key modes whose KeyID is
+    binary (RFC 7717 §5.3: SPIi | SPIr | zeros).
+
+``filter_offer(ctx, modes) -> int``    (client side, before the mode is chosen)
+    Drop offered key-mode bits this source cannot serve on this connection, e.g. RFC 7717
+    with no IKE SA for the peer: the client then "proceeds with the modes defined in
+    [RFC4656], [RFC5357], and [RFC5618]" (RFC 7717 §5.1).
+
+``serves_key_mode(bit, protocol) -> bool``    (server side)
+    Whether this source keys that key-mode bit; a key mode needing no greeting
+    announcement (RFC 7717) is offered only when some source says yes.
+
+A hook may raise :class:`SetupRefused` to answer Server-Start with a given Accept value
+(RFC 7717 §5.3: Accept=6 when the KeyID's IKE SA is unknown).
+
 ``validate(ctx)`` (client) / ``forget(ctx)``
     Check the greeting once the mode is chosen (raise to refuse it, e.g. the binder's
     check of the announced SA pair against our kernel); drop per-connection state.
@@ -93,6 +109,7 @@ class HandshakeContext:
     salt: bytes = b""
     count: int = 0
     greeting_unused: bytes = bytes(12)  # the Server-Greeting's Unused field as sent/received
+    key_id_raw: bytes = b""  # server: the Set-Up-Response's 80 KeyID octets, as received
 
     @property
     def ipsec_hint(self) -> tuple[int, int] | None:
@@ -110,6 +127,14 @@ class KeySource(Protocol):
 
 class TokenRejected(Exception):
     """Raised by an ``open_token`` hook: the Token does not prove key possession."""
+
+
+class SetupRefused(Exception):
+    """Raised by a key-source hook on the server: answer Server-Start with ``accept``."""
+
+    def __init__(self, accept: int, reason: str) -> None:
+        super().__init__(reason)
+        self.accept = accept
 
 
 class KeyFileError(ValueError):
@@ -229,6 +254,24 @@ class ChainedKeySource:
             if f is not None and (v := f(key_id, ctx, challenge, token)) is not None:
                 return v
         return None
+
+    def serves_key_mode(self, bit: int, protocol: str) -> bool:
+        return any(f(bit, protocol) for s in self.sources
+                   if (f := getattr(s, "serves_key_mode", None)) is not None)
+
+    def key_id_octets(self, ctx: HandshakeContext) -> bytes | None:
+        for s in self.sources:
+            f = getattr(s, "key_id_octets", None)
+            if f is not None and (v := f(ctx)) is not None:
+                return v
+        return None
+
+    def filter_offer(self, ctx: HandshakeContext, modes: int) -> int:
+        for s in self.sources:
+            f = getattr(s, "filter_offer", None)
+            if f is not None:
+                modes = f(ctx, modes)
+        return modes
 
     def validate(self, ctx: HandshakeContext) -> object | None:
         """Client: every source that checks greetings does (each answers only for its own

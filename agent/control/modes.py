@@ -190,5 +190,7 @@ def choose(offered: int, wanted: list[str], twamp: bool) -> int | None:
     return None
 
 
-register_key_mode(KeyMode(Mode.IKEV2_DERIVED, "rfc7717", owamp=False, twamp=True))
-register_key_mode(KeyMode(OWAMP_IKEV2_DERIVED, "rfc7717", owamp=True, twamp=False))
+# RFC 7717 §5.2: the Modes bit alone signals support; nothing rides in the greeting's
+# Unused field, so the bit is offered whenever configured (announced=False).
+register_key_mode(KeyMode(Mode.IKEV2_DERIVED, "rfc7717", owamp=False, twamp=True, announced=False))
+register_key_mode(KeyMode(OWAMP_IKEV2_DERIVED, "rfc7717", owamp=True, twamp=False, announced=False))

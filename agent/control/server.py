@@ -44,6 +44,7 @@ from agent.control.keyring import (
     HandshakeContext,
     IPAddress,
     Pbkdf2Job,
+    SetupRefused,
     TokenRejected,
     hooked_open_token,
     open_client_token,
@@ -151,10 +152,12 @@ class ControlServer(_Conn):
         unused = bytes(extra) if extra else bytes(12)
         if len(unused) != 12:
             raise ValueError("greeting_extra must return 12 octets")
-        if not any(unused):  # no announcement: nothing to key the announced modes from
-            for b, k in md.key_modes(twamp).items():
-                if k.announced:
-                    offered &= ~int(b)  # int: ~ on an IntFlag only spans its members
+        serves = getattr(key_source, "serves_key_mode", None)
+        for b, k in md.key_modes(twamp).items():
+            if k.announced and not any(unused):  # no announcement: nothing to key the announced modes from
+                offered &= ~int(b)  # int: ~ on an IntFlag only spans its members
+            elif not k.announced and not (serves is not None and serves(b, ctx.protocol)):
+                offered &= ~int(b)  # e.g. RFC 7717 without an IKE key source
         self._ctx = HandshakeContext(ctx.role, ctx.protocol, local, peer, 0, salt, config.count, unused)
         self.offered = int(offered)
         self.greeting = m.ServerGreeting(offered, challenge, salt, config.count, unused)
@@ -190,7 +193,7 @@ class ControlServer(_Conn):
         self.mode = resp.mode
         self.key_id = resp.key_id
         ctx = HandshakeContext(self._ctx.role, self._ctx.protocol, self.local, self.peer, resp.mode,
-                               self.greeting.salt, self.greeting.count, self.greeting.unused)
+                               self.greeting.salt, self.greeting.count, self.greeting.unused, resp.key_id_raw)
         self._ctx = ctx
         if not sec.control_crypto:
             return self._start_control(None, sec.test_auth, resp.client_iv)
@@ -205,6 +208,8 @@ class ControlServer(_Conn):
             key = None if keys is not None else token_key_or_job(self._key_source, resp.key_id, ctx)
         except TokenRejected:
             return self._auth_failed("bad_token", "authentication failed")
+        except SetupRefused as e:  # e.g. RFC 7717 §5.3: no IKE SA for the KeyID -> Accept=6
+            return self._reject_setup(e.accept, str(e))
         except Exception:
             log.exception("key source failed")
             return self._reject_setup(m.ACCEPT_INTERNAL_ERROR, "key source failed")

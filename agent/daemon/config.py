@@ -15,6 +15,7 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -27,6 +28,9 @@ SECURITY_MODES = ("unauth", "auth", "enc", "mixed")
 # their keys from the SA the session runs in, so they need no keyfile.
 KEY_MODES = ("ipsec-bound", "ipsec-alt1", "ipsec-alt2", "rfc7717")
 IPSEC_KEY_MODES = ("ipsec-bound", "ipsec-alt1", "ipsec-alt2")
+# Modes keyed without a passphrase: the IPsec modes from the SA, RFC 7717 from agent.ike_keys.
+NO_SECRET_KEY_MODES = IPSEC_KEY_MODES + ("rfc7717",)
+RFC7717_KDFS = ("pbkdf2", "direct")
 SCHEDULES = ("fixed", "poisson")
 DEFAULT_SERVER_MODES = ("unauth", "unauth+ipsec-bound", "auth+ipsec-alt1", "enc+ipsec-alt1")
 
@@ -53,6 +57,15 @@ class AgentSection:
     log_level: str = "info"
     netns: str | None = None  # run the whole agent (sockets and XFRM) in this named netns
     sa_refresh_interval: float = 15.0  # seconds between SA re-dumps (kernel counters, missed events)
+    # IKE key-source JSON (agent/binder/keysource.py). With it, RFC 7717 is on: the server
+    # offers it with each keyed mode and sessions select it first (agent.binder.rfc7717).
+    ike_keys: str | None = None
+    rfc7717: bool = True  # false: keep the IKE file for the IPsec modes' Root = SKEYSEED only
+    rfc7717_kdf: str = "pbkdf2"  # docs/wire-format.md §4.4: "pbkdf2" | "direct"
+
+    @property
+    def rfc7717_on(self) -> bool:
+        return self.ike_keys is not None and self.rfc7717
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +269,19 @@ def _check_file(path: str) -> str | None:
     return None
 
 
+def _check_ike_file(path: str) -> str | None:
+    """The IKE key file must load now (mode 0600, valid JSON), not at the first connection."""
+    from agent.binder.keysource import FileIKEKeySource, KeySourceError
+
+    try:
+        FileIKEKeySource(path)
+    except KeySourceError as e:
+        return str(e)
+    except OSError as e:
+        return f"{path!r}: {e.strerror or e}"
+    return None
+
+
 def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
     protocol = vd.choice("protocol", PROTOCOLS, base.protocol)
     modes = vd.str_list("mode", base.modes)
@@ -267,7 +293,7 @@ def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
             raise ConfigError(vd.source, f"{vd.k('mode')}" + (f"[{i}]" if len(modes) > 1 else ""), why)
     keyfile = vd.get("keyfile", str, base.keyfile, _check_file)
     user = vd.get("user", str, base.user, lambda v: None if 0 < len(v.encode()) <= 80 else "must be 1..80 octets (RFC 4656 KeyID)")
-    needs_secret = [mname for mname in modes if mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in IPSEC_KEY_MODES]
+    needs_secret = [mname for mname in modes if mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in NO_SECRET_KEY_MODES]
     if needs_secret and (keyfile is None or user is None):
         missing = "keyfile" if keyfile is None else "user"
         raise vd.err(missing, f"mode {needs_secret[0]!r} needs a shared secret: set keyfile and user")
@@ -317,7 +343,15 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         log_level=a.choice("log_level", LOG_LEVELS, "info"),
         netns=a.get("netns", str, None, lambda v: None if v and "/" not in v else f"{v!r} is not a netns name"),
         sa_refresh_interval=a.positive("sa_refresh_interval", 15.0, 3600.0),
+        ike_keys=a.get("ike_keys", str, None, _check_ike_file),
+        rfc7717=a.get("rfc7717", bool, True),
+        rfc7717_kdf=a.choice("rfc7717_kdf", RFC7717_KDFS, "pbkdf2"),
     )
+    for where in ("agent", "server"):  # the old opt-in name (issue 13): point to the new one
+        if isinstance(doc.get(where), dict) and "rfc7717_unverified" in doc[where]:
+            raise ConfigError(source, f"{where}.rfc7717_unverified",
+                              "renamed: RFC 7717 is on whenever agent.ike_keys names an IKE key file "
+                              "(agent.rfc7717 = false turns it off)")
     a.done()
 
     s = _V(source, "server", root.get("server", dict, {}))
@@ -353,7 +387,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
     )
     if server.enabled and server.twamp and server.owamp and server.twamp_port == server.owamp_port:
         raise ConfigError(source, "server.owamp_port", f"{server.owamp_port} is also server.twamp_port")
-    if any(mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in IPSEC_KEY_MODES
+    if any(mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in NO_SECRET_KEY_MODES
            for mname in server_modes) and server.keyfile is None and server.enabled:
         raise ConfigError(source, "server.keyfile", "modes auth/enc/mixed without an IPsec key mode need a keyfile")
     s.done()
@@ -407,6 +441,21 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
     d.used.update(_SESSION_KEYS)
     d.done()
     root.done()
+    wants_ike = [m for m in server.modes + tuple(x for p in peers for x in p.session.modes) + discovery.session.modes
+                 if m.endswith("+rfc7717")]
+    if wants_ike and not agent.rfc7717_on:
+        raise ConfigError(source, "agent.ike_keys", f"mode {wants_ike[0]!r} needs agent.ike_keys (and agent.rfc7717)")
+    if agent.rfc7717_on:
+        from agent.binder.rfc7717 import with_rfc7717
+
+        # RFC 7717 §1: "SHOULD be used instead of shared secrets" -- offered and selected first
+        server = _replace(server, modes=tuple(dict.fromkeys(
+            server.modes + tuple(f"{sec}+rfc7717" for sec in dict.fromkeys(m.partition("+")[0] for m in server.modes)
+                                 if sec != "unauth"))))
+        peers = [_replace(p, session=_replace(p.session, modes=with_rfc7717(p.session.modes, bool(p.session.keyfile))))
+                 for p in peers]
+        discovery = _replace(discovery, session=_replace(discovery.session, modes=with_rfc7717(
+            discovery.session.modes, bool(discovery.session.keyfile))))
     return Config(source=source, agent=agent, server=server, exporter=exporter, peers=tuple(peers), discovery=discovery)
 
 

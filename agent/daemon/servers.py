@@ -40,7 +40,7 @@ class ControlServers:
             bits |= int(md.by_name(sec).bit)
             if key:
                 for b, k in md.key_modes(twamp).items():
-                    if k.name == key or (key == "rfc7717" and k.name.startswith("rfc7717")):
+                    if k.name == key:
                         bits |= b
         return md.offerable(bits, twamp)
 
@@ -53,6 +53,8 @@ class ControlServers:
 
         s = self.section
         sources: list[Any] = []
+        if self.daemon.rfc7717_keys is not None:  # first: it answers only for the RFC 7717 bit
+            sources.append(self.daemon.rfc7717_keys)
         if self.runtime is not None:
             sources.append(self.runtime.keys)  # the reflectors read back the bindings it made
         if s.keyfile:

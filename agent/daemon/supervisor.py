@@ -135,6 +135,7 @@ class Daemon:
         self.table = SATable()
         self.policies: Any = None  # agent.sessions.bound.PolicyMap, with the binder
         self.runtime: Any = None  # agent.sessions.bound.BinderRuntime
+        self._rfc7717: tuple[Any, Any] | None = None  # (agent section, RFC7717KeySource)
         self.binder: Any = None
         self.metrics = metrics or MetricsState(config.exporter.buckets, config.exporter.ipdv_buckets)
         self._runner_factory = runner_factory
@@ -484,10 +485,27 @@ class Daemon:
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
+    @property
+    def rfc7717_keys(self) -> Any:
+        """agent.binder.rfc7717.RFC7717KeySource over agent.ike_keys, or None (kept across
+        reloads while [agent]'s IKE settings are unchanged)."""
+        a = self.config.agent
+        if not a.rfc7717_on:
+            return None
+        if self._rfc7717 is None or self._rfc7717[0] != (a.ike_keys, a.rfc7717_kdf):
+            from agent.binder.keysource import FileIKEKeySource
+            from agent.binder.rfc7717 import RFC7717KeySource
+
+            self._rfc7717 = ((a.ike_keys, a.rfc7717_kdf),
+                             RFC7717KeySource(FileIKEKeySource(a.ike_keys), a.rfc7717_kdf))  # type: ignore[arg-type]
+        return self._rfc7717[1]
+
     def _client_key_source(self, spec: SessionSpec) -> Any:
         from agent.control import keyring
 
         sources: list[Any] = []
+        if self.rfc7717_keys is not None:  # RFC 7717 first; it answers only for its own bit
+            sources.append(self.rfc7717_keys)
         if self.runtime is not None:
             sources.append(self.runtime.keys)  # shared: the runner reads back the binding it made
         if spec.session.keyfile:

@@ -61,6 +61,7 @@ class ReceiverCounters(Counters):
     duplicates: int = 0
     out_of_range: int = 0  # seq >= expected count
     invalid_time: int = 0  # RFC 4656 §4.2: send time more than Timeout off
+    bad_error_estimate: int = 0  # RFC 4656 §4.1.2: Multiplier 0, "considered corrupt and discarded"
 
 
 class OwampReceiver:
@@ -105,6 +106,11 @@ class OwampReceiver:
             return None
         except PacketError:
             c.short += 1
+            return None
+        if not p.error_estimate & 0xFF:
+            # RFC 4656 §4.1.2: "Multiplier MUST NOT be set to zero. If Multiplier is zero, the
+            # packet SHOULD be considered corrupt and discarded."
+            c.bad_error_estimate += 1
             return None
         if self.expected is not None and p.seq >= self.expected:
             c.out_of_range += 1

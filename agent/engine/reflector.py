@@ -63,6 +63,7 @@ class ReflectorCounters(Counters):
     bad_hmac: int = 0  # failed authentication (tampered or wrong key)
     malformed_tlv: int = 0  # STAMP TLV block that did not parse (reflected as padding)
     tlv_hmac_failed: int = 0  # RFC 8972 HMAC TLV present and wrong (I flag set)
+    bad_error_estimate: int = 0  # TWAMP: sender Error Estimate Multiplier 0 (RFC 4656 §4.1.2)
 
     @property
     def dropped(self) -> int:
@@ -162,6 +163,9 @@ class ReflectorSession:
             c.short += 1
             return None
         sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
+        if not serr & 0xFF:  # RFC 4656 §4.1.2 (RFC 5357 reuses it): Multiplier 0 = corrupt, discard
+            c.bad_error_estimate += 1
+            return None
         seq = self.seq
         self.seq = (seq + 1) & 0xFFFFFFFF
         err = self._err.get(rx_ns)
@@ -199,6 +203,9 @@ class ReflectorSession:
             c.bad_hmac += 1
             return None
         sseq, sts, serr = S_SENDER_AUTH.unpack_from(plain)
+        if not serr & 0xFF:  # RFC 4656 §4.1.2 (RFC 5357 reuses it): Multiplier 0 = corrupt, discard
+            c.bad_error_estimate += 1
+            return None
         seq = self.seq
         self.seq = (seq + 1) & 0xFFFFFFFF
         err = self._err.get(rx_ns)

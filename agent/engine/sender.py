@@ -155,6 +155,7 @@ class SenderCounters(Counters):
     unknown_seq: int = 0  # replies to a sequence number we never sent
     reflect_mismatch: int = 0  # RFC 6038: replies whose reflected octets differ from what we sent
     tx_stamp_rejected: int = 0  # kernel TX stamps before the packet's own user T1: a misattributed OPT_ID key
+    bad_error_estimate: int = 0  # TWAMP reply with Error Estimate Multiplier 0 (RFC 4656 §4.1.2)
 
 
 class TestSender:
@@ -273,6 +274,11 @@ class TestSender:
             return None
         except PacketError:
             self.counters.malformed += 1
+            return None
+        if self.proto is not Proto.STAMP and not r.error_estimate & 0xFF:
+            # RFC 4656 §4.1.2: "If Multiplier is zero, the packet SHOULD be considered corrupt
+            # and discarded" (TWAMP reuses the field, RFC 5357 §4.2.1).
+            self.counters.bad_error_estimate += 1
             return None
         rec = self._records.get(r.sender_seq)
         if rec is None:

@@ -90,6 +90,24 @@ def peer_key(addr: tuple) -> tuple[str, int]:
     return host, addr[1]
 
 
+TEST_TTL = 255
+
+
+def set_test_ttl(s: socket.socket, fam: int) -> None:
+    """TTL / Hop Limit 255 on every test packet. RFC 4656 §4.1.2: "The sender SHOULD set the
+    TTL in IPv4 (or Hop Limit in IPv6) in the UDP packet to 255"; peers report hops as
+    255 - TTL (RFC 5357's Sender TTL field carries what the reflector received; its text
+    was not reachable here). A dual-stack socket sends v4-mapped traffic with IP_TTL."""
+    opts = [(_SOL_IP, socket.IP_TTL)]
+    if fam == socket.AF_INET6:
+        opts.append((_SOL_IPV6, socket.IPV6_UNICAST_HOPS))
+    for level, opt in opts:
+        try:
+            s.setsockopt(level, opt, TEST_TTL)
+        except OSError:
+            pass  # an IPv6-only socket has no IPv4 TTL
+
+
 def open_udp_socket(local: tuple[str, int], *, family: int | None = None, dscp: int | None = None,
                     rcvbuf: int = 1 << 21, sndbuf: int = 1 << 21) -> socket.socket:
     """A non-blocking UDP socket bound to ``local`` (dual-stack when bound to '::')."""
@@ -111,6 +129,7 @@ def open_udp_socket(local: tuple[str, int], *, family: int | None = None, dscp: 
                     pass
         if dscp is not None:
             set_dscp(s, dscp)
+        set_test_ttl(s, fam)
         s.bind((host, local[1]))
         s.setblocking(False)
     except BaseException:
@@ -190,7 +209,8 @@ class _RateLimitedLog:
         now = time.monotonic()
         if now - self._last < self.interval:
             return
-        delta = {k: counters[k] - self._prev.get(k, 0) for k in what if counters[k] - self._prev.get(k, 0)}
+        # .get: an endpoint with no session (or none of that kind) lacks e.g. "bad_hmac"
+        delta = {k: d for k in what if (d := counters.get(k, 0) - self._prev.get(k, 0))}
         if delta:
             log.warning("%s: dropped test packets in the last %.0f s: %s", self.name, now - self._last if self._last else 0, delta)
             self._prev = dict(counters)

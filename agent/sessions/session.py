@@ -14,6 +14,7 @@ events (one instance per control connection). Client side: :func:`twamp_ping` an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 from agent.control import events as ev
 from agent.control import messages as m
-from agent.control.aio import AsyncControlClient, ControlError, family_of
+from agent.control.aio import AsyncControlClient, ConnectionLost, ControlError, family_of
 from agent.control.modes import Mode
 from agent.control.server import ControlServer
 from agent.engine import udp
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 _NS = 1_000_000_000
 NTP_SECOND = 1 << 32
 START_LEAD_S = 0.2  # OWAMP Start Time = now + this when requesting
+STOP_MARGIN_NS = 50_000_000  # RFC 4656 §3.8's "small increment" after Timeout before Stop-Sessions
 
 
 async def _started_endpoint(cls: type, host: str, port: int):
@@ -138,14 +140,38 @@ class _TwSession:
     ep: TwampReflectorEndpoint
     peer: tuple[str, int]
     request: m.RequestTWSession
-    timer: asyncio.TimerHandle | None = None  # pending start at the request's Start Time
+    timer: asyncio.TimerHandle | None = None  # unused since StartGate; kept for subclasses
     policer: ReflectPolicer | None = None
+    gate: "StartGate | None" = None
 
     def counters(self) -> dict[str, int]:
         c = self.ep.counters()
         if self.policer is not None:
             c.update(self.policer.counters())
+        if self.gate is not None:
+            c["before_start"] = self.gate.early
         return c
+
+
+class StartGate:
+    """Wraps a reflector session's ``reflect`` until Start Time: a packet received (by its
+    receive stamp) before Start Time is not answered (RFC 5357 §3.5, "not before"); the
+    first one at or after it removes the gate, so the hot path is the plain one again."""
+
+    __slots__ = ("sess", "inner", "not_before_ns", "early")
+
+    def __init__(self, sess, not_before_ns: int) -> None:
+        self.sess = sess
+        self.inner = sess.reflect
+        self.not_before_ns = not_before_ns
+        self.early = 0
+
+    def __call__(self, data: bytes, rx_ns: int, *rest):
+        if rx_ns < self.not_before_ns:
+            self.early += 1
+            return None
+        self.sess.reflect = self.inner
+        return self.inner(data, rx_ns, *rest)
 
 
 class TwampHandler:
@@ -202,15 +228,15 @@ class TwampHandler:
         now = time.time_ns()
         for sid in sids:
             s = self.sessions[sid]
-            if sid in self.active or s.timer is not None:
+            if sid in self.active:
                 continue
             at = _start_ns(s.request.start_time)
-            if at is not None and at > now:  # RFC 5357 §3.5: a later Start Time wins
-                s.timer = self._loop.call_later((at - now) / 1e9, self._activate, sid)
-            else:
-                self._activate(sid)
+            # RFC 5357 §3.5: a later Start Time wins. The session is registered now and each
+            # packet is judged by its receive stamp against Start Time (StartGate): a timer
+            # firing at Start Time lost packets that arrived within a loop turn of it.
+            self._activate(sid, at if at is not None and at > now else None)
 
-    def _activate(self, sid: bytes) -> None:
+    def _activate(self, sid: bytes, not_before_ns: int | None = None) -> None:
         s = self.sessions.get(sid)
         if s is None or sid in self.active:
             return
@@ -227,6 +253,10 @@ class TwampHandler:
             # method, so the reflector's hot path stays as it is when no cap is set.
             s.policer = ReflectPolicer(sess.reflect, cfg.max_rate, cfg.max_reflected)
             sess.reflect = s.policer  # type: ignore[method-assign]
+        if not_before_ns is not None:
+            sess.last_rx_ns = not_before_ns  # REFWAIT counts from Start Time
+            s.gate = StartGate(sess, not_before_ns)
+            sess.reflect = s.gate  # type: ignore[method-assign]
         self.active.add(sid)
         if self._refwait_task is None:
             self._refwait_task = self._loop.create_task(self._watch_refwait())
@@ -358,8 +388,13 @@ class OwampHandler:
                 return
             recs = fetch_records(s.receiver, e.fetch.begin_seq, e.fetch.end_seq, s.next_seqno)
             nxt = s.next_seqno if s.next_seqno is not None else s.request.num_packets
+            # RFC 4656 §3.9: "A reproduction of the Request-Session command ... modified so that
+            # actual sender and receiver port numbers that were used ... always appear in the
+            # reproduction"; and the SID the session ran under, not the request's zeros.
+            used = dataclasses.replace(s.request, sid=s.sid, receiver_port=s.receiver_ep.port if s.receiver_ep
+                                       else s.request.receiver_port)
             srv.send_fetch_response(m.FetchAck(m.ACCEPT_OK, s.next_seqno is not None, nxt, 0, len(recs)),
-                                    s.request, (), recs)
+                                    used, (), recs)
 
     async def stop_sessions(self, timeout: float = 2.0) -> tuple[m.SessionDescription, ...]:
         """Stop the sessions we send and describe them for Stop-Sessions: RFC 4656 §3.8
@@ -542,7 +577,13 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
         req = m.RequestTWSession(local_ip, peer_ip, sock.getsockname()[1], opt.test_port, padding_length=pad,
                                  timeout=_duration_ntp(opt.wait), type_p=m.typep_from_dscp(opt.dscp),
                                  octets_to_reflect=token, reflect_length=reflect)
-        acc = await conn.request_tw_session(req)
+        try:
+            acc = await conn.request_tw_session(req)
+        except ConnectionLost as e:
+            # An OWAMP server greets like a TWAMP one (RFC 4656 §3.1) and only drops the
+            # connection at Request-TW-Session, a command OWAMP does not have.
+            raise ControlError(f"{e} at Request-TW-Session: port {conn.peer[1]} does not speak TWAMP-Control "
+                               f"(an OWAMP server? TWAMP-Control is TCP 862, OWAMP-Control 861)") from None
         if not acc.ok:
             raise ControlError(f"session refused: {m.ACCEPT_NAMES[acc.accept.accept]}")
         if reflect and acc.accept.reflected_octets != token:  # RFC 6038 §4.1: echoed as sent
@@ -654,7 +695,17 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
             hardware=False, start_ns=start_ns, stop=stop)  # late: catch up, later packets stay on schedule
         loop = asyncio.get_running_loop()
         end = loop.time() + opt.wait + opt.interval
-        while loop.time() < end and len(receiver.records) < opt.count and not (stop and stop.is_set()):
+        # RFC 4656 §3.8: the receiver "MUST discard any packet records ... with a (computed)
+        # send time that falls between the current time minus Timeout and the current time",
+        # and "each side ... SHOULD wait until all sessions are complete before sending the
+        # Stop-Sessions message", complete being "Timeout after the scheduled time for the
+        # last sequence number" (plus "a small increment"). Our last packet's send time is at
+        # or after its scheduled time, so Stop-Sessions goes no earlier than that + Timeout.
+        fwd_done_ns = max((r.t1_ns for r in sent), default=time.time_ns()) + int(opt.wait * _NS) + STOP_MARGIN_NS
+        while not (stop and stop.is_set()):
+            rev_done = len(receiver.records) >= opt.count or loop.time() >= end
+            if rev_done and time.time_ns() >= fwd_done_ns:
+                break
             await asyncio.sleep(0.01)
         stop = await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(fwd.accept.sid, len(sent)),))
         their_sent = opt.count

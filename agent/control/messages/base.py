@@ -38,6 +38,9 @@ ACCEPT_INTERNAL_ERROR = 2
 ACCEPT_NOT_SUPPORTED = 3
 ACCEPT_PERMANENT_LIMIT = 4
 ACCEPT_TEMPORARY_LIMIT = 5
+# RFC 7717 §5.3: "the O/TWAMP Server SHOULD set the Accept field of the Server-Start
+# message to the value 6" when it cannot find the IKEv2 SA named by the KeyID's SPIs.
+ACCEPT_NO_IKE_SA = 6
 ACCEPT_NAMES = {
     0: "OK",
     1: "failure",
@@ -46,6 +49,9 @@ ACCEPT_NAMES = {
     4: "permanent resource limitation",
     5: "temporary resource limitation",
 }
+# Server-Start only: RFC 7717's 6 (IANA registers no Accept values; 7717 §5.3 defines it
+# for this one message).
+SERVER_START_ACCEPT_NAMES = {**ACCEPT_NAMES, ACCEPT_NO_IKE_SA: "no IKEv2 SA for the KeyID's SPIs (RFC 7717)"}
 
 
 def _check_accept(v: int) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from agent.control.messages.base import (
+    ACCEPT_NO_IKE_SA,
     KEYID_LEN,
     TOKEN_LEN,
-    ProtocolError,
     _check_accept,
     read_accept,
     _fixed,
@@ -70,7 +70,10 @@ _SETUP = struct.Struct("!I80s64s16s")
 
 @dataclass(frozen=True, slots=True)
 class SetUpResponse:
-    """Set-Up-Response, 164 octets. KeyID is UTF-8, zero padded (RFC 4656 §3.1)."""
+    """Set-Up-Response, 164 octets. KeyID is UTF-8, zero padded (RFC 4656 §3.1), except in
+    RFC 7717's mode, where it is binary: SPIi (8) | SPIr (8) | zeros (RFC 7717 §5.3).
+    ``key_id_raw`` is the 80-octet field as it goes on the wire; when given to the
+    constructor it is sent instead of ``key_id``."""
 
     SIZE: ClassVar[int] = 164
 
@@ -78,25 +81,26 @@ class SetUpResponse:
     key_id: str = ""
     token: bytes = bytes(TOKEN_LEN)
     client_iv: bytes = bytes(16)
+    key_id_raw: bytes = field(default=b"", compare=False)
 
     def __post_init__(self) -> None:
         _u32(self.mode, "mode")
-        if len(self.key_id.encode("utf-8")) > KEYID_LEN:
+        if len(self.key_id_raw or self.key_id.encode("utf-8")) > KEYID_LEN:
             raise ValueError("KeyID longer than 80 octets")
         _fixed(self.token, TOKEN_LEN, "token")
         _fixed(self.client_iv, 16, "client IV")
 
     def pack(self) -> bytes:
-        return _SETUP.pack(self.mode, self.key_id.encode("utf-8"), self.token, self.client_iv)
+        kid = self.key_id_raw or self.key_id.encode("utf-8")
+        return _SETUP.pack(self.mode, kid, self.token, self.client_iv)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "SetUpResponse":
         mode, kid, token, iv = _SETUP.unpack(_need(data, 164, "Set-Up-Response"))
-        try:
-            key_id = kid.rstrip(b"\0").decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("KeyID is not UTF-8") from None
-        return cls(mode, key_id, token, iv)
+        # A binary KeyID (RFC 7717 §5.3: SPIs) is no error here: the key source reads
+        # key_id_raw; as an identity it simply matches no passphrase (Accept=1).
+        key_id = kid.rstrip(b"\0").decode("utf-8", "replace")
+        return cls(mode, key_id, token, iv, kid)
 
     def __repr__(self) -> str:  # the token is encrypted key material: keep it out of logs
         return f"SetUpResponse(mode={self.mode}, key_id={self.key_id!r})"
@@ -118,7 +122,8 @@ class ServerStart:
     start_time: int = 0  # NTP 64-bit
 
     def __post_init__(self) -> None:
-        _check_accept(self.accept)
+        if self.accept != ACCEPT_NO_IKE_SA:  # RFC 7717 §5.3's 6 exists for Server-Start
+            _check_accept(self.accept)
         _fixed(self.server_iv, 16, "server IV")
 
     def pack(self) -> bytes:
@@ -127,6 +132,7 @@ class ServerStart:
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "ServerStart":
         _mbz, accept, iv, start, _mbz2 = _SSTART.unpack(_need(data, 48, "Server-Start"))
-        return cls(read_accept(accept), iv, start)
+        # RFC 7717 §5.3's 6 (no IKE SA) exists for Server-Start; any other unknown value reads as 1.
+        return cls(accept if accept == ACCEPT_NO_IKE_SA else read_accept(accept), iv, start)
 
 
