@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 from collections import deque
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def kernel_sas() -> list:
     for raw in by_label("dump:sa"):
         feed_dump(raw, 77, C.XFRM_MSG_NEWSA, result)
     return list(result.items)
+
+
+def with_spi(raw: bytes, spi: int) -> bytes:
+    """A recorded one-message NEWSA notification, for another SPI (xfrm_usersa_info.id.spi,
+    __be32 at offset 56 + 16 of the body)."""
+    buf = bytearray(raw)
+    assert struct.unpack_from("=H", buf, 4)[0] == C.XFRM_MSG_NEWSA and struct.unpack_from("=I", buf)[0] == len(buf)
+    struct.pack_into(">I", buf, 16 + 56 + 16, spi)
+    return bytes(buf)
 
 
 class FakeSocket:
@@ -82,21 +92,24 @@ class FakeClient:
         return kernel_sas()
 
 
-def test_consecutive_enobufs_are_one_overflow_event() -> None:
+def test_an_overrun_is_one_overflow_event_and_drops_the_stale_queue() -> None:
     newsa = by_label("event:newsa")
-    m = fake_monitor([newsa[0], ENOBUFS, ENOBUFS, ENOBUFS, newsa[1]])
+    m = fake_monitor([newsa[0], ENOBUFS, newsa[1], ENOBUFS, ENOBUFS, newsa[2]])
     kinds = [e.kind for e in m.read_nowait()]
-    assert kinds == [EventKind.NEW_SA, EventKind.OVERFLOW, EventKind.NEW_SA]
+    # What was queued behind the overrun predates the re-dump: dropped, not applied.
+    assert kinds == [EventKind.NEW_SA, EventKind.OVERFLOW]
     assert m.overruns == 3  # every ENOBUFS is counted, one re-dump is asked for
+    assert m.read_nowait() == [] and not m._sock.script  # type: ignore[attr-defined]
 
 
 def test_overrun_triggers_one_redump_and_the_table_converges(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Before the overrun: events for SAs that the lost notifications later deleted.
-    before = [raw for raw in by_label("event:newsa")]
-    stale = [m.event.sa for raw in before for m in decode_messages(raw) if m.event is not None]
-    script: list = [*before, ENOBUFS, ENOBUFS]
+    # Queued behind the overrun: NEW_SAs of SAs whose DEL_SAs were then lost (the
+    # kernel's dump no longer has them). Applied after the re-dump they would resurrect.
+    gone = [with_spi(raw, 0xDEAD0000 + i) for i, raw in enumerate(by_label("event:newsa"))]
+    stale = [m.event.sa for raw in gone for m in decode_messages(raw) if m.event is not None]
+    script: list = [ENOBUFS, *gone, ENOBUFS]
     monitors = [fake_monitor([])]
-    monkeypatch.setattr(mon_mod, "XfrmMonitor", lambda netns=None: monitors[0])
+    monkeypatch.setattr(mon_mod, "XfrmMonitor", lambda netns=None, rcvbuf=0: monitors[0])
     monkeypatch.setattr(mon_mod, "XfrmClient", FakeClient)
     FakeClient.dumps = 0
     seen: list = []
@@ -114,6 +127,6 @@ def test_overrun_triggers_one_redump_and_the_table_converges(monkeypatch: pytest
     truth = sorted((sa.key_id for sa in kernel_sas()), key=repr)
     assert sorted((sa.key_id for sa in f.table), key=repr) == truth
     assert all(f.table.get(*sa.key_id) == sa for sa in kernel_sas())
-    assert stale  # the events did insert SAs, now superseded by the dump
+    assert stale and not any(sa.key_id in f.table for sa in stale)
     f.close()
     assert f.overruns == 2
