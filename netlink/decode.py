@@ -77,6 +77,8 @@ _REPLAY_ESN = struct.Struct("=IIIIII")  # xfrm_replay_state_esn without bmp[]
 _OFFLOAD = struct.Struct("=iB3x")
 _SEC_CTX = struct.Struct("=HHBBH")  # xfrm_user_sec_ctx: 8 + string
 _SA_ID_SADDR = struct.Struct("=16sIB3x16s")  # xfrm_id + saddr, at offset 56
+# The same for AF_INET, straight to ints: daddr, spi, saddr are all network order.
+_SA_ID_SADDR4 = struct.Struct(">I12xIB3xI12x")
 _SEL_ST = struct.Struct("=" + _SEL)
 _LFT_CFG = struct.Struct("=8Q")  # at 96
 _LFT_CUR = struct.Struct("=4Q")  # at 160
@@ -137,6 +139,19 @@ def _ip6(key: bytes) -> ipaddress.IPv6Address:
     a = _new(_V6)
     _set_ip6(a, _from_bytes(key, "big"))
     _set_scope6(a, None)
+    return a
+
+
+_addr4_cache: dict[int, ipaddress.IPv4Address] = {}
+
+
+def _addr4(value: int) -> ipaddress.IPv4Address:
+    """An IPv4 address from its value (an SA's addresses, unpacked as ints)."""
+    a = _new(_V4)
+    _set_ip4(a, value)
+    if len(_addr4_cache) >= _CACHE_MAX:
+        _addr4_cache.clear()
+    _addr4_cache[value] = a
     return a
 
 
@@ -386,7 +401,6 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # Unpack only what differs per SA; the selector, lifetime config and
     # stats are looked up by their raw bytes (cheaper than building 20 ints,
     # several of them 2**64-1, only to find the same record again).
-    daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
     seq_, reqid, family, mode, rwin, flags = _SA_TAIL.unpack_from(data, info_off + 204)
     mark = if_id = encap = replay = None
     crypt_at = auth_at = aead_at = None
@@ -450,9 +464,12 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     aead = _algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD) if aead_at else None
     # Cache lookups inlined (this runs once per SA of a dump); misses take the slow path.
     if family == C.AF_INET:
-        a_src = _addr_cache.get(saddr[:4]) or _addr(family, saddr)
-        a_dst = _addr_cache.get(daddr[:4]) or _addr(family, daddr)
+        d4, spi, proto, s4 = _SA_ID_SADDR4.unpack_from(data, info_off + 56)
+        a_src = _addr4_cache.get(s4) or _addr4(s4)
+        a_dst = _addr4_cache.get(d4) or _addr4(d4)
     else:
+        daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
+        spi = _ntohl(spi)
         a_src, a_dst = _addr(family, saddr), _addr(family, daddr)
     raw = data[info_off : info_off + 56]
     sel = _sel_raw_cache.get((raw, family)) or _selector_raw(raw, family)
@@ -467,7 +484,7 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         family,
         a_src,
         a_dst,
-        _ntohl(spi),
+        spi,
         _PROTOS.get(proto, proto),
         _MODES.get(mode, mode),
         reqid,
