@@ -9,6 +9,17 @@ Goal (issue "The agent"): < 0.1 % loss and RSS < 300 MB at 1,000 sessions x 10 p
 The agent is both ends here (client senders *and* reflector), so it handles twice the
 packets a router measuring 1,000 tunnels would: 2 x sessions x pps packets/s in, as many out.
 Traffic stays on 127.0.0.1. The run is bounded: --duration seconds, then SIGTERM.
+
+Router scale (issue 17), as root on a kernel with ESP (the VM):
+
+    tools/vm/run -- .venv/bin/python bench/agent_scale.py --sas 0,10000,50000
+
+For each N: a throwaway netns holding N bystander ESP SAs (installed like bench/sa_dump.py)
+plus one SA pair per measured tunnel; the agent runs in that netns measuring --sessions
+(default 10 there) tunnels, and its CPU and RSS are read over --duration (default 60) s
+once start-up (the first dump) is over. The figures print side by side with the ratio
+to N=0, the same run. ``--redump-every 15`` emulates the old behaviour (a full re-dump
+every 15 s) for comparison.
 """
 
 from __future__ import annotations
@@ -114,13 +125,172 @@ port = {exp}
     return head + peers
 
 
+def install_sas(ns: str, n: int, tunnels: int) -> float:
+    """N bystander SAs (other tunnels of the router) and one SA pair per measured tunnel
+    (127.0.0.1 <-> 10.9.0.i, addresses on the netns's lo): one ``ip -batch``."""
+    lines = []
+    for i in range(n):
+        a, b = (i >> 8) & 255, i & 255
+        lines.append(
+            f"xfrm state add src 10.1.{a}.{b} dst 10.2.{a}.{b} proto esp spi {0x10000 + i:#x} reqid {i + 1} "
+            f"mode tunnel auth-trunc 'hmac(sha256)' 0x{i + 1:064x} 128 enc 'cbc(aes)' 0x{i + 1:032x}\n"
+        )
+    for t in range(tunnels):
+        for j, (src, dst) in enumerate((("127.0.0.1", f"10.9.0.{t + 1}"), (f"10.9.0.{t + 1}", "127.0.0.1"))):
+            lines.append(
+                f"xfrm state add src {src} dst {dst} proto esp spi {0x7000000 + 2 * t + j:#x} reqid {900000 + t} "
+                f"mode tunnel auth-trunc 'hmac(sha256)' 0x{t + 1:064x} 128 enc 'cbc(aes)' 0x{t + 1:032x}\n"
+            )
+    with tempfile.NamedTemporaryFile("w", dir="/tmp", suffix=".batch", delete=False) as f:
+        f.writelines(lines)
+    t0 = time.perf_counter()
+    subprocess.run(["ip", "-n", ns, "-batch", f.name], check=True)
+    os.unlink(f.name)
+    return time.perf_counter() - t0
+
+
+def scale_config(tunnels: int, pps: float, count: int, tw: int, exp: int, redump: float) -> str:
+    head = f"""
+[agent]
+log_level = "warning"
+sa_redump_interval = {redump!r}
+[server]
+listen = ["0.0.0.0"]
+twamp_port = {tw}
+owamp = false
+[exporter]
+port = {exp}
+"""
+    peers = "".join(f'[[peers]]\nname = "t{i:02d}"\naddress = "10.9.0.{i + 1}"\nport = {tw}\n'
+                    f"interval = {1.0 / pps!r}\ncount = {count}\ntimeout = 1.0\n" for i in range(tunnels))
+    return head + peers
+
+
+def scale_one(n: int, args: argparse.Namespace) -> dict[str, float]:
+    """The agent in a fresh netns with ``n`` bystander SAs: its idle CPU and RSS."""
+    ns = f"xwscale{os.getpid()}x{n}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    p = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        for t in range(args.sessions):
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.9.0.{t + 1}/32", "dev", "lo"], check=True)
+        t_inst = install_sas(ns, n, args.sessions)
+        tw, exp = 862, 9100  # fresh netns: any port is free
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "xwamp.toml"
+            path.write_text(scale_config(args.sessions, args.pps, args.count, tw, exp, args.redump_every))
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            env.pop("NOTIFY_SOCKET", None)
+            errf = open(Path(tmp) / "agent.log", "w+")
+            t0 = time.monotonic()
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "agent", "agent", "--config",
+                                  str(path)], env=env, cwd=REPO, stderr=errf, text=True)
+            pid = p.pid  # ip netns exec execs the command: same pid
+            ready = False
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and not ready:
+                out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                      f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{exp}/metrics',"
+                                      f" timeout=30).read().decode())"], capture_output=True, text=True)
+                if out.returncode == 0 and "xwamp_sa_table_entries" in out.stdout:
+                    ready = True
+                elif p.poll() is not None:
+                    errf.seek(0)
+                    print(errf.read()[-3000:])
+                    raise SystemExit(1)
+                else:
+                    time.sleep(1)
+            startup = time.monotonic() - t0
+            time.sleep(args.settle)  # start-up debris: first discovery, metrics folds, GC
+            sent0 = _sent(ns, exp)
+            cpu0, w0 = proc_cpu_s(pid), time.monotonic()
+            peak = 0.0
+            while time.monotonic() < w0 + args.duration:
+                time.sleep(1)
+                peak = max(peak, proc_rss_mb(pid)[0])
+            cpu1, w1 = proc_cpu_s(pid), time.monotonic()
+            sent1 = _sent(ns, exp)
+            rss, _hwm = proc_rss_mb(pid)
+            body = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                   f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{exp}/metrics',"
+                                   f" timeout=60).read().decode())"], capture_output=True, text=True).stdout
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        vals: dict[str, float] = {}
+        for line in body.splitlines():
+            if line.startswith(("xwamp_sa_", "xwamp_packets_sent_total", "xwamp_packets_received_total")):
+                name = line.rsplit(" ", 1)[0]
+                name = name.split("{", 1)[0] + ("{" + name.split("{", 1)[1] if "reason" in name else "")
+                vals[name] = vals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return {"install_s": t_inst, "startup_s": startup, "cpu": (cpu1 - cpu0) / (w1 - w0), "rss": rss,
+                "peak_rss": peak, "window_sent": sent1 - sent0, "cpu_s": cpu1 - cpu0, **vals}
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _sent(ns: str, exp: int) -> float:
+    """xwamp_packets_sent_total summed over the tunnels (moves once per completed cycle)."""
+    body = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                           f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{exp}/metrics',"
+                           f" timeout=60).read().decode())"], capture_output=True, text=True).stdout
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines() if ln.startswith("xwamp_packets_sent_total"))
+
+
+def scale_main(args: argparse.Namespace) -> int:
+    sizes = [int(x) for x in args.sas.split(",")]
+    print(f"kernel {os.uname().release}, python {sys.version.split()[0]}; {args.sessions} tunnels x "
+          f"{args.pps:g} pps measured, idle CPU over {args.duration:g} s; sa_redump_interval={args.redump_every:g} s")
+    rows = []
+    for n in sizes:
+        r = scale_one(n, args)
+        rows.append((n, r))
+        red = {k.split('reason="')[1].rstrip('"}'): int(v) for k, v in r.items() if k.startswith("xwamp_sa_redumps")}
+        print(f"  SAs={n}: install {r['install_s']:.1f}s startup {r['startup_s']:.1f}s "
+              f"table={r.get('xwamp_sa_table_entries', 0):.0f} lookups={r.get('xwamp_sa_lookups_total', 0):.0f} "
+              f"redumps={red} overruns={r.get('xwamp_sa_event_overruns_total', 0):.0f} "
+              f"sent={r.get('xwamp_packets_sent_total', 0):.0f} received={r.get('xwamp_packets_received_total', 0):.0f}",
+              flush=True)
+    base = rows[0][1]["cpu"] or float("nan")
+    # CPU per test packet too: the VM (TCG) shares the host with other load, which slows
+    # the guest and inflates its CPU figures; per packet is the steadier comparison.
+    def per_pkt(r: dict[str, float]) -> float:
+        return 1e3 * r["cpu_s"] / r["window_sent"] if r["window_sent"] else float("nan")
+
+    base_pp = per_pkt(rows[0][1])
+    print(f"{'SAs':>7} {'CPU %':>7} {'vs first':>9} {'sent':>6} {'CPU ms/pkt':>10} {'vs first':>9} {'RSS MiB':>8} {'peak MiB':>9}")
+    for n, r in rows:
+        print(f"{n:7d} {100 * r['cpu']:7.2f} {r['cpu'] / base:9.2f} {r['window_sent']:6.0f} {per_pkt(r):10.3f} "
+              f"{per_pkt(r) / base_pp:9.2f} {r['rss']:8.0f} {r['peak_rss']:9.0f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--sessions", type=int, default=None, help="default 1000 (10 with --sas)")
     ap.add_argument("--pps", type=float, default=10.0, help="packets per second per session")
-    ap.add_argument("--count", type=int, default=100, help="packets per cycle (loss is settled per cycle)")
-    ap.add_argument("--duration", type=float, default=40.0, help="seconds to run after start-up")
+    ap.add_argument("--count", type=int, default=None, help="packets per cycle (loss is settled per cycle); "
+                    "default 100 (10 with --sas)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds to measure (default 40; 60 with --sas)")
+    ap.add_argument("--sas", default=None, help="comma-separated SA counts: router-scale mode (root, ESP kernel)")
+    ap.add_argument("--settle", type=float, default=10.0, help="--sas: seconds after start-up before measuring")
+    ap.add_argument("--redump-every", type=float, default=600.0, help="--sas: the agent's sa_redump_interval")
     args = ap.parse_args()
+    if args.sas is not None:
+        args.sessions = 10 if args.sessions is None else args.sessions
+        args.duration = 60.0 if args.duration is None else args.duration
+        args.count = 10 if args.count is None else args.count  # 1 s cycles: the sent counter moves often
+        return scale_main(args)
+    args.sessions = 1000 if args.sessions is None else args.sessions
+    args.duration = 40.0 if args.duration is None else args.duration
+    args.count = 100 if args.count is None else args.count
 
     tw, ow, exp = free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:

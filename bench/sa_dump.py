@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--no-tracemalloc", action="store_true")
     a = ap.parse_args()
     print(f"kernel {os.uname().release}, python {sys.version.split()[0]}")
-    print(f"{'SAs':>7} {'install':>9} {'ip list':>9} {'xwamp':>9} {'ratio':>6} {'us/SA':>7} {'pyroute2':>9} {'peak MiB':>9} {'maxrss MiB':>10}")
+    print(f"{'SAs':>7} {'install':>9} {'ip list':>9} {'xwamp':>9} {'ratio':>6} {'us/SA':>7} {'pyroute2':>9} {'peak MiB':>9} {'B/SA':>6} {'maxrss MiB':>10}")
     for n in (int(x) for x in a.sizes.split(",")):
         ns = f"xwbench{uuid.uuid4().hex[:6]}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -104,7 +104,8 @@ def main() -> int:
                 ip_t.append(time_ip(ns))
                 ours_t.append(time_ours(ns, n))
             pr = f"{time_pyroute2(ns, n):9.2f}" if n <= a.pyroute2_max else f"{'-':>9}"
-            peak = f"{peak_ours(ns) / 2**20:9.1f}" if not a.no_tracemalloc else f"{'-':>9}"
+            pk = peak_ours(ns) if not a.no_tracemalloc else None
+            peak = f"{pk / 2**20:9.1f} {pk / n:6.0f}" if pk is not None else f"{'-':>9} {'-':>6}"
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             ip_b, ours_b = min(ip_t), min(ours_t)
             print(f"{n:7d} {t_inst:8.1f}s {ip_b:8.2f}s {ours_b:8.2f}s {ours_b / ip_b:6.2f} {ours_b / n * 1e6:7.1f} {pr} {peak} {rss:10.1f}",

@@ -218,6 +218,20 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
                             value=1 if s.last_reload_ok else 0)
     yield GaugeMetricFamily(f"{NS}_config_last_reload_success_timestamp_seconds",
                             "Unix time of the last configuration load or reload.", value=s.last_reload_time)
+    st = s.sa_table
+    if st:
+        yield CounterMetricFamily(f"{NS}_sa_event_overruns", "XFRM notifications lost: ENOBUFS on the "
+                                  "agent's notification socket (each forces a full SA re-dump).",
+                                  value=st.get("overruns", 0))
+        redumps = CounterMetricFamily(f"{NS}_sa_redumps", "Full dumps of the kernel's SA table, by reason.",
+                                      labels=["reason"])
+        for k in ("start", "overrun", "schedule"):
+            redumps.add_metric([k], st.get(f"redumps_{k}", 0))
+        yield redumps
+        yield CounterMetricFamily(f"{NS}_sa_lookups", "Targeted XFRM_MSG_GETSA lookups refreshing the "
+                                  "counters of measured SAs.", value=st.get("lookups", 0))
+        yield GaugeMetricFamily(f"{NS}_sa_table_entries", "SAs in the agent's copy of the kernel's SA table.",
+                                value=st.get("size", 0))
     yield GaugeMetricFamily(f"{NS}_start_time_seconds", "Unix time the agent started.", value=s.start_time)
     build = GaugeMetricFamily(f"{NS}_build_info", "Version of the agent (value 1).", labels=["version", "python"])
     build.add_metric([s.version, platform.python_version()], 1)

@@ -27,6 +27,7 @@ from netlink.records import SA, IPAddress, Policy
 log = logging.getLogger(__name__)
 
 _RECV_BUF = 1 << 16  # a dump datagram is at most 32 KiB (netlink_dump's skb)
+_GETSA_BATCH = 64  # GETSA requests in flight at once (replies ~0.5 KiB each, well under rcvbuf)
 _DUMP_RETRIES = 5  # restarts after NLM_F_DUMP_INTR before giving up
 _redaction_warned = False
 _redaction_lock = threading.Lock()
@@ -162,11 +163,7 @@ class XfrmClient:
     def dump_policies(self) -> list[Policy]:
         return self._dump(C.XFRM_MSG_GETPOLICY, C.XFRM_MSG_NEWPOLICY, "dumping IPsec policies")
 
-    def get_sa(self, daddr: IPAddress, spi: int, proto: int, mark: tuple[int, int] | None = None) -> SA | None:
-        """The SA (spi, proto, daddr), or None if the kernel has none.
-
-        ``mark`` (value, mask) is needed to find SAs installed with a mark.
-        """
+    def _getsa_request(self, daddr: IPAddress, spi: int, proto: int, mark: tuple[int, int] | None, seq: int) -> bytes:
         x = self._xfrm
         msg = x.xfrm_usersa_id()
         msg["daddr"] = daddr.packed.ljust(16, b"\0")
@@ -175,10 +172,51 @@ class XfrmClient:
         msg["proto"] = int(proto)
         if mark is not None:
             msg["attrs"] = [("XFRMA_MARK", {"v": mark[0], "m": mark[1]})]
+        return x.encode_message(msg, C.XFRM_MSG_GETSA, C.NLM_F_REQUEST, seq)
+
+    def get_sas(self, sas: Iterable[SA]) -> dict[tuple[int, int, IPAddress], SA | None]:
+        """The kernel's current copy of each of ``sas`` (looked up by spi, proto,
+        daddr and mark), or None for those it no longer holds.
+
+        One XFRM_MSG_GETSA per SA, sent in batches and answered by sequence number:
+        the cost follows len(sas), not the size of the SA database (a dump is
+        O(table)). This is how the agent refreshes the counters of the SAs it measures.
+        """
+        out: dict[tuple[int, int, IPAddress], SA | None] = {}
+        todo = list({sa.key_id: sa for sa in sas}.values())
+        what = "refreshing measured SAs"
+        with self._lock:
+            for i in range(0, len(todo), _GETSA_BATCH):
+                pending: dict[int, SA] = {}
+                for sa in todo[i : i + _GETSA_BATCH]:
+                    seq = self._next_seq()
+                    mark = (sa.mark.value, sa.mark.mask) if sa.mark is not None else None
+                    pending[seq] = sa
+                    self._send(self._getsa_request(sa.daddr, sa.spi, sa.proto, mark, seq), what)
+                while pending:
+                    for m in decode_messages(self._recv(what)):
+                        asked = pending.pop(m.seq, None)
+                        if asked is None:
+                            continue
+                        if m.type == C.NLMSG_ERROR:
+                            if m.error in (errno.ESRCH, errno.ENOENT):
+                                out[asked.key_id] = None
+                                continue
+                            raise kernel_error(m.error or errno.EIO, what, m.error_msg)
+                        if m.event is None or m.event.sa is None:
+                            raise XfrmDecodeError(f"{what}: unexpected reply type {m.type}")
+                        out[asked.key_id] = m.event.sa
+        return out
+
+    def get_sa(self, daddr: IPAddress, spi: int, proto: int, mark: tuple[int, int] | None = None) -> SA | None:
+        """The SA (spi, proto, daddr), or None if the kernel has none.
+
+        ``mark`` (value, mask) is needed to find SAs installed with a mark.
+        """
         what = f"looking up SA spi 0x{spi:08x}"
         with self._lock:
             seq = self._next_seq()
-            self._send(x.encode_message(msg, C.XFRM_MSG_GETSA, C.NLM_F_REQUEST, seq), what)
+            self._send(self._getsa_request(daddr, spi, proto, mark, seq), what)
             while True:
                 for m in decode_messages(self._recv(what)):
                     if m.seq != seq:

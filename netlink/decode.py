@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import itertools
-import operator
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from netlink import constants as C
 from netlink.errors import XfrmDecodeError
@@ -79,6 +77,8 @@ _REPLAY_ESN = struct.Struct("=IIIIII")  # xfrm_replay_state_esn without bmp[]
 _OFFLOAD = struct.Struct("=iB3x")
 _SEC_CTX = struct.Struct("=HHBBH")  # xfrm_user_sec_ctx: 8 + string
 _SA_ID_SADDR = struct.Struct("=16sIB3x16s")  # xfrm_id + saddr, at offset 56
+# The same for AF_INET, straight to ints: daddr, spi, saddr are all network order.
+_SA_ID_SADDR4 = struct.Struct(">I12xIB3xI12x")
 _SEL_ST = struct.Struct("=" + _SEL)
 _LFT_CFG = struct.Struct("=8Q")  # at 96
 _LFT_CUR = struct.Struct("=4Q")  # at 160
@@ -102,7 +102,10 @@ _MODES = {int(m): m for m in Mode}
 _DIRS = {int(d): d for d in Direction}
 
 # --- caches: SAs of one host share addresses, selectors and lifetime configs ---
-_CACHE_MAX = 1 << 16
+# Bounded small: most keys of a big dump are unique (a cache of them only costs inserts
+# and memory), while shared ones (the router's own address, tunnel-mode selectors,
+# lifetime configs) are few and stay hot. 4096 measured faster than 65536 at 50k SAs.
+_CACHE_MAX = 1 << 12
 _addr_cache: dict[bytes, IPAddress] = {}
 _sel_cache: dict[tuple[object, ...], Selector] = {}
 _lft_cache: dict[tuple[int, ...], LifetimeConfig] = {}
@@ -112,6 +115,44 @@ _sel_raw_cache: dict[tuple[bytes, int], Selector] = {}
 _lft_raw_cache: dict[bytes, LifetimeConfig] = {}
 _stats_raw_cache: dict[bytes, Stats] = {}
 _ZERO4 = ipaddress.IPv4Address(0)
+
+
+# ipaddress.IPv4Address(bytes) runs several Python-level checks per call; a dump
+# makes two addresses per SA, mostly distinct. Fill the slots the constructor would
+# (IPv4Address: _ip; IPv6Address: _ip, _scope_id) straight from the packed octets:
+# the objects are the same (tests/test_netlink_decode.py compares them).
+_new = object.__new__
+_from_bytes = int.from_bytes
+_set_ip4 = ipaddress.IPv4Address._ip.__set__  # type: ignore[attr-defined]
+_set_ip6 = ipaddress.IPv6Address._ip.__set__  # type: ignore[attr-defined]
+_set_scope6 = ipaddress.IPv6Address._scope_id.__set__  # type: ignore[attr-defined]
+_V4, _V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
+
+
+def _ip4(key: bytes) -> ipaddress.IPv4Address:
+    a = _new(_V4)
+    _set_ip4(a, _from_bytes(key, "big"))
+    return a
+
+
+def _ip6(key: bytes) -> ipaddress.IPv6Address:
+    a = _new(_V6)
+    _set_ip6(a, _from_bytes(key, "big"))
+    _set_scope6(a, None)
+    return a
+
+
+_addr4_cache: dict[int, ipaddress.IPv4Address] = {}
+
+
+def _addr4(value: int) -> ipaddress.IPv4Address:
+    """An IPv4 address from its value (an SA's addresses, unpacked as ints)."""
+    a = _new(_V4)
+    _set_ip4(a, value)
+    if len(_addr4_cache) >= _CACHE_MAX:
+        _addr4_cache.clear()
+    _addr4_cache[value] = a
+    return a
 
 
 def _addr(family: int, raw: bytes) -> IPAddress:
@@ -124,7 +165,7 @@ def _addr(family: int, raw: bytes) -> IPAddress:
         raise XfrmDecodeError(f"address family {family} is neither AF_INET nor AF_INET6")
     a = _addr_cache.get(key)
     if a is None:
-        a = ipaddress.IPv4Address(key) if len(key) == 4 else ipaddress.IPv6Address(key)
+        a = _ip4(key) if len(key) == 4 else _ip6(key)
         if len(_addr_cache) >= _CACHE_MAX:
             _addr_cache.clear()
         _addr_cache[key] = a
@@ -197,6 +238,17 @@ def _stats_raw(raw: bytes) -> Stats:
             _stats_raw_cache.clear()
         _stats_raw_cache[raw] = st
     return st
+
+
+_cur_raw_cache: dict[bytes, LifetimeCurrent] = {}
+
+
+def _current_raw(raw: bytes) -> LifetimeCurrent:
+    cur = LifetimeCurrent(*_LFT_CUR.unpack(raw))
+    if len(_cur_raw_cache) >= _CACHE_MAX:
+        _cur_raw_cache.clear()
+    _cur_raw_cache[raw] = cur
+    return cur
 
 
 def _lifetime(v: tuple[int, ...]) -> LifetimeConfig:
@@ -275,11 +327,13 @@ def _algo(data: bytes, off: int, end: int, kind: int) -> Algorithm:
     sname = _name_cache.get(name)
     if sname is None:
         sname = _cstr(name)
+    key = _new(Secret)
+    _set_secret(key, data[kstart:kend])  # a bytes slice: what Secret.__init__ would store
     if kind == C.XFRMA_ALG_AUTH_TRUNC:
-        return Algorithm(sname, Secret(data[kstart:kend]), bits, extra_bits, None)
+        return _build_alg(sname, key, bits, extra_bits, None)
     if kind == C.XFRMA_ALG_AEAD:
-        return Algorithm(sname, Secret(data[kstart:kend]), bits, None, extra_bits)
-    return Algorithm(sname, Secret(data[kstart:kend]), bits)
+        return _build_alg(sname, key, bits, None, extra_bits)
+    return _build_alg(sname, key, bits, None, None)
 
 
 def _attrs(data: bytes, off: int, end: int) -> list[tuple[int, int, int]]:
@@ -311,37 +365,32 @@ _SA_ORDER = (
 assert tuple(f.name for f in dataclasses.fields(SA))[: len(_SA_ORDER)] == _SA_ORDER, "records.SA changed order"
 
 
-def _sa_builder() -> Callable[[tuple[object, ...]], SA]:
-    """SA(*values) at half the cost: fill the slots directly from C (map over
-    the member descriptors' __set__) instead of 22 object.__setattr__ calls
-    in the generated frozen __init__. SA has no __post_init__, so the result
-    is identical (tests/test_netlink_decode.py checks ``==`` with SA(...)).
-    Fields added to SA after _SA_ORDER get their declared defaults."""
-    fields = dataclasses.fields(SA)
-    setters = [SA.__dict__[f.name].__set__ for f in fields]
-    tail: tuple[object, ...] = ()
-    for f in fields[len(_SA_ORDER) :]:
-        if f.default is not dataclasses.MISSING:
-            tail += (f.default,)
-        elif f.default_factory is not dataclasses.MISSING:  # would be shared: use __init__
-            return lambda values: SA(*values)
-        else:
-            return lambda values: SA(*values)
-    new = object.__new__
-    consume = deque(maxlen=0).extend
-    call = operator.call
-    repeat = itertools.repeat
-
-    def build(values: tuple[object, ...]) -> SA:
-        obj = new(SA)
-        consume(map(call, setters, repeat(obj), values + tail if tail else values))
-        return obj
-
-    return build
+def _builder(cls: type, order: tuple[str, ...]) -> Callable[..., Any]:
+    """cls(*values) at half the cost: a function that fills the slots through the
+    member descriptors' __set__, one call each, instead of the object.__setattr__
+    calls of the generated frozen __init__ (generated here the way dataclasses
+    generates __init__). SA and Algorithm have no __post_init__, so the result is
+    identical (tests/test_netlink_decode.py checks ``==`` and repr with SA(...)).
+    Fields added to ``cls`` after ``order`` get their declared defaults."""
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    for f in fields[len(order) :]:
+        if f.default is dataclasses.MISSING:  # no default, or a factory (would be shared)
+            return lambda *values: cls(*values)
+    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    ns.update({f"_set_{n}": cls.__dict__[n].__set__ for n in names})
+    ns.update({f"_dflt_{f.name}": f.default for f in fields[len(order) :]})
+    body = "".join(f"    _set_{n}(o, {n})\n" for n in order)
+    body += "".join(f"    _set_{f.name}(o, _dflt_{f.name})\n" for f in fields[len(order) :])
+    exec(f"def build({', '.join(order)}):\n    o = _new(_cls)\n{body}    return o\n", ns)  # noqa: S102
+    return ns["build"]
 
 
-_build_sa = _sa_builder()
-assert tuple(f.name for f in dataclasses.fields(Algorithm))[:5] == ("name", "key", "key_bits", "trunc_bits", "icv_bits")
+_build_sa = _builder(SA, _SA_ORDER)
+_ALG_ORDER = ("name", "key", "key_bits", "trunc_bits", "icv_bits")
+assert tuple(f.name for f in dataclasses.fields(Algorithm))[:5] == _ALG_ORDER, "records.Algorithm changed order"
+_build_alg = _builder(Algorithm, _ALG_ORDER)
+_set_secret = Secret.__dict__["_b"].__set__  # Secret(b) stores bytes(b) in _b; a slice already is bytes
 
 
 def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
@@ -352,8 +401,6 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # Unpack only what differs per SA; the selector, lifetime config and
     # stats are looked up by their raw bytes (cheaper than building 20 ints,
     # several of them 2**64-1, only to find the same record again).
-    daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
-    cur = _LFT_CUR.unpack_from(data, info_off + 160)
     seq_, reqid, family, mode, rwin, flags = _SA_TAIL.unpack_from(data, info_off + 204)
     mark = if_id = encap = replay = None
     crypt_at = auth_at = aead_at = None
@@ -417,9 +464,12 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     aead = _algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD) if aead_at else None
     # Cache lookups inlined (this runs once per SA of a dump); misses take the slow path.
     if family == C.AF_INET:
-        a_src = _addr_cache.get(saddr[:4]) or _addr(family, saddr)
-        a_dst = _addr_cache.get(daddr[:4]) or _addr(family, daddr)
+        d4, spi, proto, s4 = _SA_ID_SADDR4.unpack_from(data, info_off + 56)
+        a_src = _addr4_cache.get(s4) or _addr4(s4)
+        a_dst = _addr4_cache.get(d4) or _addr4(d4)
     else:
+        daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
+        spi = _ntohl(spi)
         a_src, a_dst = _addr(family, saddr), _addr(family, daddr)
     raw = data[info_off : info_off + 56]
     sel = _sel_raw_cache.get((raw, family)) or _selector_raw(raw, family)
@@ -427,11 +477,14 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     lft = _lft_raw_cache.get(raw) or _lifetime_raw(raw)
     raw = data[info_off + 192 : info_off + 204]
     stats = _stats_raw_cache.get(raw) or _stats_raw(raw)
-    return _build_sa((
+    # Idle SAs installed together share their lifetime_cur (same add_time, no traffic).
+    raw = data[info_off + 160 : info_off + 192]
+    cur = _cur_raw_cache.get(raw) or _current_raw(raw)
+    return _build_sa(
         family,
         a_src,
         a_dst,
-        _ntohl(spi),
+        spi,
         _PROTOS.get(proto, proto),
         _MODES.get(mode, mode),
         reqid,
@@ -439,7 +492,7 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         rwin,
         sel,
         lft,
-        LifetimeCurrent(*cur),
+        cur,
         stats,
         seq_,
         crypt,
@@ -450,7 +503,7 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         encap,
         extra,
         replay,
-    ))
+    )
 
 
 _U32_EXTRAS = {
@@ -765,6 +818,8 @@ def feed_dump(data: bytes, seq: int, want_type: int, result: DumpResult) -> None
     """Hot path of a dump: decode one received datagram straight into ``result``,
     skipping messages of other sequence numbers (stray replies, notifications).
     """
+    if type(data) is not bytes:  # key slices must be immutable bytes (Secret's contract)
+        data = bytes(data)
     try:
         items = result.items
         attrs = _attrs

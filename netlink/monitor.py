@@ -27,6 +27,7 @@ from netlink.client import XfrmClient, open_xfrm_socket
 from netlink.decode import decode_messages
 from netlink.errors import XfrmDecodeError, kernel_error
 from netlink.events import EventKind, XfrmEvent
+from netlink.records import SA
 from netlink.table import SATable
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class XfrmMonitor:
             raise kernel_error(exc.errno or errno.EIO, "subscribing to XFRM notifications") from None
         self._sock.setblocking(False)
         self._pending: deque[XfrmEvent] = deque()
+        self.overruns = 0  # ENOBUFS seen: notifications the kernel could not queue for us
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -77,9 +79,11 @@ class XfrmMonitor:
                 return out
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
+                    self.overruns += 1
                     log.warning("XFRM notifications were lost (socket overflow); consumers must re-dump")
+                    self._discard_queued()
                     out.append(XfrmEvent(EventKind.OVERFLOW))
-                    continue
+                    return out
                 raise kernel_error(exc.errno or errno.EIO, "reading XFRM notifications") from None
             try:
                 messages = decode_messages(data)
@@ -91,6 +95,21 @@ class XfrmMonitor:
             for m in messages:
                 if m.event is not None:
                     out.append(m.event)
+
+    def _discard_queued(self, limit: int = 4096) -> None:
+        """After an overrun: drop what is still queued. Those notifications are older
+        than the re-dump the consumer is about to make, and some of their successors
+        were lost: applying a queued NEW_SA after the dump would resurrect an SA whose
+        DEL_SA was dropped. ENOBUFS met meanwhile are the same overrun (counted)."""
+        for _ in range(limit):  # bounded: a busy kernel must not keep us here
+            try:
+                self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    return
+                self.overruns += 1
 
     def events(self, timeout: float | None = None) -> list[XfrmEvent]:
         """Wait up to ``timeout`` seconds (None: forever) for events; [] on timeout."""
@@ -146,20 +165,28 @@ class TableFollower:
 
     ``on_event(event)`` is called after each event is applied (and with an
     OVERFLOW event after each re-dump).
+
+    Steady state costs what is measured, not the table: events keep the table
+    current, :meth:`refresh` re-reads the counters of chosen SAs with targeted
+    XFRM_MSG_GETSA, and a full re-dump happens only after an overrun (``resyncs``)
+    or when the owner asks (:meth:`resync`, e.g. on a slow schedule).
     """
 
-    def __init__(self, netns: str | None = None, on_event: Callable[[XfrmEvent], None] | None = None) -> None:
+    def __init__(self, netns: str | None = None, on_event: Callable[[XfrmEvent], None] | None = None,
+                 rcvbuf: int = 8 << 20) -> None:
         self.netns = netns
+        self.rcvbuf = rcvbuf  # notification socket buffer: smaller overruns sooner (tests)
         self.table = SATable()
         self.on_event = on_event
         self._monitor: XfrmMonitor | None = None
-        self.resyncs = 0
+        self.resyncs = 0  # re-dumps forced by an overrun
+        self.redumps = 0  # every full dump, the first one included
 
     def start(self) -> SATable:
         # Subscribe *before* dumping: a change racing with the dump is then
         # both (maybe) in the dump and in the queue, and re-applying queued
         # events on top of the dump converges (put/remove are idempotent).
-        self._monitor = XfrmMonitor(self.netns)
+        self._monitor = XfrmMonitor(self.netns, rcvbuf=self.rcvbuf)
         self._resync()
         self.poll()
         return self.table
@@ -168,6 +195,31 @@ class TableFollower:
         with XfrmClient(self.netns) as client:
             sas = client.dump_sas()
         self.table.replace_all(sas)  # same object: holders of .table stay current
+        self.redumps += 1
+
+    def resync(self) -> None:
+        """A full re-dump now (the owner's slow schedule); blocking."""
+        self._resync()
+
+    def refresh(self, sas: Iterable[SA]) -> int:
+        """Re-read the kernel's counters of ``sas`` (targeted GETSA, blocking) into the
+        table; returns how many were refreshed. An SA the kernel no longer holds is
+        left to its DEL_SA event (or the overrun re-dump): removing it here could race
+        with a re-added SA of the same identity. Call it from the thread that applies
+        events (the table is not locked); asyncio owners fetch with
+        XfrmClient.get_sas in a worker and put the results on the loop."""
+        sas = list(sas)
+        if not sas:
+            return 0
+        with XfrmClient(self.netns) as client:
+            fresh = client.get_sas(sas)
+        n = 0
+        for key, sa in fresh.items():
+            # Only SAs still held: a DEL_SA applied meanwhile must not be undone.
+            if sa is not None and key in self.table:
+                self.table.put(sa)
+                n += 1
+        return n
 
     def _apply(self, events: list[XfrmEvent]) -> int:
         for ev in events:
@@ -196,7 +248,7 @@ class TableFollower:
         """Follow on the running loop until cancelled (dumps run in a worker thread)."""
         loop = asyncio.get_running_loop()
         if self._monitor is None:
-            self._monitor = XfrmMonitor(self.netns)
+            self._monitor = XfrmMonitor(self.netns, rcvbuf=self.rcvbuf)
             await loop.run_in_executor(None, self._resync)
         async for ev in self._monitor:
             if ev.kind is EventKind.OVERFLOW:
@@ -207,8 +259,16 @@ class TableFollower:
             if self.on_event is not None:
                 self.on_event(ev)
 
+    @property
+    def overruns(self) -> int:
+        """ENOBUFS seen on the notification socket (several may make one resync)."""
+        return self._monitor.overruns if self._monitor is not None else self._overruns_closed
+
+    _overruns_closed = 0
+
     def close(self) -> None:
         if self._monitor is not None:
+            self._overruns_closed = self._monitor.overruns
             self._monitor.close()
             self._monitor = None
 

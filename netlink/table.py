@@ -27,7 +27,7 @@ Key = tuple[int, int, IPAddress]  # (spi, proto, daddr)
 
 
 class SATable:
-    __slots__ = ("_by_id", "_order", "_by_reqid", "_by_addrs", "_counter")
+    __slots__ = ("_by_id", "_order", "_by_reqid", "_by_addrs", "_counter", "_pairs_of")
 
     def __init__(self) -> None:
         self._by_id: dict[Key, SA] = {}
@@ -35,6 +35,9 @@ class SATable:
         # Inner dicts are used as ordered sets keyed by SA identity.
         self._by_reqid: dict[int, dict[Key, SA]] = {}
         self._by_addrs: dict[tuple[IPAddress, IPAddress], dict[Key, SA]] = {}
+        # address -> the (saddr, daddr) pairs it is in: one entry per address pair,
+        # not per SA, so :meth:`touching` costs what it returns.
+        self._pairs_of: dict[IPAddress, set[tuple[IPAddress, IPAddress]]] = {}
         self._counter = itertools.count()
 
     @classmethod
@@ -60,7 +63,13 @@ class SATable:
             self._order[key] = next(self._counter)
         self._by_id[key] = sa
         self._by_reqid.setdefault(sa.reqid, {})[key] = sa
-        self._by_addrs.setdefault((sa.saddr, sa.daddr), {})[key] = sa
+        pair = (sa.saddr, sa.daddr)
+        bucket = self._by_addrs.get(pair)
+        if bucket is None:
+            bucket = self._by_addrs[pair] = {}
+            self._pairs_of.setdefault(sa.saddr, set()).add(pair)
+            self._pairs_of.setdefault(sa.daddr, set()).add(pair)
+        bucket[key] = sa
 
     def remove(self, key: Key) -> SA | None:
         """Drop the SA with this (spi, proto, daddr); returns it, or None if absent."""
@@ -78,13 +87,20 @@ class SATable:
                 bucket.pop(key, None)
                 if not bucket:
                     del index[ikey]  # type: ignore[attr-defined]
+                    if index is self._by_addrs:
+                        for a in ikey:  # type: ignore[union-attr]
+                            pairs = self._pairs_of.get(a)
+                            if pairs is not None:
+                                pairs.discard(ikey)  # type: ignore[arg-type]
+                                if not pairs:
+                                    del self._pairs_of[a]
 
     def replace_all(self, sas: Iterable[SA]) -> None:
         """Become a table of exactly ``sas`` (after a re-dump), keeping identity:
         holders of this object see the new contents, never a half-built table."""
         fresh = SATable.from_sas(sas)
-        self._by_id, self._order, self._by_reqid, self._by_addrs, self._counter = (
-            fresh._by_id, fresh._order, fresh._by_reqid, fresh._by_addrs, fresh._counter,
+        self._by_id, self._order, self._by_reqid, self._by_addrs, self._counter, self._pairs_of = (
+            fresh._by_id, fresh._order, fresh._by_reqid, fresh._by_addrs, fresh._counter, fresh._pairs_of,
         )
 
     def clear(self) -> None:
@@ -92,6 +108,7 @@ class SATable:
         self._order.clear()
         self._by_reqid.clear()
         self._by_addrs.clear()
+        self._pairs_of.clear()
 
     def apply(self, event: XfrmEvent) -> None:
         """Fold one kernel notification into the table.
@@ -139,6 +156,13 @@ class SATable:
         """Every SA from ``saddr`` to ``daddr``, in insertion order."""
         bucket = self._by_addrs.get((saddr, daddr))
         return list(bucket.values()) if bucket else []
+
+    def touching(self, addr: IPAddress) -> list[SA]:
+        """Every SA from or to ``addr`` (index lookups: the cost follows the result)."""
+        out: list[SA] = []
+        for pair in self._pairs_of.get(addr, ()):
+            out.extend(self._by_addrs[pair].values())
+        return out
 
     def _newest(self, candidates: Iterable[SA], proto: int | None) -> SA | None:
         """The SA a sender would use now: during a rekey overlap both old and

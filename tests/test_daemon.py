@@ -643,3 +643,99 @@ mode = ["auth+ipsec-bound"]
 
     n, refusals = asyncio.run(main())
     assert n >= 1 and refusals.get("no_sa", 0) >= 1 and set(refusals) == {"no_sa"}
+
+
+# --- router scale: the steady state costs what is measured, not the SA table (issue 17) ---
+
+
+class CountingSAs(FakeSAs):
+    """A kernel stand-in counting full dumps and targeted lookups; ``get_sas`` answers
+    from ``self.sas`` (the kernel's current truth) like XfrmClient.get_sas."""
+
+    def __init__(self, sas: list) -> None:
+        super().__init__(sas)
+        self.dumps = 0
+        self.lookups: list[list] = []
+
+    async def dump(self) -> list:
+        self.dumps += 1
+        return list(self.sas)
+
+    async def get_sas(self, sas: list) -> dict:
+        self.lookups.append([sa.key_id for sa in sas])
+        now = {sa.key_id: sa for sa in self.sas}
+        return {sa.key_id: now.get(sa.key_id) for sa in sas}
+
+
+SCALE = BASE + """
+[agent]
+sa_refresh_interval = 0.05
+sa_redump_interval = 3600
+[[peers]]
+name = "a"
+address = "192.0.2.10"
+"""
+
+
+def _bystanders(n: int) -> list:
+    """SAs of tunnels the agent does not measure (a router's other customers)."""
+    return [make_sa(f"10.1.{i >> 8}.{i & 255}", f"10.2.{i >> 8}.{i & 255}", spi=0x10000 + i, reqid=i + 100)
+            for i in range(n)]
+
+
+def test_refresh_reads_only_the_measured_sas_and_an_overrun_redumps_once(tmp_path: Path) -> None:
+    out = make_sa(LOCAL, "192.0.2.10", spi=0x100, reqid=5)
+    inb = make_sa("192.0.2.10", LOCAL, spi=0x200, reqid=5)
+    h = Harness(tmp_path, SCALE)
+    h.sas = src = CountingSAs([out, inb, *_bystanders(500)])
+
+    async def main() -> None:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        # The kernel's counters move on the measured SAs: refreshes pick them up...
+        src.sas[0] = make_sa(LOCAL, "192.0.2.10", spi=0x100, reqid=5, bytes_=4242, packets=7)
+        await until(lambda: d.metrics.tunnels["peer:a"].totals("out")[0] == 4242)
+        await until(lambda: len(src.lookups) >= 3)
+        # ...with lookups of the tunnel's two SAs only, and no dump besides the first.
+        assert all(sorted(keys) == sorted([out.key_id, inb.key_id]) for keys in src.lookups)
+        assert src.dumps == 1 and d.metrics.sa_table["redumps_start"] == 1
+        assert d.metrics.sa_table["lookups"] >= 6 and d.metrics.sa_table["size"] == 502
+
+        # Events were lost (ENOBUFS -> OVERFLOW) while the kernel changed: exactly one
+        # re-dump, and the table converges to the kernel's.
+        src.sas = [src.sas[0], inb, *_bystanders(300)]
+        src.queue.put_nowait(XfrmEvent(EventKind.OVERFLOW))
+        await until(lambda: d.metrics.sa_table["redumps_overrun"] == 1)
+        n_lookups = len(src.lookups)
+        await until(lambda: len(src.lookups) >= n_lookups + 3)  # several refresh periods later
+        assert src.dumps == 2 and d.metrics.sa_table["overruns"] == 1
+        assert d.metrics.sa_table["redumps_schedule"] == 0
+        assert sorted(sa.key_id for sa in d.table) == sorted(sa.key_id for sa in src.sas)
+        assert d.metrics.sa_table["size"] == 302
+        d.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+
+
+def test_sources_without_targeted_lookups_fall_back_to_redumps(tmp_path: Path) -> None:
+    h = Harness(tmp_path, SCALE, [make_sa(LOCAL, "192.0.2.10", spi=0x100)])
+    dumps = []
+    orig = h.sas.dump
+
+    async def counting() -> list:
+        dumps.append(1)
+        return await orig()
+
+    h.sas.dump = counting  # type: ignore[method-assign]
+
+    async def main() -> None:
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        await until(lambda: d.metrics.sa_table["redumps_schedule"] >= 2)
+        d.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())

@@ -119,3 +119,17 @@ def test_table_follower_runs_on_asyncio(netns: str) -> None:
 
     asyncio.run(main())
     assert [e.kind for e in seen] == [EventKind.NEW_POLICY]
+
+
+def test_get_sas_answers_each_lookup_by_sequence_number(netns: str) -> None:
+    """Targeted GETSA for many SAs at once (more than one batch in flight): every SA gets
+    its answer, None where the kernel has no such SA (ESRCH); the SA-carrying replies
+    are exercised against a kernel with ESP in tests/kernel/test_agent_privileges.py."""
+    from netlink.fake import make_sa
+
+    sas = [make_sa("192.0.2.1", "192.0.2.2", spi=0x100 + i) for i in range(150)]
+    sas.append(make_sa("2001:db8::1", "2001:db8::2", spi=0x9))
+    with XfrmClient(netns) as xc:
+        got = xc.get_sas(sas)
+        assert got == {sa.key_id: None for sa in sas}
+        assert xc.dump_sas() == []  # the socket is still in step after the batch

@@ -27,6 +27,15 @@ def test_ntp_round_trip_within_a_nanosecond(ns):
     assert abs(unix_ns_from_ntp(ntp_from_unix_ns(ns)) - ns) <= 1
 
 
+@given(st.integers(min_value=0, max_value=2**34 * 10**9), st.integers(min_value=-(10**10), max_value=10**10))
+def test_ntp_per_second_cache_matches_the_formula(ns, step):
+    """The per-second cache (a reflector's T2 and T3 share their second) changes nothing:
+    RFC 4656 §4.1.2 straight from the definition, for a time and one near it."""
+    for t in (ns, max(0, ns + step), ns):
+        sec, rem = divmod(t, 10**9)
+        assert ntp_from_unix_ns(t) == (((sec + 2_208_988_800) % 2**32) << 32) | (rem * 2**32 // 10**9)
+
+
 @given(st.integers(min_value=0, max_value=2**32 * 10**9 - 1))
 def test_ptp_round_trip_exact(ns):
     assert unix_ns_from_ptp(ptp_from_unix_ns(ns)) == ns

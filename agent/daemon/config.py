@@ -56,7 +56,8 @@ class AgentSection:
     log_format: str = "logfmt"
     log_level: str = "info"
     netns: str | None = None  # run the whole agent (sockets and XFRM) in this named netns
-    sa_refresh_interval: float = 15.0  # seconds between SA re-dumps (kernel counters, missed events)
+    sa_refresh_interval: float = 15.0  # seconds between counter refreshes of the measured SAs (targeted GETSA)
+    sa_redump_interval: float = 600.0  # seconds between full SA re-dumps (besides those after an event overrun)
     # IKE key-source JSON (agent/binder/keysource.py). With it, RFC 7717 is on: the server
     # offers it with each keyed mode and sessions select it first (agent.binder.rfc7717).
     ike_keys: str | None = None
@@ -343,6 +344,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         log_level=a.choice("log_level", LOG_LEVELS, "info"),
         netns=a.get("netns", str, None, lambda v: None if v and "/" not in v else f"{v!r} is not a netns name"),
         sa_refresh_interval=a.positive("sa_refresh_interval", 15.0, 3600.0),
+        sa_redump_interval=a.positive("sa_redump_interval", 600.0, 86400.0),
         ike_keys=a.get("ike_keys", str, None, _check_ike_file),
         rfc7717=a.get("rfc7717", bool, True),
         rfc7717_kdf=a.choice("rfc7717_kdf", RFC7717_KDFS, "pbkdf2"),

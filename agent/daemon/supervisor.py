@@ -7,8 +7,10 @@ Pieces, all on one event loop:
   backoff when they fail, diffed on SIGHUP so unchanged sessions keep running;
 * the **SA/policy follower**: a dump of the kernel's SAs into a :class:`netlink.table.SATable`
   and of its policies into an :class:`agent.sessions.bound.PolicyMap`, both kept current by the
-  same XFRM events and re-dumped every ``agent.sa_refresh_interval`` (kernel counters,
-  lost events); discovery and the binder read them;
+  same XFRM events; the counters of the *measured* SAs are re-read every
+  ``agent.sa_refresh_interval`` with targeted GETSA (cost follows what is measured, not
+  the table), and the whole table is re-dumped only after an event overrun (ENOBUFS) or
+  every ``agent.sa_redump_interval``; discovery and the binder read them;
 * the **binder runtime** (:class:`agent.sessions.bound.BinderRuntime`): a TunnelBinder (a control
   connection between a tunnel's *inner* addresses binds to its tunnel-mode SA pair,
   found through the outbound policy) and the rekey tracker: a rekey rebinds the bound
@@ -97,6 +99,9 @@ class SASource(Protocol):
 
     def events(self) -> AsyncIterator[Any]: ...  # netlink.events.XfrmEvent
 
+    # Optional: ``async get_sas(sas) -> {key_id: SA | None}`` re-reads only those SAs
+    # (targeted GETSA). Sources without it are re-dumped every sa_refresh_interval.
+
 
 SA_GRACE = 5.0  # a bound SA deleted: wait this long for its successor before stopping the session
 
@@ -151,6 +156,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._rediscover: asyncio.TimerHandle | None = None
+        self._last_redump = time.monotonic()
         self._apply_lock = asyncio.Lock()  # reloads and rediscoveries must not interleave diffs
         self.ready = asyncio.Event()
 
@@ -203,7 +209,7 @@ class Daemon:
         if self._sa_source is not None:
             await self._load_policies()  # before the SAs: their discovery maps through policies
             try:
-                self._load_table(await self._sa_source.dump())
+                self._load_table(await self._sa_source.dump(), "start")
             except Exception as e:  # EPERM, no XFRM, an undecodable record: measure what we can
                 log.warning("cannot read the SA database: discovery and SA metrics off until it works",
                             extra={"error": str(e) or type(e).__name__})
@@ -291,8 +297,13 @@ class Daemon:
 
     # ---- SA table ---------------------------------------------------------------------
 
-    def _load_table(self, sas: list[SA]) -> None:
+    def _load_table(self, sas: list[SA], reason: str) -> None:
+        """A full dump replaces the table; ``reason`` (start, overrun, schedule) is counted."""
         self.table.replace_all(sas)  # the same object: the binder holds it
+        self._last_redump = time.monotonic()
+        st = self.metrics.sa_table
+        st[f"redumps_{reason}"] = st.get(f"redumps_{reason}", 0) + 1
+        st["size"] = len(self.table)
         if self.runtime is not None:
             # Bound SAs that vanished between dumps (lost events) are treated as deleted.
             from netlink.events import EventKind, XfrmEvent
@@ -322,10 +333,13 @@ class Daemon:
                 async for ev in self._sa_source.events():
                     backoff = BACKOFF_MIN
                     if getattr(getattr(ev, "kind", None), "name", "") == "OVERFLOW":
+                        # Events were lost (ENOBUFS): the only time the steady state re-dumps.
+                        self.metrics.sa_table["overruns"] += 1
                         await self._load_policies()
-                        self._load_table(await self._sa_source.dump())  # events were lost: re-dump
+                        self._load_table(await self._sa_source.dump(), "overrun")
                         continue
                     self.table.apply(ev)
+                    self.metrics.sa_table["size"] = len(self.table)
                     if self.runtime is not None:
                         self.policies.apply(ev)
                         self.runtime.on_event(ev)  # after the table applied it (RekeyTracker's contract)
@@ -339,14 +353,34 @@ class Daemon:
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _refresh_sas(self) -> None:
+        """Every sa_refresh_interval: the counters of the measured SAs (targeted GETSA);
+        a full re-dump only every sa_redump_interval (events keep the table otherwise)."""
         assert self._sa_source is not None
+        get_sas = getattr(self._sa_source, "get_sas", None)
         while True:
             await asyncio.sleep(self.config.agent.sa_refresh_interval)
-            await self._load_policies()
+            due = time.monotonic() - self._last_redump >= self.config.agent.sa_redump_interval
             try:
-                self._load_table(await self._sa_source.dump())
+                if get_sas is not None and not due:
+                    await self._refresh_measured(get_sas)
+                    continue
+                await self._load_policies()
+                self._load_table(await self._sa_source.dump(), "schedule")
             except Exception as e:
-                log.warning("SA re-dump failed", extra={"error": str(e) or type(e).__name__})
+                log.warning("SA refresh failed", extra={"error": str(e) or type(e).__name__})
+
+    async def _refresh_measured(self, get_sas: Callable[[list[SA]], Awaitable[dict[Any, SA | None]]]) -> None:
+        sas = [sa for slot in self.slots.values() for group in self._tunnel_sas(slot.spec) for sa in group]
+        if not sas:
+            return
+        fresh = await get_sas(sas)
+        self.metrics.sa_table["lookups"] += len(sas)
+        for key, sa in fresh.items():
+            # An SA gone from the kernel is left to its DEL_SA event (or the overrun
+            # re-dump); one deleted meanwhile on the loop must not come back.
+            if sa is not None and key in self.table:
+                self.table.put(sa)
+        self._update_sa_metrics()
 
     def _sas_changed(self) -> None:
         """Schedule one fold of the table into SA metrics + rediscovery: a rekey or a
@@ -364,32 +398,33 @@ class Daemon:
         # diff; unchanged sessions are left alone. Folds SA metrics too.
         self._spawn(self._apply_sessions(self._desired(self.config)))
 
+    def _tunnel_sas(self, spec: SessionSpec) -> tuple[list[SA], list[SA]]:
+        """(outbound, inbound) SAs of the tunnel ``spec`` measures, through the table's
+        indexes: the cost follows the tunnel's SAs, not the table."""
+        remote, local = spec.address, spec.local
+        if self.policies is not None and local is not None:
+            o = self.policies.outer(local, remote)
+            if o is not None:  # tunnel mode: the SAs run between the outer addresses
+                remote, local = o.peer, o.local
+        sas = self.table.touching(remote)
+        if spec.tunnel.reqid:
+            reqid = int(spec.tunnel.reqid)
+            sas = [sa for sa in sas if sa.reqid == reqid]
+        outs = [sa for sa in sas if sa.daddr == remote and (local is None or sa.saddr == local)]
+        ins = [sa for sa in sas if sa.saddr == remote and (local is None or sa.daddr == local)]
+        if spec.origin == "configured" and outs:
+            # A configured peer: the tunnel is the reqid of the newest outbound SA.
+            best = max(outs, key=lambda s: (s.current.add_time, s.reqid))
+            outs = [s for s in outs if s.reqid == best.reqid]
+            ins = [s for s in ins if s.reqid == best.reqid]
+        return outs, ins
+
     def _update_sa_metrics(self) -> None:
-        by_remote: dict[IPAddress, list[SA]] = {}
-        for sa in self.table:
-            by_remote.setdefault(sa.daddr, []).append(sa)
-            by_remote.setdefault(sa.saddr, []).append(sa)
         for key, slot in self.slots.items():
-            spec = slot.spec
-            remote, local = spec.address, spec.local
-            if self.policies is not None and local is not None:
-                o = self.policies.outer(local, remote)
-                if o is not None:  # tunnel mode: the SAs run between the outer addresses
-                    remote, local = o.peer, o.local
-            sas = by_remote.get(remote, [])
-            if spec.tunnel.reqid:
-                reqid = int(spec.tunnel.reqid)
-                sas = [sa for sa in sas if sa.reqid == reqid]
-            outs = [sa for sa in sas if sa.daddr == remote and (local is None or sa.saddr == local)]
-            ins = [sa for sa in sas if sa.saddr == remote and (local is None or sa.daddr == local)]
-            if spec.origin == "configured" and outs:
-                # A configured peer: the tunnel is the reqid of the newest outbound SA.
-                best = max(outs, key=lambda s: (s.current.add_time, s.reqid))
-                outs = [s for s in outs if s.reqid == best.reqid]
-                ins = [s for s in ins if s.reqid == best.reqid]
+            outs, ins = self._tunnel_sas(slot.spec)
             if not outs and not ins and key not in self.metrics.tunnels:
                 continue
-            t = self.metrics.tunnel_sas(key, spec.tunnel)
+            t = self.metrics.tunnel_sas(key, slot.spec.tunnel)
             t.update("out", outs, newest_sa(outs))
             t.update("in", ins, newest_sa(ins))
             slot.metrics.rekeys = t.rekeys
@@ -583,6 +618,14 @@ class _NetlinkSource:
 
     async def dump_policies(self) -> list[Any]:
         return await asyncio.get_running_loop().run_in_executor(None, self._dump_policies)
+
+    def _get_sas(self, sas: list[SA]) -> dict[Any, SA | None]:
+        with self._nlc.XfrmClient(self._netns) as client:
+            return client.get_sas(sas)
+
+    async def get_sas(self, sas: list[SA]) -> dict[Any, SA | None]:
+        """Targeted GETSA for the measured SAs only (netlink.client.XfrmClient.get_sas)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._get_sas, sas)
 
     async def events(self) -> AsyncIterator[Any]:
         from netlink import monitor

@@ -14,10 +14,23 @@ _NS = 1_000_000_000
 _TS = struct.Struct("!II")
 
 
+# The seconds half of the last conversion, per second: a reflector converts T2 and T3
+# (and a sender T1) within the same second, and the full divmod + epoch shift is most
+# of the cost. One tuple, swapped whole: threads never see a half-updated pair.
+_ntp_second: tuple[int, int] = (-_NS, 0)  # (Unix ns at the start of that second, NTP seconds << 32)
+
+
 def ntp_from_unix_ns(ns: int) -> int:
     """Unix time in ns -> 64-bit NTP timestamp (32.32 fixed point), rounded down."""
+    global _ntp_second
+    start, hi = _ntp_second
+    rem = ns - start
+    if 0 <= rem < _NS:
+        return hi | ((rem << 32) // _NS)
     sec, rem = divmod(ns, _NS)
-    return (((sec + NTP_UNIX_OFFSET) & 0xFFFFFFFF) << 32) | ((rem << 32) // _NS)
+    hi = ((sec + NTP_UNIX_OFFSET) & 0xFFFFFFFF) << 32
+    _ntp_second = (ns - rem, hi)
+    return hi | ((rem << 32) // _NS)
 
 
 def unix_ns_from_ntp(ts: int) -> int:

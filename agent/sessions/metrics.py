@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:
@@ -392,6 +392,7 @@ class Snapshot:
     last_reload_time: float
     start_time: float
     version: str
+    sa_table: dict[str, int] = field(default_factory=dict)  # MetricsState.sa_table
 
 
 class MetricsState:
@@ -412,6 +413,10 @@ class MetricsState:
         self.last_reload_ok = True
         self.last_reload_time = time.time()
         self.start_time = time.time()
+        # How the SA table is kept (docs/metrics.md "Agent"): event overruns (ENOBUFS on
+        # the notification socket), full re-dumps by reason, targeted counter lookups.
+        self.sa_table = {"overruns": 0, "redumps_start": 0, "redumps_overrun": 0, "redumps_schedule": 0,
+                         "lookups": 0, "size": 0}
         self._stamps = stamps
         self._clock = clock
 
@@ -477,6 +482,7 @@ class MetricsState:
             last_reload_time=self.last_reload_time,
             start_time=self.start_time,
             version=__version__,
+            sa_table=dict(self.sa_table),
         )
 
 
