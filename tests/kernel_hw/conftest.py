@@ -10,19 +10,9 @@ into ``hwb`` (10.77.0.2/24) and waits for carrier; frames really cross the emula
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import subprocess
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
-NS = ("hwa", "hwb")
-ADDRS = ("10.77.0.1", "10.77.0.2")
-CLONE_NEWNET = 0x40000000
+from .igbpair import IgbPair, Nic, SetupError, netns, setup, teardown  # noqa: F401 (re-exported for tests)
 
 
 def pytest_collection_modifyitems(items):
@@ -32,93 +22,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.hwstamp)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-@contextlib.contextmanager
-def netns(name: str):
-    """Run the body (this thread only) in netns ``name``: sockets made there stay there."""
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(there)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-        os.close(there)
-
-
-@dataclass(frozen=True)
-class Nic:
-    ns: str
-    ifname: str
-    addr: str
-    pci: Path  # sysfs PCI device dir (resource0 for the test-only RX workaround)
-    phc: int  # /dev/ptpN
-
-
-@dataclass(frozen=True)
-class IgbPair:
-    a: Nic
-    b: Nic
-
-
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=60).stdout
-
-
-def _igb_nics() -> list[tuple[str, Path]]:
-    out = []
-    for d in Path("/sys/class/net").iterdir():
-        drv = d / "device" / "driver"
-        if drv.exists() and drv.resolve().name == "igb":
-            out.append((d.name, (d / "device").resolve()))
-    return sorted(out, key=lambda x: x[1].name)
-
-
-def _phc_index(ns: str, ifname: str) -> int:
-    from agent.engine import ethtool
-
-    with netns(ns):
-        idx = ethtool.ts_info(ifname).phc_index
-    if idx < 0:
-        pytest.fail(f"{ifname}: igb without a PTP clock")
-    return idx
-
-
 @pytest.fixture(scope="session")
 def igb() -> IgbPair:
-    nics = _igb_nics()
-    if len(nics) < 2:
-        pytest.fail("hwstamp tests need two igb NICs: run them with tools/vm/run --nics igb "
-                    f"(QEMU >= 8; found {len(nics)})")
-    pair = []
-    for (ifname, pci), ns, addr in zip(nics, NS, ADDRS):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        _ip("netns", "add", ns)
-        _ip("link", "set", ifname, "netns", ns)
-        _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "link", "set", ifname, "up")
-        pair.append(Nic(ns, ifname, addr, pci, _phc_index(ns, ifname)))
-    deadline = time.monotonic() + 120
-    for n in pair:
-        while "LOWER_UP" not in _ip("-n", n.ns, "link", "show", "dev", n.ifname):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{n.ifname} in {n.ns}: no carrier after 120 s")
-            time.sleep(0.1)
-    # One ping both ways: ARP resolved before any stamped traffic.
-    subprocess.run(["ip", "netns", "exec", NS[0], "ping", "-c", "1", "-W", "30", ADDRS[1]],
-                   check=True, capture_output=True, timeout=60)
-    yield IgbPair(*pair)
-    for ns in NS:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    try:
+        pair = setup()
+    except SetupError as e:
+        pytest.fail(str(e))  # never a skip: the hardware path must not go silently untested
+    yield pair
+    teardown()

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from agent.engine import timestamping as ts
 from agent.engine.clock import StampCounters
 
