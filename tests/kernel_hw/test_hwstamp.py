@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.engine import timestamping as ts
 from agent.engine.clock import StampCounters
 
@@ -256,3 +258,42 @@ def _errqueue(s: socket.socket):
             out.append(s.recvmsg(64, ts.ANCILLARY_BUFSIZE, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT))
         except BlockingIOError:
             return out
+
+
+def _phc2sys() -> str:
+    tools = os.environ.get("XWAMP_GUEST_TOOLS")
+    path = Path(tools or "/nonexistent") / "usr" / "sbin" / "phc2sys"
+    assert path.exists(), ("phc2sys not available: tools/vm/run --nics igb fetches linuxptp into the VM cache "
+                           f"(XWAMP_GUEST_TOOLS={tools!r})")
+    return str(path)
+
+
+def test_error_estimate_synchronised_only_once_phc2sys_locks(igb: IgbPair) -> None:
+    """Last in this module: phc2sys marks the guest's clock synchronised for good."""
+    from agent.engine import clock
+
+    before = json.loads(xwamp(igb.a.ns, "doctor", igb.a.ifname, "--json").stdout)
+    assert before["timestamping"]["phc"]["disciplined"] is False
+    if before["clock"]["synced"]:
+        pytest.fail("the guest clock is already marked synchronised: nothing to show")
+    assert before["clock"]["error_estimate"]["S"] == 0
+    # -O 0: the PHC holds UTC here (igb reset sets it to CLOCK_REALTIME); no ptp4l, so no -w.
+    # phc2sys steers CLOCK_REALTIME only; the PHC (whose frequency QEMU cannot steer) is the source.
+    proc = subprocess.Popen([_phc2sys(), "-s", f"/dev/ptp{igb.a.phc}", "-c", "CLOCK_REALTIME", "-O", "0",
+                             "-R", "4", "-m", "-q"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not clock.read_clock_state().synced:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "phc2sys did not lock within 120 s"
+            time.sleep(0.25)
+        during = json.loads(xwamp(igb.a.ns, "doctor", igb.a.ifname, "--json").stdout)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    phc = during["timestamping"]["phc"]
+    print(f"\nphc2sys locked: doctor says disciplined={phc['disciplined']} residual {phc['residual_offset_ns']} ns, "
+          f"error estimate {during['clock']['error_estimate']}; phc2sys: {out.strip().splitlines()[-1:]}")
+    assert [p["pid"] for p in phc["phc2sys"]] == [proc.pid]
+    assert phc["disciplined"] is True and during["clock"]["synced"] is True
+    assert during["clock"]["error_estimate"]["S"] == 1

@@ -332,6 +332,37 @@ def ensure(cache: Path | None = None, refresh: bool = False, suite: str = DEFAUL
         return q
 
 
+GUEST_TOOLS = ("linuxptp", "ethtool")  # phc2sys/phc_ctl/ptp4l, ethtool -T: for the hwstamp tests' guest
+
+
+def ensure_guest_tools(cache: Path, suite: str = "bookworm") -> Path:
+    """linuxptp and ethtool unpacked (dpkg -x, nothing installed) under CACHE/root; returns
+    the root (binaries in root/usr/sbin). Cached: fetched once, like QEMU."""
+    cache = cache.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / "root"
+    with open(cache / ".lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if (root / ".ready").exists():
+            return root
+        apt = PrivateApt(cache / "apt", suite)
+        log(f"apt-get update ({suite}) for guest tools {', '.join(GUEST_TOOLS)}")
+        apt.update()
+        debs = cache / "debs"
+        shutil.rmtree(debs, ignore_errors=True)
+        debs.mkdir()
+        apt.download(list(GUEST_TOOLS), debs)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        for deb in sorted(debs.glob("*.deb")):
+            r = subprocess.run(["dpkg", "-x", str(deb), str(root)], capture_output=True, text=True, check=False)
+            if r.returncode:
+                raise FetchError(f"dpkg -x {deb.name}: {r.stderr.strip()}")
+        shutil.rmtree(debs, ignore_errors=True)
+        (root / ".ready").write_text(" ".join(GUEST_TOOLS) + "\n")
+        return root
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None,
