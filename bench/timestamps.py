@@ -195,7 +195,7 @@ def run_once(rate: int, seconds: float, load: bool) -> dict:
 def _igb_exchange(count: int, rate: float) -> dict:
     """Lockstep echoes A -> B -> A over the igb pair; hardware and software RTT per exchange."""
     from tests.kernel_hw import igbpair
-    from tests.kernel_hw.igb_rx_workaround import PROBE_TOS, IgbRegisters
+    from tests.kernel_hw.igb_rx_workaround import PROBE_TOS
 
     pair = igbpair.setup()
     socks, cfgs, regs, phcs = [], [], [], []
@@ -208,8 +208,7 @@ def _igb_exchange(count: int, rate: float) -> dict:
                 cfg = ts.enable_timestamping(s, nic.ifname)
             s.setsockopt(socket.SOL_SOCKET, ts.SO_TIMESTAMPING, cfg.flags | ts.SOF_TIMESTAMPING_OPT_TX_SWHW)
             s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, PROBE_TOS)
-            r = IgbRegisters(str(nic.pci))
-            r.apply()  # after SIOCSHWTSTAMP
+            r = igbpair.rx_workaround(nic)
             socks.append(s), cfgs.append(cfg), regs.append(r), phcs.append(ts.phc_clock(nic.phc))
         a, b = socks
         c = StampCounters()

@@ -119,3 +119,20 @@ def setup(carrier_timeout: float = 120.0) -> IgbPair:
 def teardown() -> None:
     for ns in NS:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def rx_workaround(nic: Nic):
+    """TEST-ONLY: make ``nic`` hardware-stamp received IPv4 with TOS 0x02 (igb_rx_workaround.py).
+
+    The RX stamping unit must be on first: SIOCSHWTSTAMP with a filter the driver grants
+    (ptpv2-event; the engine asked for all/ntp-all, was refused, and left RX at none).
+    Returns the mapped registers: ``clear_latch()`` after each stamped packet, ``undo()``."""
+    from agent.engine import ethtool
+
+    from .igb_rx_workaround import IgbRegisters
+
+    with netns(nic.ns):
+        ethtool.set_hwtstamp(nic.ifname, ethtool.HwTstampConfig(0, ethtool.HWTSTAMP_TX_ON, 12))  # ptpv2-event
+    regs = IgbRegisters(str(nic.pci))
+    regs.apply()  # after every SIOCSHWTSTAMP: the driver rewrites TSYNCRXCFG
+    return regs

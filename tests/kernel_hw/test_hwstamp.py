@@ -30,7 +30,8 @@ from agent.engine import timestamping as ts
 from agent.engine.clock import StampCounters
 
 from .conftest import IgbPair, Nic, netns
-from .igb_rx_workaround import PROBE_TOS, IgbRegisters
+from .igb_rx_workaround import PROBE_TOS
+from .igbpair import rx_workaround
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -136,9 +137,7 @@ def test_all_four_stamps_hardware_with_rx_workaround(igb: IgbPair) -> None:
     """T1..T4 from the PHCs, lockstep, with the RX workaround; each brackets with software."""
     a, acfg = _stamping_socket(igb.a, PROBE_TOS)
     b, bcfg = _stamping_socket(igb.b, PROBE_TOS)
-    ra, rb = IgbRegisters(str(igb.a.pci)), IgbRegisters(str(igb.b.pci))
-    ra.apply()  # after every SIOCSHWTSTAMP (configure_nic above)
-    rb.apply()
+    ra, rb = rx_workaround(igb.a), rx_workaround(igb.b)
     ca, cb = StampCounters(), StampCounters()
     phc_a, phc_b = ts.phc_clock(igb.a.phc), ts.phc_clock(igb.b.phc)
     rows = []
