@@ -106,3 +106,33 @@ def test_phc_step_resets_the_relation_instead_of_becoming_drift():
     f.offset_ns = 0  # and back (an igb reset sets the PHC to CLOCK_REALTIME)
     assert phc.to_realtime(f.rt + 300) == f.rt + 300  # backwards too
     assert phc.steps == 2
+
+
+# ---- doctor: the verdict and the phc2sys heuristic ------------------------------------------
+
+
+def test_doctor_verdict_for_a_ptp_only_driver_and_an_all_driver():
+    from agent.commands import doctor
+
+    igb = ethtool.TsInfo(0x5F, 0, 0b11, sum(1 << f for f in (0, 4, 5, 12)))  # QEMU 10's 82576
+    v = doctor.hardware_verdict(igb)
+    assert v["tx"] == "hardware" and v["rx"] == "software"
+    assert v["rx_reason"] == "driver grants only none ptpv1-l4-sync ptpv1-l4-delay-req ptpv2-event; neither all nor ntp-all"
+    assert doctor.hardware_verdict(ethtool.TsInfo(0x5F, 1, 0b11, 0b11))["rx"] == "hardware"
+    assert doctor.hardware_verdict(ethtool.TsInfo(0x5F, 1, 0b11, 1 | 1 << 15))["rx"].startswith("hardware if")
+    assert doctor.hardware_verdict(ethtool.TsInfo(0x1A, -1, 0, 0)) == {
+        "tx": "software", "rx": "software", "rx_reason": "no PTP hardware clock"}
+
+
+def test_doctor_finds_phc2sys_following_this_phc(tmp_path):
+    from agent.commands import doctor
+
+    for pid, argv in ((10, ["/usr/sbin/phc2sys", "-s", "/dev/ptp1", "-c", "CLOCK_REALTIME", "-O", "0"]),
+                      (11, ["phc2sys", "-a", "-r"]), (12, ["/usr/sbin/ptp4l", "-i", "eth0"])):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    found = doctor.phc2sys_processes(str(tmp_path))
+    assert sorted(p["pid"] for p in found) == [10, 11]
+    by_pid = {p["pid"]: p for p in found}
+    assert doctor._phc2sys_targets(by_pid[10], 1, "eth1") and not doctor._phc2sys_targets(by_pid[10], 0, "eth0")
+    assert doctor._phc2sys_targets(by_pid[11], 0, "eth0")  # -a follows ptp4l's ports
