@@ -136,3 +136,14 @@ def test_doctor_finds_phc2sys_following_this_phc(tmp_path):
     by_pid = {p["pid"]: p for p in found}
     assert doctor._phc2sys_targets(by_pid[10], 1, "eth1") and not doctor._phc2sys_targets(by_pid[10], 0, "eth0")
     assert doctor._phc2sys_targets(by_pid[11], 0, "eth0")  # -a follows ptp4l's ports
+
+
+def test_restore_after_the_tx_only_fallback(driver, monkeypatch):
+    d = driver({})
+    monkeypatch.setattr(ts, "_NIC_APPLIED", {})
+    ts.configure_nic("eth0")
+    assert d.cfg == ethtool.HwTstampConfig(0, 1, 0)
+    assert ts.restore_nic_configs() == ["eth0"] and d.cfg == ethtool.HwTstampConfig(0, 0, 0)
+    ts.configure_nic("eth0")
+    d.cfg = ethtool.HwTstampConfig(0, 1, 12)  # ptp4l took over after us
+    assert ts.restore_nic_configs() == [] and d.cfg.rx_filter == 12

@@ -374,6 +374,7 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
         cur = _configure_nic(iface, info)
         if not cur.is_off:
             _NIC_CHANGED.setdefault(iface, before)
+            _NIC_APPLIED[iface] = cur
     elif not cur.is_off:
         log.info("%s: keeping the existing hwtstamp config %s (ptp4l/chrony?)", iface, cur.to_dict())
     # PTP/NTP-only filters do not stamp our UDP packets: those get software stamps.
@@ -391,6 +392,7 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
 
 
 _NIC_CHANGED: dict[str, object] = {}  # iface -> the hwtstamp_config we found (always "off")
+_NIC_APPLIED: dict[str, object] = {}  # iface -> the hwtstamp_config the driver applied for us
 
 
 @dataclass(frozen=True)
@@ -469,8 +471,11 @@ def restore_nic_configs() -> list[str]:
     for iface, before in list(_NIC_CHANGED.items()):
         try:
             cur = ethtool.get_hwtstamp(iface)
-            if cur is not None and cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME) \
-                    and cur.tx_type in (ethtool.HWTSTAMP_TX_OFF, ethtool.HWTSTAMP_TX_ON):
+            applied = _NIC_APPLIED.pop(iface, None)
+            ours = (cur == applied) if applied is not None else (
+                cur is not None and cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME))
+            # Still ours (e.g. TX on, RX none after a refused filter): put it back; else ptp4l took over.
+            if cur is not None and ours and cur.tx_type in (ethtool.HWTSTAMP_TX_OFF, ethtool.HWTSTAMP_TX_ON):
                 ethtool.set_hwtstamp(iface, before)  # type: ignore[arg-type]
                 done.append(iface)
         except (OSError, ValueError) as e:

@@ -579,6 +579,10 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
     finally:
         if sock is not None:
             sock.close()
+        if opt.iface:  # leave the NIC's stamping as we found it
+            from agent.engine import timestamping as ts
+
+            ts.restore_nic_configs()
         await conn.close()
 
 
