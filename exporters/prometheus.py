@@ -191,6 +191,9 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
     yield stamps
     yield CounterMetricFamily(f"{NS}_timestamp_hw_fallbacks", "Packets on a hardware-stamping socket that got "
                               "only a software stamp.", value=s.stamps.get("hw_fallback", 0))
+    yield CounterMetricFamily(f"{NS}_timestamp_hw_rx_refused", "NIC configurations where the driver refused "
+                              "RX filters all and ntp-all: software RX stamps, hardware TX.",
+                              value=s.stamps.get("hw_rx_refused", 0))
     yield CounterMetricFamily(f"{NS}_timestamp_phc_unconverted", "Hardware stamps dropped: no PHC to "
                               "CLOCK_REALTIME relation.", value=s.stamps.get("phc_unconverted", 0))
     if s.clock_error is not None:

@@ -102,7 +102,7 @@ def options(args: argparse.Namespace):
                        schedule="poisson" if args.schedule == "exponential" else "fixed", padding=args.padding,
                        dscp=args.dscp, wanted=modes, key_id=args.user, key_source=ks, max_count=args.max_count,
                        wait=args.wait, timeout=args.timeout, test_port=args.test_port, features=features,
-                       reflect_length=reflect, local_addr=args.source)
+                       reflect_length=reflect, local_addr=args.source, iface=getattr(args, "iface", None))
 
 
 def mode_name(mode: int, twamp: bool = True) -> str:

@@ -55,8 +55,9 @@ def probe_timestamping(iface: str) -> dict[str, Any]:
         out["hwtstamp_note"] = None if cur is not None else "driver reports no hardware-stamp config"
     except OSError as e:
         out["hwtstamp"], out["hwtstamp_note"] = None, f"SIOCGHWTSTAMP: {e.strerror}"
+    out["hardware"] = hardware_verdict(info)
     if info.phc_index >= 0:
-        out["phc"] = _probe_phc(info.phc_index)
+        out["phc"] = _probe_phc(info.phc_index, iface)
     try:
         hw_rx, hw_tx, phc = ts._hardware_plan(iface, configure_nic=False)
         out["plan"] = {"hardware_rx": hw_rx, "hardware_tx": hw_tx, "phc_index": phc,
@@ -68,7 +69,57 @@ def probe_timestamping(iface: str) -> dict[str, Any]:
     return out
 
 
-def _probe_phc(index: int) -> dict[str, Any]:
+def hardware_verdict(info: Any) -> dict[str, Any]:
+    """What hardware stamping the engine can get from this driver (docs/timestamping.md):
+    TX needs tx type 'on'; RX needs filter 'all' (asked first) or 'ntp-all' (asked next:
+    some drivers widen it to all). PTP-only filters never stamp our UDP packets."""
+    from agent.engine import ethtool
+
+    has_phc = info.phc_index >= 0
+    tx = has_phc and bool(info.tx_types & (1 << ethtool.HWTSTAMP_TX_ON))
+    if not has_phc:
+        rx, why = "software", "no PTP hardware clock"
+    elif info.rx_filters & (1 << ethtool.HWTSTAMP_FILTER_ALL):
+        rx, why = "hardware", "driver grants filter all"
+    elif info.rx_filters & (1 << ethtool.HWTSTAMP_FILTER_NTP_ALL):
+        rx, why = "hardware if the driver widens ntp-all", "driver grants ntp-all, not all"
+    else:
+        rx, why = "software", ("driver grants only " + (" ".join(info.rx_filter_names) or "no filters")
+                               + "; neither all nor ntp-all")
+    return {"tx": "hardware" if tx else "software", "rx": rx, "rx_reason": why}
+
+
+def phc2sys_processes(proc: str = "/proc") -> list[dict[str, Any]]:
+    """Running phc2sys instances: {pid, args}. A doctor's heuristic: the kernel does not
+    say who disciplines CLOCK_REALTIME, only whether someone marked it synchronised."""
+    found = []
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == "phc2sys":
+            found.append({"pid": int(pid), "args": argv[1:]})
+    return found
+
+
+def _phc2sys_targets(p: dict[str, Any], index: int, iface: str) -> bool:
+    args = p["args"]
+    if any(a == "-a" or (a.startswith("-a") and not a.startswith("--")) for a in args):
+        return True  # automatic: follows ptp4l's ports
+    for i, a in enumerate(args[:-1]):
+        if a == "-s" and args[i + 1] in (f"/dev/ptp{index}", iface):
+            return True
+    return any(a in (f"-s/dev/ptp{index}", f"-s{iface}") for a in args)
+
+
+def _probe_phc(index: int, iface: str = "") -> dict[str, Any]:
+    from agent.engine import clock
     from agent.engine import timestamping as ts
 
     d: dict[str, Any] = {"device": f"/dev/ptp{index}"}
@@ -84,6 +135,17 @@ def _probe_phc(index: int) -> dict[str, Any]:
                  phc_minus_realtime_s=off / 1e9)
         if abs(off / 1e9 - round(off / 1e9)) < 1e-3 and 30 <= round(off / 1e9) <= 40:
             d["note"] = "PHC looks like TAI (ptp4l); converted per stamp, phc2sys not required"
+        # CLOCK_REALTIME disciplined to this PHC: a phc2sys follows it and has marked the
+        # kernel clock synchronised (linuxptp clears STA_UNSYNC once its servo locks), and
+        # the offset we measure is whole seconds (UTC/TAI) to within a millisecond.
+        residual = off - round(off / 1e9) * 10**9
+        daemons = [p for p in phc2sys_processes() if _phc2sys_targets(p, index, iface)]
+        try:
+            synced = clock.read_clock_state().synced
+        except OSError:
+            synced = False
+        d.update(residual_offset_ns=residual, phc2sys=daemons, realtime_synced=synced,
+                 disciplined=bool(daemons) and synced and abs(residual) < 1_000_000)
     finally:
         phc.close()
     return d
@@ -294,6 +356,15 @@ def render_text(r: dict[str, Any]) -> str:
                 out.append(_line("PHC", f"{p['device']} not readable: {p.get('error')}"))
             if p.get("note"):
                 out.append(_line("", p["note"]))
+            if p.get("readable"):
+                who = ", ".join(f"phc2sys pid {q['pid']}" for q in p["phc2sys"]) or "no phc2sys follows it"
+                out.append(_line("disciplined", ("yes: CLOCK_REALTIME follows the PHC" if p["disciplined"] else "no")
+                                 + f" ({who}; kernel clock {'synced' if p['realtime_synced'] else 'unsynced'}; "
+                                 f"residual {p['residual_offset_ns'] / 1e3:.1f} µs)"))
+        hv = t.get("hardware")
+        if hv:
+            out.append(_line("hardware TX", hv["tx"]))
+            out.append(_line("hardware RX", f"{hv['rx']} ({hv['rx_reason']})"))
         plan = t.get("plan", {})
         if "error" in plan:
             out.append(_line("plan", plan["error"]))

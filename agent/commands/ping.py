@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="RFC 6038 Reflect Octets: the reflector returns N octets of our padding (needs the mode)")
     p.add_argument("--symmetrical", action="store_true",
                    help="select RFC 6038 Symmetrical Size when offered (equal packet sizes both ways)")
+    p.add_argument("--iface", metavar="IF", help="hardware timestamps from this NIC's PHC (switches its stamping "
+                                                 "on when off; software stamps where it cannot; docs/timestamping.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="summary only")
     p.set_defaults(func=run)
 

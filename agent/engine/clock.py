@@ -194,6 +194,7 @@ class StampCounters:
     tx_user: int = 0
     hw_fallback: int = 0
     phc_unconverted: int = 0  # hardware stamps dropped: no PHC→REALTIME relation available
+    hw_rx_refused: int = 0  # NICs whose driver refused RX filters all and ntp-all: software RX, hardware TX
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, direction: str, source: str, n: int = 1) -> None:

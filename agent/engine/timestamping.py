@@ -233,6 +233,11 @@ PTP_SYS_OFFSET_PRECISE = _ioc(_IOC_READ | _IOC_WRITE, 8, 3 * 16 + 16)
 PTP_SYS_OFFSET_EXTENDED = _ioc(_IOC_READ | _IOC_WRITE, 9, 16 + PTP_MAX_SAMPLES * 3 * 16)
 
 
+# A free-running oscillator is within ±100 ppm of nominal; two samples further apart than
+# this in rate saw a step, not drift.
+MAX_PHC_DRIFT = 500e-6
+
+
 def _ptp_ns(buf: bytes | bytearray, off: int) -> int:
     sec, nsec, _ = _PTP_TIME.unpack_from(buf, off)
     return sec * _NS + nsec
@@ -260,7 +265,9 @@ class PhcClock:
         self._lock = threading.Lock()
         self._prev: tuple[int, int] | None = None  # (phc ns, offset ns)
         self._last: tuple[int, int] = self._measure()
+        self._measured_at = time.monotonic_ns()
         self._slope = 0.0
+        self.steps = 0  # clock steps seen (not drift): each restarts the drift estimate
 
     def close(self) -> None:
         os.close(self._fd)
@@ -296,15 +303,31 @@ class PhcClock:
     def refresh(self) -> None:
         with self._lock:
             phc, off = self._measure()
+            self._measured_at = time.monotonic_ns()
             lphc, loff = self._last
-            if phc - lphc > self.refresh_ns // 10:
+            if abs(off - loff) > MAX_PHC_DRIFT * max(phc - lphc, self.refresh_ns) + 2 * self.uncertainty_ns:
+                # Not drift: someone stepped one of the clocks, either way (an igb reset sets
+                # the PHC to CLOCK_REALTIME; phc_ctl/ptp4l step it). Start over from this sample.
+                self.steps += 1
+                log.info("PHC %d: step of %.6f s against CLOCK_REALTIME; drift estimate reset",
+                         self.index, (off - loff) / 1e9)
+                self._slope, self._prev, self._last = 0.0, None, (phc, off)
+            elif phc - lphc > self.refresh_ns // 10:
                 self._slope = (off - loff) / (phc - lphc)
                 self._prev, self._last = self._last, (phc, off)
             else:
                 self._last = (phc, off)
 
+    @property
+    def offset_ns(self) -> int:
+        """PHC minus CLOCK_REALTIME at the last sample (37 s on a TAI PHC, ~0 under phc2sys)."""
+        return self._last[1]
+
     def to_realtime(self, phc_ns: int) -> int:
-        if phc_ns - self._last[0] > self.refresh_ns:
+        lphc, _ = self._last
+        # Refresh when the stamp is far from the last sample either way (a PHC stepped
+        # backwards must not freeze the relation) or the sample is old.
+        if abs(phc_ns - lphc) > self.refresh_ns or time.monotonic_ns() - self._measured_at > self.refresh_ns:
             try:
                 self.refresh()
             except OSError as e:  # keep extrapolating; the error estimate should grow, not the agent die
@@ -347,13 +370,11 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
         log.info("%s: driver does not report its hwtstamp config; not touching it, software stamps", iface)
         return False, False, None
     if cur.is_off and configure_nic:
-        want_rx = ethtool.HWTSTAMP_FILTER_ALL if info.rx_filters & (1 << ethtool.HWTSTAMP_FILTER_ALL) else 0
-        want_tx = ethtool.HWTSTAMP_TX_ON if info.tx_types & (1 << ethtool.HWTSTAMP_TX_ON) else 0
-        if want_rx or want_tx:
-            before = cur
-            cur = ethtool.set_hwtstamp(iface, ethtool.HwTstampConfig(0, want_tx, want_rx))
+        before = cur
+        cur = _configure_nic(iface, info)
+        if not cur.is_off:
             _NIC_CHANGED.setdefault(iface, before)
-            log.info("%s: hardware stamping enabled: %s", iface, cur.to_dict())
+            _NIC_APPLIED[iface] = cur
     elif not cur.is_off:
         log.info("%s: keeping the existing hwtstamp config %s (ptp4l/chrony?)", iface, cur.to_dict())
     # PTP/NTP-only filters do not stamp our UDP packets: those get software stamps.
@@ -371,6 +392,74 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
 
 
 _NIC_CHANGED: dict[str, object] = {}  # iface -> the hwtstamp_config we found (always "off")
+_NIC_APPLIED: dict[str, object] = {}  # iface -> the hwtstamp_config the driver applied for us
+
+
+@dataclass(frozen=True)
+class NicStampPlan:
+    """What SIOCSHWTSTAMP gave us on one NIC (for doctor, logs and metrics)."""
+
+    iface: str
+    asked: tuple[str, ...]  # RX filters tried, in order
+    refused: tuple[str, ...]  # ... and those the driver refused (ERANGE/EINVAL)
+    granted_rx_filter: str  # what the driver applied
+    tx: str
+    hardware_rx: bool  # the granted filter stamps our UDP packets (all, or a driver's widening)
+    hardware_tx: bool
+
+
+NIC_PLANS: dict[str, NicStampPlan] = {}  # iface -> the last plan _configure_nic made
+
+# The RX filters we ask for, best first. ALL stamps every packet. NTP_ALL (Linux 4.13)
+# exists for NTP's UDP; some drivers implement it by stamping everything and answer
+# ALL, so it is worth asking. PTP-only filters never stamp our UDP: not asked.
+_RX_FILTER_ORDER = ("all", "ntp-all")
+
+
+def _configure_nic(iface: str, info: object) -> object:
+    """Ask for TX on + RX ALL, else NTP_ALL, else TX only (software RX, hardware TX).
+
+    Never called over a config someone else set (see _hardware_plan)."""
+    from agent.engine import ethtool
+
+    want_tx = ethtool.HWTSTAMP_TX_ON if info.tx_types & (1 << ethtool.HWTSTAMP_TX_ON) else 0  # type: ignore[attr-defined]
+    by_name = {v: k for k, v in ethtool.RX_FILTER_NAMES.items()}
+    refused: list[str] = []
+    cur = None
+    for name in _RX_FILTER_ORDER:
+        try:
+            cur = ethtool.set_hwtstamp(iface, ethtool.HwTstampConfig(0, want_tx, by_name[name]))
+            break
+        except OSError as e:
+            if e.errno not in (errno.ERANGE, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            refused.append(name)
+    if cur is None:
+        cur = ethtool.set_hwtstamp(iface, ethtool.HwTstampConfig(0, want_tx, ethtool.HWTSTAMP_FILTER_NONE)) \
+            if want_tx else ethtool.HwTstampConfig(0, 0, 0)
+    hw_rx = cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME)
+    hw_tx = cur.tx_type != ethtool.HWTSTAMP_TX_OFF
+    plan = NicStampPlan(iface, _RX_FILTER_ORDER, tuple(refused),
+                        ethtool.RX_FILTER_NAMES.get(cur.rx_filter, str(cur.rx_filter)),
+                        ethtool.TX_TYPE_NAMES.get(cur.tx_type, str(cur.tx_type)), hw_rx, hw_tx)
+    NIC_PLANS[iface] = plan
+    if not hw_rx:
+        STAMP_COUNTERS.hw_rx_refused += 1
+        log.warning("%s: the driver refused RX filter%s %s (it offers: %s): software RX stamps%s",
+                    iface, "s" if len(refused) > 1 else "", " and ".join(refused) or "-",
+                    " ".join(info.rx_filter_names) or "none",  # type: ignore[attr-defined]
+                    ", hardware TX stamps" if hw_tx else "")
+    else:
+        log.info("%s: hardware stamping enabled: %s", iface, cur.to_dict())
+    return cur
+
+
+def configure_nic(iface: str) -> NicStampPlan | None:
+    """Switch ``iface``'s hardware stamping on (TX on; RX all, else ntp-all, else none) if it
+    is entirely off; the explicit opt-in of ``xwamp ping --iface`` and the agent. Returns
+    the plan, or None when the NIC has no PHC or someone else's config is in place."""
+    _hardware_plan(iface, configure_nic=True)
+    return NIC_PLANS.get(iface)
 
 
 def restore_nic_configs() -> list[str]:
@@ -382,8 +471,11 @@ def restore_nic_configs() -> list[str]:
     for iface, before in list(_NIC_CHANGED.items()):
         try:
             cur = ethtool.get_hwtstamp(iface)
-            if cur is not None and cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME) \
-                    and cur.tx_type in (ethtool.HWTSTAMP_TX_OFF, ethtool.HWTSTAMP_TX_ON):
+            applied = _NIC_APPLIED.pop(iface, None)
+            ours = (cur == applied) if applied is not None else (
+                cur is not None and cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME))
+            # Still ours (e.g. TX on, RX none after a refused filter): put it back; else ptp4l took over.
+            if cur is not None and ours and cur.tx_type in (ethtool.HWTSTAMP_TX_OFF, ethtool.HWTSTAMP_TX_ON):
                 ethtool.set_hwtstamp(iface, before)  # type: ignore[arg-type]
                 done.append(iface)
         except (OSError, ValueError) as e:

@@ -529,6 +529,7 @@ class PingOptions:
     features: int = 0  # TWAMP capability bits to select when offered (RFC 5938, RFC 6038)
     reflect_length: int = 0  # RFC 6038 Length of padding to reflect (selects Reflect Octets)
     local_addr: str | None = None  # source address of control and test traffic (a tunnel's inner address)
+    iface: str | None = None  # hardware stamps from this NIC (switched on if off; docs/timestamping.md)
 
 
 @dataclass
@@ -539,6 +540,20 @@ class PingResult:
     counters: dict[str, int]
     peer: str
     sid: bytes = b""
+
+
+def _hardware_stamps(iface: str | None) -> bool:
+    """Opt in to hardware stamps on ``iface``: the NIC is configured (TX on; RX all, else
+    ntp-all, else software RX) unless someone else's config is in place."""
+    if not iface:
+        return False
+    from agent.engine import timestamping as ts
+
+    try:
+        ts.configure_nic(iface)
+    except (OSError, ValueError, ts.UnsupportedArchitecture) as e:
+        log.warning("%s: cannot configure hardware stamping (%s): software stamps", iface, e)
+    return True
 
 
 def _duration_ntp(s: float) -> int:
@@ -593,7 +608,8 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
         records = await udp.run_twamp_sender(
             ("", 0), (str(peer_ip), acc.accept.port), mode, acc.test_keys, count=opt.count,
             interval=opt.interval, schedule=opt.schedule, padding=pad, timeout=opt.wait, sock=sock,
-            on_record=on_record, hardware=False, reflect=(refl_at, reflect) if reflect else None,
+            on_record=on_record, iface=opt.iface, hardware=_hardware_stamps(opt.iface),
+            reflect=(refl_at, reflect) if reflect else None,
             server_octets=acc.accept.server_octets if reflect else 0, stop=stop)
         await conn.stop_sessions(1)
         counters = {"sent": len(records), "replies": sum(1 for r in records if not r.lost)}
@@ -604,6 +620,10 @@ async def twamp_ping(opt: PingOptions, on_record: Callable[[PacketRecord], None]
     finally:
         if sock is not None:
             sock.close()
+        if opt.iface:  # leave the NIC's stamping as we found it
+            from agent.engine import timestamping as ts
+
+            ts.restore_nic_configs()
         await conn.close()
 
 
