@@ -205,6 +205,16 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
                               value=srv.get("connections_total", 0))
     yield CounterMetricFamily(f"{NS}_server_connections_refused", "Control connections refused (limits).",
                               value=srv.get("refused_total", 0))
+    if s.reflector:
+        # [reflector]: the STAMP Session-Reflector's packets by outcome (agent.engine.reflector).
+        rf = CounterMetricFamily(f"{NS}_stamp_reflector_packets", "STAMP reflector packets by result.",
+                                 labels=["result"])
+        for k in sorted(s.reflector):
+            if k != "peers":
+                rf.add_metric([k], s.reflector[k])
+        yield rf
+        yield GaugeMetricFamily(f"{NS}_stamp_reflector_peers", "Senders (address, port, SSID) a stateful "
+                                "STAMP reflector keeps numbers for.", value=s.reflector.get("peers", 0))
     reloads = CounterMetricFamily(f"{NS}_config_reloads", "Configuration reloads (SIGHUP).", labels=["result"])
     for k in ("success", "failure"):
         reloads.add_metric([k], s.reloads.get(k, 0))

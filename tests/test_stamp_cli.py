@@ -16,7 +16,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 
 from agent.commands.stamp import parse_tlv
-from agent.engine import tlv
 from agent.engine.packets import Proto, Security
 from agent.engine.reflector import ReflectorSession
 from agent.engine.sender import TestSender

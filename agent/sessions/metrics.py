@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:
@@ -392,6 +392,7 @@ class Snapshot:
     last_reload_time: float
     start_time: float
     version: str
+    reflector: dict[str, int] = field(default_factory=dict)  # STAMP reflector counters (agent.engine.reflector)
 
 
 class MetricsState:
@@ -408,6 +409,7 @@ class MetricsState:
         # Counters kept elsewhere (agent.binder.announce.Binder.refusals), summed into the snapshot.
         self.refusal_sources: list[Callable[[], Mapping[str, int]]] = []
         self.server = {"connections_total": 0, "refused_total": 0}
+        self.reflector: dict[str, int] = {}  # the [reflector] STAMP endpoint's counters, when enabled
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_ok = True
         self.last_reload_time = time.time()
@@ -477,6 +479,7 @@ class MetricsState:
             last_reload_time=self.last_reload_time,
             start_time=self.start_time,
             version=__version__,
+            reflector=dict(self.reflector),
         )
 
 

@@ -1,0 +1,82 @@
+"""The agent speaks STAMP: a [reflector] and a protocol = "stamp" peer in one daemon on loopback,
+with the same metrics and labels as TWAMP, the reflector's counters exported; config errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agent.daemon import config as cfg
+from agent.daemon import supervisor as dm
+from tests.test_daemon import FakeSAs, _free_port, until
+
+
+@pytest.mark.parametrize("mode", ["unauth", "auth"])
+def test_stamp_peer_against_own_reflector(tmp_path: Path, mode: str) -> None:
+    port = _free_port()
+    keyfile = tmp_path / "stamp.key"
+    keyfile.write_text(bytes(range(32)).hex())
+    auth = f'mode = "auth"\nkeyfile = "{keyfile}"\n' if mode == "auth" else ""
+    path = tmp_path / "x.toml"
+    path.write_text(f"""
+[server]
+enabled = false
+[exporter]
+port = 0
+[reflector]
+enabled = true
+listen = ["127.0.0.1"]
+port = {port}
+{auth}
+[[peers]]
+name = "self"
+address = "127.0.0.1"
+protocol = "stamp"
+port = {port}
+interval = 0.01
+count = 10
+timeout = 0.3
+{auth}""")
+
+    async def main():
+        d = dm.Daemon(cfg.load(path), str(path), sa_source=FakeSAs([]), notify=lambda *l: True)
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 20)
+        m = d.metrics.sessions["peer:self"]
+        await until(lambda: m.cycles >= 2, 30)
+        from exporters.prometheus import render
+
+        body = render(d.snapshot())[0].decode()
+        d.request_stop()
+        assert await asyncio.wait_for(task, 20) == 0
+        return m, body
+
+    m, body = asyncio.run(main())
+    assert m.sent >= 20 and m.received == m.sent and m.rtt.snapshot().count == m.received
+    assert m.lost_forward == m.lost_reverse == m.lost_unknown == 0
+    assert 'xwamp_packets_sent_total{name="self",peer="127.0.0.1",reqid="",protocol="stamp"}' in body
+    assert 'xwamp_stamp_reflector_packets_total{result="reflected"}' in body
+    assert 'xwamp_stamp_reflector_packets_total{result="bad_hmac"} 0.0' in body
+
+
+@pytest.mark.parametrize("text,why", [
+    ('[[peers]]\naddress = "127.0.0.1"\nprotocol = "stamp"\nmode = "enc"', "STAMP modes are unauth, auth"),
+    ('[[peers]]\naddress = "127.0.0.1"\nprotocol = "stamp"\nmode = "auth"', "needs keyfile"),
+    ('[reflector]\nenabled = true\nmode = "auth"', "reflector.keyfile: mode 'auth' needs keyfile"),
+    ('[reflector]\nstateful = 1', "reflector.stateful"),
+    ('[reflector]\nbogus = 1', "reflector"),
+])
+def test_stamp_config_errors(tmp_path: Path, text: str, why: str) -> None:
+    p = tmp_path / "x.toml"
+    p.write_text(text)
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(p)
+    assert why in str(e.value)
+
+
+def test_stamp_defaults() -> None:
+    c = cfg.parse({"peers": [{"address": "192.0.2.1", "protocol": "stamp"}]})
+    assert c.peers[0].session.effective_port == 862
+    assert c.reflector == cfg.ReflectorSection()
