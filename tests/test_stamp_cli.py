@@ -185,3 +185,11 @@ def test_auth_sender_with_hmac_tlv_against_struct_peer() -> None:
     h.update(pkt[:4] + pkt[112:120])
     assert pkt[124:140] == h.finalize()[:16]
     assert len(pkt) == 140
+
+
+def test_key_from_tunnel_without_a_pair_is_one_line_and_exit_3() -> None:
+    res = _stamp("127.0.0.1", "--key-from-tunnel", "-c", "1", "--port", "9")
+    if res.returncode == 1:
+        pytest.skip(f"XFRM not readable here: {res.stderr.strip()}")
+    assert res.returncode == 3, (res.stdout, res.stderr)
+    assert res.stderr == "xwamp stamp: no tunnel key: no_sa: no SA pair carries 127.0.0.1 -> 127.0.0.1\n"

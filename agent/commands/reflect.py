@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=862, help="UDP port (default 862)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="STAMP authenticated mode: HMAC key file (hex, or raw bytes)")
+    p.add_argument("--key-from-tunnel", action="store_true",
+                   help="authenticated STAMP keyed from the IPsec SA pair each sender's packets ride in "
+                        "(docs/wire-format.md §9)")
+    p.add_argument("--netns", metavar="NS", help="run in this network namespace")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stateful", dest="stateful", action="store_true", default=True,
                       help="own sequence numbers per sender and SSID (default; RFC 8762 §4.3.1)")
@@ -68,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"xwamp reflect: cannot read the key file: {e.__class__.__name__}", file=sys.stderr)
             return 2
+    if key is not None and args.key_from_tunnel:
+        print("xwamp reflect: --auth-key-file and --key-from-tunnel exclude each other", file=sys.stderr)
+        return 2
+    from agent.commands._runtime import netns_entered
+
+    if not netns_entered("reflect", args.netns):
+        return 2
     session = ReflectorSession(
         Proto.STAMP,
         Security.AUTH if key is not None else Security.UNAUTH,
@@ -79,9 +90,27 @@ def run(args: argparse.Namespace) -> int:
                                 hardware=args.iface is not None, log_interval=args.log_interval)
 
     async def main() -> None:
+        fol = None
+        if args.key_from_tunnel:
+            from agent.sessions.bound import XfrmFollower
+            from agent.sessions.stamp_keys import TunnelStampKeys
+
+            fol = XfrmFollower(None)
+            await fol.start()
+            tk = TunnelStampKeys(fol.table, fol.policies, local=args.listen)
+            ep.default = tk.reflector(stateful=args.stateful, ptp=args.ptp)
+        try:
+            await _serve(fol)
+        finally:
+            if fol is not None:
+                await fol.close()
+
+    async def _serve(fol) -> None:
         await ep.start()
         host = args.listen if ":" not in args.listen else f"[{args.listen}]"
         mode = "authenticated (key " + key.fingerprint() + ")" if key is not None else "unauthenticated"
+        if fol is not None:
+            mode = "authenticated (keys from the tunnel)"
         print(f"xwamp reflect: STAMP/TWAMP-Light {mode}, {'stateful' if args.stateful else 'stateless'}, "
               f"listening on {host}:{ep.port}", flush=True)
         try:
@@ -99,5 +128,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ep.close()
         c = ep.counters()
+        for k, v in getattr(ep.default, "key_results", {}).items():
+            c[f"tunnel_key_{k}"] = v
         print("xwamp reflect: " + ", ".join(f"{k} {v}" for k, v in c.items()), flush=True)
     return 0

@@ -200,8 +200,13 @@ def run(args: argparse.Namespace) -> int:
                                                 else "unauthenticated")
         print(f"STAMP {args.host} port {args.port}: {args.count} packets, interval {args.interval}s, {what}",
               flush=True)
+    from agent.binder.keys import BinderRefusal
+
     try:
         res = asyncio.run(main())
+    except BinderRefusal as e:  # one line: which pair is missing or unusable (SPIs, never keys)
+        print(f"xwamp stamp: no tunnel key: {e}", file=sys.stderr)
+        return 3
     except ValueError as e:
         return fail(str(e))
     except OSError as e:
@@ -215,5 +220,7 @@ def run(args: argparse.Namespace) -> int:
         for r in res.records:
             if r.lost and not args.quiet:
                 print(reply_line(r, args.host, []))
+        if res.key_tag:
+            print(f"keyed from the tunnel: {res.key_tag}")
         print("\n".join(summary_lines(res)))
     return 0 if res.summary.loss.received else 1

@@ -22,8 +22,9 @@ T = TypeVar("T")
 LOG_FORMATS = ("logfmt", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROTOCOLS = ("twamp", "owamp", "stamp")
-# STAMP (RFC 8762) has no control channel: unauth, auth with a key file (RFC 8762 §4.2.2).
-STAMP_MODES = ("unauth", "auth")
+# STAMP (RFC 8762) has no control channel: unauth, auth with a key file (RFC 8762 §4.2.2),
+# or auth keyed from the SA pair the packets ride in (docs/wire-format.md §9).
+STAMP_MODES = ("unauth", "auth", "auth+ipsec-bound")
 SECURITY_MODES = ("unauth", "auth", "enc", "mixed")
 # Key-source suffixes ("auth+ipsec-alt1"): docs/wire-format.md §1. IPsec modes take
 # their keys from the SA the session runs in, so they need no keyfile.
@@ -118,7 +119,7 @@ class ReflectorSection:
     listen: tuple[str, ...] = ("::",)
     port: int = 862  # UDP (RFC 8545); TWAMP-Control's 862 is TCP
     stateful: bool = True  # RFC 8762 §4.3.1: own sequence numbers per sender and SSID
-    mode: str = "unauth"  # unauth | auth (keyfile: the HMAC key, hex)
+    mode: str = "unauth"  # unauth | auth (keyfile: the HMAC key, hex) | auth+ipsec-bound (wire-format §9)
     keyfile: str | None = None
 
 
@@ -286,7 +287,7 @@ def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
     if protocol == "stamp":
         if len(modes) > 1:
             raise vd.err("mode", "STAMP has no negotiation: give one mode")
-        if needs_secret and keyfile is None:
+        if modes[0] == "auth" and keyfile is None:
             raise vd.err("keyfile", "STAMP mode 'auth' needs keyfile (the HMAC key, hex)")
     elif needs_secret and (keyfile is None or user is None):
         missing = "keyfile" if keyfile is None else "user"

@@ -223,7 +223,25 @@ class CycleRunner:
 
             key = Secret(read_stamp_key(t.keyfile))
         local = str(self.spec.local) if self.spec.local is not None else None
+        tunnel = None
+        if t.modes[0] == "auth+ipsec-bound":
+            from agent.sessions.stamp_keys import TunnelStampKeys, route_source
+
+            if self.runtime is None:
+                raise SessionStopped("no_sa: STAMP keyed from the tunnel needs the SA table")
+            tunnel = TunnelStampKeys(self.runtime.table, self.runtime.policies)
+            local = local or route_source(str(self.spec.address))
         while not self._stopping:
+            if tunnel is not None:
+                # wire-format §9: the current pair keys each cycle; after a rekey the next cycle takes
+                # the new pair, while the reflector still accepts the old one for its grace period.
+                key, tag = tunnel.sender_key(local, str(self.spec.address))
+                if tag != getattr(self, "_stamp_pair", tag):
+                    self.metrics.rebinds += 1
+                    log.info("rekey: STAMP session keyed from the new SA pair",
+                             extra={"session": self.spec.key, "pair": tag})
+                self._stamp_pair = tag
+                self.metrics.sa_keyed = True
             opt = StampOptions(str(self.spec.address), t.effective_port, count=t.count, interval=t.interval,
                                schedule=t.schedule, padding=t.padding, dscp=t.dscp, local_addr=local, key=key,
                                wait=t.timeout, follow_up=True)

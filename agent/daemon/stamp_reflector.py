@@ -27,8 +27,12 @@ def read_stamp_key(path: str) -> bytes:
 
 
 class StampReflectors:
-    def __init__(self, section: cfg.ReflectorSection) -> None:
+    def __init__(self, section: cfg.ReflectorSection, runtime: object = None) -> None:
+        """``runtime``: the agent's BinderRuntime (its SA table and policies) for mode
+        auth+ipsec-bound (docs/wire-format.md §9)."""
         self.section = section
+        self.runtime = runtime
+        self.tunnel_keys: list = []
         self.endpoints: list = []
 
     async def start(self) -> None:
@@ -41,8 +45,17 @@ class StampReflectors:
         key = Secret(read_stamp_key(s.keyfile)) if s.mode == "auth" and s.keyfile else None
         try:
             for addr in s.listen:
-                sess = ReflectorSession(Proto.STAMP, Security.AUTH if key is not None else Security.UNAUTH,
-                                        stamp_key=key, stateful=s.stateful)
+                if s.mode == "auth+ipsec-bound":
+                    from agent.sessions.stamp_keys import TunnelStampKeys
+
+                    if self.runtime is None:
+                        raise ValueError("mode auth+ipsec-bound needs the SA table")
+                    tk = TunnelStampKeys(self.runtime.table, self.runtime.policies, local=addr)  # type: ignore[attr-defined]
+                    self.tunnel_keys.append(tk)
+                    sess = tk.reflector(stateful=s.stateful)
+                else:
+                    sess = ReflectorSession(Proto.STAMP, Security.AUTH if key is not None else Security.UNAUTH,
+                                            stamp_key=key, stateful=s.stateful)
                 ep = TwampReflectorEndpoint((addr, s.port), default=sess, hardware=False)
                 await ep.start()
                 self.endpoints.append(ep)
@@ -69,5 +82,7 @@ class StampReflectors:
                 total[k] = total.get(k, 0) + v
             if ep.default is not None:
                 peers += ep.default.peers
+            for k, v in getattr(ep.default, "key_results", {}).items():
+                total[f"tunnel_key_{k}"] = total.get(f"tunnel_key_{k}", 0) + v
         total["peers"] = peers
         return total

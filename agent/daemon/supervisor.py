@@ -276,7 +276,7 @@ class Daemon:
     async def _start_reflector(self, r: cfg.ReflectorSection) -> None:
         from agent.daemon.stamp_reflector import StampReflectors
 
-        refl = StampReflectors(r)
+        refl = StampReflectors(r, self.runtime)
         try:
             await refl.start()
         except (OSError, ValueError) as e:

@@ -63,10 +63,12 @@ class StampResult:
     mode: str  # unauth | auth | light
     stateful: bool | None  # True: the reflector's numbering shows it is stateful; None: undecided
     tlv_answers: dict[int, list[dict[str, object]]]  # our seq -> the reflector's TLV answers
+    key_tag: str = ""  # tunnel-keyed: the SA pair (SPIs, reqid; key-free)
 
     def to_dict(self) -> dict[str, object]:
         return {"protocol": "stamp", "peer": self.peer, "mode": self.mode,
-                "reflector_stateful": self.stateful, "summary": self.summary.to_dict(),
+                "reflector_stateful": self.stateful, "key_pair": self.key_tag,
+                "summary": self.summary.to_dict(),
                 "records": [dict(r.as_dict(), tlv_answers=self.tlv_answers.get(r.seq, [])) for r in self.records]}
 
 
