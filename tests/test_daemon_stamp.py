@@ -54,7 +54,10 @@ timeout = 0.3
         return m, body
 
     m, body = asyncio.run(main())
-    assert m.sent >= 20 and m.received == m.sent and m.rtt.snapshot().count == m.received
+    assert m.sent >= 20 and m.received == m.sent
+    # Follow-Up Telemetry: each cycle's last reply never gets its real T3, so it stays out of RTT
+    # (at least that one; a follow-up that does not come in time leaves another sample pending)
+    assert m.received - 2 * m.cycles <= m.rtt.snapshot().count <= m.received - m.cycles
     assert m.lost_forward == m.lost_reverse == m.lost_unknown == 0
     assert 'xwamp_packets_sent_total{name="self",peer="127.0.0.1",reqid="",protocol="stamp"}' in body
     assert 'xwamp_stamp_reflector_packets_total{result="reflected"}' in body

@@ -107,11 +107,15 @@ def reply_line(rec, host: str, answers: list[dict[str, object]]) -> str:
              f"ttl={rec.sender_ttl}/{rec.reply_ttl}"]
     if rec.rtt_ns is not None:
         parts.append(f"rtt={rec.rtt_ns / 1e6:.3f} ms")
+    elif rec.follow_up == "pending":
+        parts.append("rtt=pending")  # RFC 8972 §4.7: T3 not known yet, never the one written
     if _synced(rec.reflector_error) and _synced(rec.t1_error) and rec.t2_ns is not None and rec.t3_ns is not None:
         parts.append(f"fwd={(rec.t2_ns - rec.t1_best_ns) / 1e6:.3f} rev={(rec.t4_ns - rec.t3_ns) / 1e6:.3f} ms")
     else:
         parts.append("one-way=unsync")
-    parts.append(f"stamps=tx:{rec.t1_source},rx:{rec.t4_source}")
+    # T1/T4 our kernel stamps; T3 the reflector's TX stamp via Follow-Up Telemetry, or as written
+    t3 = rec.t3_source if rec.follow_up == "corrected" else ("pending" if rec.follow_up == "pending" else "written")
+    parts.append(f"stamps=tx:{rec.t1_source},rx:{rec.t4_source},t3:{t3}")
     if rec.duplicates:
         parts.append(f"(DUP x{len(rec.duplicates)})")
     tl = t.format_tlv_answers(answers)

@@ -139,12 +139,15 @@ def reflect_tlvs(
     ts_info: tuple[int, int, int, int],
     rx_tos: int | None,
     counters: tuple[int, int] | None = None,
+    follow_up: bytes | None = None,
 ) -> ReflectedTlvs:
     """The reflector side of RFC 8972: fill what we know, flag what we do not.
 
     ``raw`` must be a well-formed TLV block (the caller falls back to plain padding
     when :func:`parse_tlvs` fails). ``counters``: (packets received, packets sent including
-    this reply) for the Direct Measurement TLV.
+    this reply) for the Direct Measurement TLV. ``follow_up``: the 16-octet Follow-Up
+    Telemetry value (RFC 8972 §4.7, agent.engine.followup) when this reflector keeps TX stamps;
+    None answers the TLV as unrecognized.
     """
     tlvs = parse_tlvs(raw)
     hmac_ok: bool | None = None
@@ -168,6 +171,11 @@ def reflect_tlvs(
             if len(value) == 12 and counters is not None:
                 value = value[:4] + (counters[0] & 0xFFFFFFFF).to_bytes(4, "big") + (
                     counters[1] & 0xFFFFFFFF).to_bytes(4, "big")
+            else:
+                flags |= FLAG_M
+        elif typ == T_FOLLOW_UP and follow_up is not None:
+            if len(value) == len(follow_up):
+                value = follow_up
             else:
                 flags |= FLAG_M
         elif typ == T_CLASS_OF_SERVICE:

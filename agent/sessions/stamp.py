@@ -15,6 +15,7 @@ from typing import Callable
 
 from agent.engine import tlv as _tlv
 from agent.engine import udp
+from agent.engine.followup import parse_follow_up
 from agent.engine.packets import MODE_AUTHENTICATED, MODE_UNAUTHENTICATED, Proto
 from agent.engine.sender import PacketRecord
 from agent.sessions import results
@@ -72,6 +73,64 @@ class StampResult:
                 "records": [dict(r.as_dict(), tlv_answers=self.tlv_answers.get(r.seq, [])) for r in self.records]}
 
 
+MAX_FUT_WAIT = 4096  # pending samples kept for a Follow-Up at most (bounded memory)
+FUT_MAX_RESIDENCE_NS = 1_000_000_000  # a Follow-Up T3 more than 1 s after T2 is not this reply's
+
+
+class FollowUpCorrector:
+    """Sender side of RFC 8972 §4.7: each reply's Follow-Up TLV carries the real transmit time
+    of the reflector's previous reply; put it in as that sample's T3. Until then a sample's T3 is
+    *pending* (t3_ns None: left out of RTT and reverse delay, never mixed in as written)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, PacketRecord] = {}  # reflector seq -> pending record
+        self.corrected = 0
+        self.rejected = 0  # Follow-Up values that cannot be the reply they name
+
+    def on_record(self, rec: PacketRecord) -> list[PacketRecord]:
+        """Returns the records now settled (corrected, or not asked/unsupported), in order."""
+        out: list[PacketRecord] = []
+        fut = None
+        answered = False
+        if rec.reply_tlvs:
+            try:
+                tlvs = _tlv.parse_tlvs(rec.reply_tlvs)
+            except Exception:  # PacketError: a reflector that returns garbage answers no TLV
+                tlvs = []
+            for t in tlvs:
+                if t.type == _tlv.T_FOLLOW_UP:
+                    answered = not t.flags & (_tlv.FLAG_U | _tlv.FLAG_M)
+                    if answered:
+                        ptp = bool((rec.reflector_error or 0) & 0x4000)
+                        fut = parse_follow_up(t.value, ptp)
+        if not answered:
+            rec.follow_up = "unsupported"
+            out.append(rec)
+        else:
+            rec.follow_up, rec.t3_user_ns, rec.t3_ns = "pending", rec.t3_ns, None
+            if rec.reflector_seq is not None:
+                if len(self._waiting) >= MAX_FUT_WAIT:
+                    self._waiting.pop(next(iter(self._waiting)))
+                self._waiting[rec.reflector_seq] = rec
+        if fut is not None:
+            seq, ns, src = fut
+            prev = self._waiting.pop(seq, None)
+            if prev is not None and prev is not rec:
+                if prev.t2_ns is not None and 0 <= ns - prev.t2_ns <= FUT_MAX_RESIDENCE_NS:
+                    prev.t3_ns, prev.t3_source, prev.follow_up = ns, src, "corrected"
+                    self.corrected += 1
+                else:
+                    self.rejected += 1
+                out.insert(0, prev)
+        return out
+
+    def pending(self) -> list[PacketRecord]:
+        """What never got its Follow-Up (the last reply of a run, lost replies after it): flagged."""
+        left = sorted(self._waiting.values(), key=lambda r: r.seq)
+        self._waiting.clear()
+        return left
+
+
 def _sender_tlvs(opt: StampOptions) -> list[_tlv.Tlv]:
     tlvs = list(opt.tlvs)
     if opt.follow_up and not any(t.type == _tlv.T_FOLLOW_UP for t in tlvs):
@@ -98,11 +157,26 @@ async def stamp_session(opt: StampOptions, on_record: Callable[[PacketRecord], N
         mode = MODE_AUTHENTICATED if opt.key is not None else MODE_UNAUTHENTICATED
         pad = opt.padding
     local = (opt.local_addr or "", 0)
+    fix = FollowUpCorrector() if any(t.type == _tlv.T_FOLLOW_UP for t in tlvs) else None
+
+    def settle(rec: PacketRecord) -> None:
+        if fix is None:
+            if on_record is not None:
+                on_record(rec)
+            return
+        for r in fix.on_record(rec):
+            if on_record is not None:
+                on_record(r)
+
     records = await udp.run_twamp_sender(
         local, (opt.host, opt.port), mode, None, count=opt.count, interval=opt.interval,
         schedule=opt.schedule, padding=pad, dscp=opt.dscp or None, proto=proto, stamp_key=opt.key,
-        ssid=opt.ssid, tlvs=tlvs, timeout=opt.wait, hardware=False, on_record=on_record, sock=sock,
+        ssid=opt.ssid, tlvs=tlvs, timeout=opt.wait, hardware=False, on_record=settle, sock=sock,
         stop=stop)
+    if fix is not None:
+        for r in fix.pending():
+            if on_record is not None:
+                on_record(r)
     if record_hook is not None:
         record_hook(records)
     got = [r for r in records if not r.lost]
