@@ -189,6 +189,17 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
         for src in ("hw", "sw", "user"):
             stamps.add_metric([d, src], s.stamps.get(f"{d}_{src}", 0))
     yield stamps
+    if s.tx_lag:
+        # agent.engine.txlag: kernel TX stamp minus the timestamp written in the packet (T3 / T1).
+        lag = HistogramMetricFamily(f"{NS}_tx_stamp_lag_seconds", "How long after the timestamp written in a "
+                                    "test packet the kernel sent it (TX stamp minus written stamp).", labels=["role"])
+        for role, (bounds, counts, total) in sorted(s.tx_lag.items()):
+            acc, buckets = 0, []
+            for b, c in zip(list(bounds) + [float("inf")], counts):
+                acc += c
+                buckets.append((floatToGoString(b), acc))
+            lag.add_metric([role], buckets, total)
+        yield lag
     yield CounterMetricFamily(f"{NS}_timestamp_hw_fallbacks", "Packets on a hardware-stamping socket that got "
                               "only a software stamp.", value=s.stamps.get("hw_fallback", 0))
     yield CounterMetricFamily(f"{NS}_timestamp_phc_unconverted", "Hardware stamps dropped: no PHC to "

@@ -83,3 +83,30 @@ def test_stamp_defaults() -> None:
     c = cfg.parse({"peers": [{"address": "192.0.2.1", "protocol": "stamp"}]})
     assert c.peers[0].session.effective_port == 862
     assert c.reflector == cfg.ReflectorSection()
+
+
+def test_tx_lag_histogram_in_metrics_both_renderers(tmp_path: Path) -> None:
+    """xwamp_tx_stamp_lag_seconds{role}: the reflector's replies and the sender's packets measured
+    (kernel TX stamp - the stamp written in the packet); read back with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.engine.txlag import TX_LAG
+    from agent.sessions.metrics import MetricsState
+    from exporters.prometheus import render
+
+    TX_LAG.reset()
+    TX_LAG.observe("reflector", 1_000_020_000, 1_000_000_000)  # 20 µs
+    TX_LAG.observe("sender", 1_000_003_000, 1_000_000_000)  # 3 µs
+    TX_LAG.observe("sender", 1_000_000_000, 1_000_000_500)  # negative: a misattributed stamp, not counted
+    snap = MetricsState(cfg.DEFAULT_BUCKETS).snapshot()
+    for accept in (None, "application/openmetrics-text; version=1.0.0"):
+        body = render(snap, accept)[0].decode()
+        fams = {f.name: f for f in text_string_to_metric_families(body)}
+        fam = fams["xwamp_tx_stamp_lag_seconds"]
+        assert fam.type == "histogram"
+        got = {(smp.labels["role"], smp.name.rsplit("_", 1)[1], smp.labels.get("le")): smp.value for smp in fam.samples}
+        assert got[("reflector", "count", None)] == 1 and got[("sender", "count", None)] == 1
+        assert got[("reflector", "bucket", "2.5e-05")] == 1 and got[("reflector", "bucket", "1e-05")] == 0
+        assert abs(got[("sender", "sum", None)] - 3e-6) < 1e-12
+    assert TX_LAG.recent_bound("reflector") == 2e-05
+    TX_LAG.reset()

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from agent.engine.txlag import TX_LAG
+
 if TYPE_CHECKING:
     from agent.engine.sender import PacketRecord
     from agent.sessions.results import Summary
@@ -393,6 +395,7 @@ class Snapshot:
     start_time: float
     version: str
     reflector: dict[str, int] = field(default_factory=dict)  # STAMP reflector counters (agent.engine.reflector)
+    tx_lag: dict = field(default_factory=dict)  # role -> (bounds, counts, sum): agent.engine.txlag.TX_LAG
 
 
 class MetricsState:
@@ -480,6 +483,7 @@ class MetricsState:
             start_time=self.start_time,
             version=__version__,
             reflector=dict(self.reflector),
+            tx_lag=TX_LAG.snapshot(),
         )
 
 
