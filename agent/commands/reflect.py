@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="own sequence numbers per sender and SSID (default; RFC 8762 §4.3.1)")
     mode.add_argument("--stateless", dest="stateful", action="store_false",
                       help="copy the sender's sequence numbers")
+    p.add_argument("--t3", choices=("late", "early"), default="late",
+                   help="late (default): build the reply, then read the clock and write only T3 where no HMAC covers "
+                        "it; early: read it inside the reflector, before the last steps (for measurements)")
     p.add_argument("--iface", help="interface for hardware RX timestamps (default: software stamps)")
     p.add_argument("--ptp", action="store_true", help="write PTP-format timestamps (RFC 8186, Z=1)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until ^C)")
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         ptp=args.ptp,
     )
     ep = TwampReflectorEndpoint((args.listen, args.port), default=session, iface=args.iface,
-                                hardware=args.iface is not None, log_interval=args.log_interval)
+                                hardware=args.iface is not None, log_interval=args.log_interval,
+                                late_t3=args.t3 == "late")
 
     async def main() -> None:
         fol = None
