@@ -418,9 +418,11 @@ class Daemon:
 
     def _desired(self, c: cfg.Config) -> list[SessionSpec]:
         specs = configured(c, self.policies)
-        taken = {s.address for s in specs}
+        # A configured peer replaces the discovered session of the same protocol to that address
+        # (a configured STAMP peer leaves the discovered TWAMP session of its tunnel running).
+        taken = {(s.address, s.session.protocol) for s in specs}
         specs += [s for s in discover(self.table, c.discovery, self._is_local, self.policies)
-                  if s.address not in taken]
+                  if (s.address, s.session.protocol) not in taken]
         return specs
 
     async def _apply_sessions(self, specs: list[SessionSpec]) -> None:
