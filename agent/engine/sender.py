@@ -205,6 +205,7 @@ class TestSender:
         # RFC 4656 §4.1.2: the estimate covers T1's lag behind the real send too (agent.engine.txlag).
         self._err = PackedErrorEstimate(error_estimate if error_estimate is not None
                                         else widened_error("sender", ptp), ptp)
+        self._err_rx = PackedErrorEstimate(error_estimate, ptp)  # T4 is a kernel RX stamp: no send lag
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | StampCrypto | None = session_crypto(proto, security, keys, stamp_key,
                                                                             reflector_auth_span)
@@ -306,7 +307,7 @@ class TestSender:
         rec.reflector_error = r.error_estimate
         rec.t4_ns = rx_ns
         rec.t4_source = rx_source
-        rec.t4_error = self._err.get(rx_ns)
+        rec.t4_error = self._err_rx.get(rx_ns)
         rec.sender_ttl = r.sender_ttl
         rec.reply_ttl = ttl
         rec.reply_size = len(data)

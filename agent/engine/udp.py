@@ -45,7 +45,7 @@ from typing import Any, Callable, Hashable, Iterable
 
 from agent.engine import timestamping as ts
 from agent.engine import tlv as _tlv
-from agent.engine.clock import STAMP_COUNTERS
+from agent.engine.clock import STAMP_COUNTERS, StampCounters
 from agent.engine.followup import ReplyTxStamps, T3Patch
 from agent.engine.keys import TestKeys
 from agent.engine.packets import (
@@ -77,6 +77,7 @@ _SCM_TS = ts.SCM_TIMESTAMPING
 _TS3 = struct.Struct("=qq")
 _INT = struct.Struct("=i")
 _TX_BITS = ts.SOF_TIMESTAMPING_TX_HARDWARE | ts.SOF_TIMESTAMPING_TX_SOFTWARE
+_REPLY_TX_COUNTERS = StampCounters()  # the reflector's reply TX stamps (agent.engine.followup), by source
 
 
 def _family_of(host: str) -> int:
@@ -360,7 +361,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         tx, sock = self.tx, self.sock
         if tx is None or sock is None or self.ts_config is None:
             return
-        for key, stamp in ts.drain_tx_stamps(sock, config=self.ts_config):
+        # Own counters: xwamp_timestamps_total{direction="tx"} stays the stamps of test packets' T1.
+        for key, stamp in ts.drain_tx_stamps(sock, config=self.ts_config, counters=_REPLY_TX_COUNTERS):
             tx.on_stamp(key, stamp.ns, stamp.source.value)
 
     def session(self, sid: Hashable) -> ReflectorSession | None:
