@@ -165,3 +165,18 @@ def test_real_reflector_answers_with_its_kernel_tx_stamps(late: bool) -> None:
     snap = TX_LAG.snapshot()
     assert sum(snap["reflector"][1]) == 5 and sum(snap["sender"][1]) == 5
     TX_LAG.reset()
+
+
+def test_reflector_echoing_the_tlv_unfilled_falls_back_to_t3_as_written() -> None:
+    """A reflector that copies the Follow-Up TLV back without filling it (all zero, no U flag):
+    after three such answers the samples take T3 as written ("unsupported"), none stays pending."""
+    s = TestSender(Proto.STAMP, tlvs=[tlv.follow_up_request()], count=6)
+    fix = FollowUpCorrector()
+    settled = []
+    for n in range(6):
+        sseq, sts, serr = struct.unpack_from("!IQH", s.build(n, T0))
+        reply = struct.pack("!IQHHQIQH2xB3x", n, _ntp(T0 + 2000), 1, 0, _ntp(T0 + 1000), sseq, sts, serr, 64)
+        settled += fix.on_record(s.on_reply(reply + struct.pack("!BBH", 0, 7, 16) + bytes(16), T0 + 3000, 64))
+    settled += fix.pending()
+    assert sorted(r.seq for r in settled) == list(range(6))
+    assert all(r.follow_up == "unsupported" and r.t3_ns is not None and r.rtt_ns is not None for r in settled)

@@ -86,6 +86,8 @@ class FollowUpCorrector:
         self._waiting: dict[int, PacketRecord] = {}  # reflector seq -> pending record
         self.corrected = 0
         self.rejected = 0  # Follow-Up values that cannot be the reply they name
+        self.empty = 0  # answers carrying no stamp (ours: only the very first reply of a session)
+        self.ignored = False  # the reflector echoes the TLV without filling it: T3 as written
 
     def on_record(self, rec: PacketRecord) -> list[PacketRecord]:
         """Returns the records now settled (corrected, or not asked/unsupported), in order."""
@@ -103,7 +105,16 @@ class FollowUpCorrector:
                     if answered:
                         ptp = bool((rec.reflector_error or 0) & 0x4000)
                         fut = parse_follow_up(t.value, ptp)
-        if not answered:
+        if answered and fut is None and not self.corrected:
+            self.empty += 1
+            if self.empty >= 3 and not self.ignored:
+                # A reflector that copies our TLVs back unfilled (RFC 8762 without RFC 8972, or one
+                # that ignores this TLV) would leave every sample pending: take T3 as written.
+                self.ignored = True
+                for r in self.pending():
+                    r.follow_up, r.t3_ns = "unsupported", r.t3_user_ns
+                    out.append(r)
+        if not answered or self.ignored:
             rec.follow_up = "unsupported"
             out.append(rec)
         else:

@@ -69,7 +69,8 @@ def test_pending_samples_are_bounded() -> None:
     for n in range(MAX_FUT_WAIT + 100):
         sseq, sts, serr = struct.unpack_from("!IQH", s.build(n, T0))
         reply = struct.pack("!IQHHQIQH2xB3x", n, _ntp(T0 + 2), 1, 0, _ntp(T0 + 1), sseq, sts, serr, 64)
-        fix.on_record(s.on_reply(reply + struct.pack("!BBH", 0, 7, 16) + bytes(16), T0 + 3, 64))
+        fut = struct.pack("!IQB3x", 10**9 + n, _ntp(T0), 2)  # always naming a reply never sent
+        fix.on_record(s.on_reply(reply + struct.pack("!BBH", 0, 7, 16) + fut, T0 + 3, 64))
     assert len(fix._waiting) == MAX_FUT_WAIT
 
 
