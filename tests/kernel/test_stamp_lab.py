@@ -148,6 +148,17 @@ def test_stamp_agents_keyed_from_the_tunnel_survive_a_rekey() -> None:
                               "proto", "esp", "spi", "0xa0b00002"], check=True, capture_output=True, text=True).stdout
         m = re.search(r"lifetime current:\s*\n\s*\d+\(bytes\), (\d+)\(packets\)", out)
         assert m and int(m.group(1)) >= 10, out
+        # the CLI's key mode over the same tunnel, against B's reflector
+        cli = subprocess.run(["ip", "netns", "exec", f"{P}-a", sys.executable, "-m", "agent", "stamp", INNER["b"],
+                              "--source", INNER["a"], "--key-from-tunnel", "-c", "3", "-i", "0.2", "--json"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert cli.returncode == 0, cli.stderr
+        import json
+
+        doc = json.loads(cli.stdout)
+        assert doc["mode"] == "auth" and doc["key_pair"].startswith("spi_c2s=0xa0b00002 spi_s2c=0xb0a00002")
+        assert doc["summary"]["loss"]["received"] == 3
         for n in ("a", "b"):
             procs[n].send_signal(signal.SIGTERM)
         for n in ("a", "b"):
