@@ -13,10 +13,16 @@ A second part queues packets on each server's socket and times answering them al
 (wall time and CPU time): the CPU-time rate is the per-core cost of the code, much
 less sensitive to other load on the machine than the paced test.
 
+A third part (``--sender-rates``) drives the STAMP *sender* path as the agent does:
+agent.sessions.stamp.stamp_session (the code a ``protocol = "stamp"`` cycle runs, with
+Follow-Up Telemetry asked) against the ``stamp`` server, at rising rates; it reports the
+replies, the send rate achieved and the sender's CPU time per packet.
+
 It prints figures; it asserts nothing. The machine is shared, so numbers are noisy:
 each rate is tried twice before it counts as failed.
 
     python3 bench/reflector.py [--duration 1] [--rates 10000,20000,...] [--servers echo,unauth,auth,stamp] [--pin]
+                               [--sender-rates 1000,2000,5000,...]
 """
 
 from __future__ import annotations
@@ -295,6 +301,57 @@ def run_capacity(kinds: list[str], n: int) -> None:
         print(f"{kind:8s} {best[0]:>12.0f} {best[1]:>20.0f}", flush=True)
 
 
+# ------------------------------------------------------------------ STAMP sender path
+
+
+def stamp_sender(port: int, rate: int, duration: float, cpu: int | None, out: mp.Queue) -> None:
+    """One agent-style STAMP cycle: rate*duration packets at 1/rate s, replies awaited 1 s."""
+    _pin(cpu)
+    from agent.sessions.stamp import StampOptions, stamp_session
+
+    n = max(1, int(rate * duration))
+    opt = StampOptions("127.0.0.1", port, count=n, interval=1.0 / rate, wait=1.0, follow_up=True)
+
+    async def run() -> tuple[int, int, float, float]:
+        c0 = time.process_time()
+        res = await stamp_session(opt)
+        cpu_s = time.process_time() - c0
+        recs = res.records
+        span = (recs[-1].t1_ns - recs[0].t1_ns) / 1e9 if len(recs) > 1 else 0.0
+        return len(recs), res.summary.loss.received, (len(recs) - 1) / span if span > 0 else 0.0, cpu_s / n
+
+    out.put(asyncio.run(run()))
+
+
+def run_sender_path(rates: list[int], duration: float, pin: bool) -> None:
+    print(f"\nSTAMP sender path (agent.sessions.stamp.stamp_session, Follow-Up Telemetry asked), {duration:.1f} s "
+          "per rate, against the stamp server:")
+    print(f"{'rate':>8s} {'sent':>8s} {'replies':>8s} {'achieved pps':>13s} {'sender CPU µs/pkt':>18s}")
+    port_q: mp.Queue = mp.Queue()
+    stats_q: mp.Queue = mp.Queue()
+    stop = mp.Event()
+    srv_cpu, snd_cpu = (1, 0) if pin and (os.cpu_count() or 1) >= 2 else (None, None)
+    proc = mp.Process(target=xwamp_server, args=("stamp", port_q, stop, srv_cpu, stats_q), daemon=True)
+    proc.start()
+    port = port_q.get(timeout=30)
+    try:
+        for rate in rates:
+            q: mp.Queue = mp.Queue()
+            p = mp.Process(target=stamp_sender, args=(port, rate, duration, snd_cpu, q))
+            p.start()
+            sent, got, achieved, cpu_pp = q.get(timeout=duration * 4 + 60)
+            p.join()
+            flag = "" if got == sent and achieved >= 0.97 * rate else ("  LOSS" if got < sent else "  (sender-limited)")
+            print(f"{rate:>8d} {sent:>8d} {got:>8d} {achieved:>13.0f} {cpu_pp * 1e6:>18.1f}{flag}", flush=True)
+            if flag:
+                break
+    finally:
+        stop.set()
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=1.0, help="seconds per rate step")
@@ -304,6 +361,8 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true",
                     help="pin sender and server to separate CPUs (better on an idle machine, worse on a busy one)")
     ap.add_argument("--capacity", type=int, default=30000, help="packets for the drain-capacity test (0: skip)")
+    ap.add_argument("--sender-rates", default="1000,2000,5000,10000,20000",
+                    help="rates (pps) for the STAMP sender path, tried until the first loss ('': skip)")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     print(f"loopback reflector benchmark: {os.cpu_count()} CPUs, {args.duration:.1f} s per step, "
@@ -322,6 +381,8 @@ def main() -> int:
           "the machine is shared, so the 0 % loss column is noisy)")
     if args.capacity:
         run_capacity([k.strip() for k in args.servers.split(",")], args.capacity)
+    if args.sender_rates:
+        run_sender_path([int(r) for r in args.sender_rates.split(",")], args.duration, args.pin)
     return 0
 
 

@@ -21,6 +21,16 @@ every T stamped by both the NIC (hardware; RX with the test-only register workar
 tests/kernel_hw/igb_rx_workaround.py) and the kernel (software, OPT_TX_SWHW), and prints
 the hardware-stamp and software-stamp RTT percentiles side by side from the same packets.
 Under TCG the absolute figures mean little; the spread does.
+
+A second part (issue 18) runs the real commands: ``xwamp stamp`` against ``xwamp reflect`` on
+loopback at 1 pps, idle and with the reflector's CPU loaded, four sessions side by side in the
+same run (staggered by 1/4 s): reflector T3 written early (the old path) or late (built first,
+clock read last), each with and without Follow-Up Telemetry (RFC 8972 §4.7). On one host the
+one-way delays share a clock, so forward (T2 - T1) and reverse (T4 - T3) should match: it prints
+the median |forward - reverse| (goal with Follow-Up: <= 5 µs) and, from the Follow-Up answers,
+the reflector's T3 lag (kernel TX stamp - T3 written) before and after the late write.
+
+    python3 bench/timestamps.py [--seconds S] [--rates 1000,10000] [--stamp-count 20] [--skip-raw]
 """
 
 from __future__ import annotations
@@ -292,16 +302,114 @@ def main_igb(count: int, rate: float) -> None:
         print(f"spread p90-p10: hardware {pct(h, 90) - pct(h, 10):.1f} µs vs software {pct(s_, 90) - pct(s_, 10):.1f} µs")
 
 
+# ------------------------------------------------------------------ xwamp stamp -> xwamp reflect
+
+STAMP_CONFIGS = (("early", False), ("early", True), ("late", False), ("late", True))
+
+
+def _xwamp(*args: str, cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu), sys.executable, "-m", "agent", *args]
+
+
+def stamp_phase(count: int, load: bool) -> dict[tuple[str, bool], dict]:
+    """One phase: two reflectors (T3 early / late) on CPU 1, four senders on CPU 0 at 1 pps."""
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    have_taskset = shutil.which("taskset") is not None
+    refl: dict[str, tuple[subprocess.Popen, int]] = {}
+    busy = None
+    try:
+        for mode in ("early", "late"):
+            cmd = _xwamp("reflect", "--listen", "127.0.0.1", "--port", "0", "--t3", mode, cpu=1)
+            p = subprocess.Popen(cmd if have_taskset else cmd[3:], cwd=root, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+            m = re.search(r":(\d+)$", p.stdout.readline().strip())
+            assert m, "xwamp reflect did not start"
+            refl[mode] = (p, int(m.group(1)))
+        if load:
+            busy = mp.get_context("fork").Process(target=_busy, args=(1,), daemon=True)
+            busy.start()
+            time.sleep(0.2)
+        senders = {}
+        for i, (mode, fut) in enumerate(STAMP_CONFIGS):
+            time.sleep(0.25)  # staggered: at 1 pps the four sessions never send at once
+            args = ["stamp", "127.0.0.1", "--port", str(refl[mode][1]), "-c", str(count), "-i", "1", "--json"]
+            if not fut:
+                args.append("--no-follow-up")
+            cmd = _xwamp(*args, cpu=0)
+            senders[(mode, fut)] = subprocess.Popen(cmd if have_taskset else cmd[3:], cwd=root, env=env,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = {}
+        for k, p in senders.items():
+            o, _e = p.communicate(timeout=count * 3 + 60)
+            out[k] = json.loads(o) if o.strip().startswith("{") else {"records": []}
+        return out
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.join()
+        for p, _port in refl.values():
+            p.terminate()
+            p.wait(10)
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    if not v:
+        return float("nan")
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
+
+
+def stamp_report(count: int) -> None:
+    print(f"\nxwamp stamp -> xwamp reflect, loopback, 1 pps, {count} packets per session, 4 sessions side by side "
+          "(senders CPU 0, reflectors CPU 1); µs")
+    print(f"{'reflector':>9} {'load':>5} {'T3':>18} {'n':>3} {'med |fwd-rev|':>14} {'med fwd':>8} {'med rev':>8} "
+          f"{'med RTT':>8} {'T3 lag p50/max':>15}")
+    for load in (False, True):
+        res = stamp_phase(count, load)
+        for (mode, fut), doc in res.items():
+            d, fw, rv, rtt, lag = [], [], [], [], []
+            for r in doc.get("records", []):
+                if r.get("t4_ns") is None or r.get("t3_ns") is None or r.get("t2_ns") is None:
+                    continue  # lost, or (Follow-Up) still pending: never mixed in
+                t1 = r["t1_kernel_ns"] or r["t1_ns"]
+                f, b = r["t2_ns"] - t1, r["t4_ns"] - r["t3_ns"]
+                d.append(abs(f - b) / 1e3)
+                fw.append(f / 1e3)
+                rv.append(b / 1e3)
+                rtt.append(((r["t4_ns"] - t1) - (r["t3_ns"] - r["t2_ns"])) / 1e3)
+                if r.get("follow_up") == "corrected" and r.get("t3_user_ns"):
+                    lag.append((r["t3_ns"] - r["t3_user_ns"]) / 1e3)
+            t3 = "Follow-Up (kernel)" if fut else "as written"
+            lg = f"{_median(lag):.1f}/{max(lag):.1f}" if lag else "-"
+            print(f"{mode:>9} {'busy' if load else 'idle':>5} {t3:>18} {len(d):>3} {_median(d):>14.1f} "
+                  f"{_median(fw):>8.1f} {_median(rv):>8.1f} {_median(rtt):>8.1f} {lg:>15}", flush=True)
+    print("goal: with Follow-Up, median |fwd-rev| <= 5 µs, idle and busy; 'T3 lag' is kernel TX stamp minus the T3 "
+          "the reflector wrote (early = the old path, late = built first, clock read last)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rates", default="1000,10000")
+    ap.add_argument("--stamp-count", type=int, default=20, help="packets per xwamp stamp session at 1 pps (0: skip)")
+    ap.add_argument("--skip-raw", action="store_true", help="only the xwamp stamp part")
     ap.add_argument("--igb", action="store_true", help="hardware vs software stamps on the VM's igb pair")
     ap.add_argument("--count", type=int, default=200, help="--igb: exchanges (default 200)")
     ap.add_argument("--igb-rate", type=float, default=50.0, help="--igb: at most this many exchanges per second")
     args = ap.parse_args()
     if args.igb:
         main_igb(args.count, args.igb_rate)
+        return
+    if args.skip_raw:
+        if args.stamp_count:
+            stamp_report(args.stamp_count)
         return
     print(f"loopback, {os.cpu_count()} CPUs, sender on CPU 0, reflector on CPU 1, "
           f"{args.seconds:g} s per run; RTT = (T4-T1)-(T3-T2), µs; "
@@ -328,6 +436,8 @@ def main() -> None:
             up50, up99, _ = r["user"]
             print(f"goal @ {r['rate']} pps under load: kernel p99/p50 = {p99 / p50:.2f} ({verdict} 2x), "
                   f"p99-p50 = {p99 - p50:.1f} µs; user p99/p50 = {up99 / up50:.2f}, p99-p50 = {up99 - up50:.1f} µs")
+    if args.stamp_count:
+        stamp_report(args.stamp_count)
 
 
 if __name__ == "__main__":

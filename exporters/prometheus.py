@@ -189,6 +189,17 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
         for src in ("hw", "sw", "user"):
             stamps.add_metric([d, src], s.stamps.get(f"{d}_{src}", 0))
     yield stamps
+    if s.tx_lag:
+        # agent.engine.txlag: kernel TX stamp minus the timestamp written in the packet (T3 / T1).
+        lag = HistogramMetricFamily(f"{NS}_tx_stamp_lag_seconds", "How long after the timestamp written in a "
+                                    "test packet the kernel sent it (TX stamp minus written stamp).", labels=["role"])
+        for role, (bounds, counts, total) in sorted(s.tx_lag.items()):
+            acc, buckets = 0, []
+            for b, c in zip(list(bounds) + [float("inf")], counts):
+                acc += c
+                buckets.append((floatToGoString(b), acc))
+            lag.add_metric([role], buckets, total)
+        yield lag
     yield CounterMetricFamily(f"{NS}_timestamp_hw_fallbacks", "Packets on a hardware-stamping socket that got "
                               "only a software stamp.", value=s.stamps.get("hw_fallback", 0))
     yield CounterMetricFamily(f"{NS}_timestamp_hw_rx_refused", "NIC configurations where the driver refused "
@@ -213,6 +224,16 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{NS}_control_auth_rate_limited",
                               "Control set-ups refused because their address failed too often.",
                               value=srv.get("auth_rate_limited_total", 0))
+    if s.reflector:
+        # [reflector]: the STAMP Session-Reflector's packets by outcome (agent.engine.reflector).
+        rf = CounterMetricFamily(f"{NS}_stamp_reflector_packets", "STAMP reflector packets by result.",
+                                 labels=["result"])
+        for k in sorted(s.reflector):
+            if k != "peers":
+                rf.add_metric([k], s.reflector[k])
+        yield rf
+        yield GaugeMetricFamily(f"{NS}_stamp_reflector_peers", "Senders (address, port, SSID) a stateful "
+                                "STAMP reflector keeps numbers for.", value=s.reflector.get("peers", 0))
     reloads = CounterMetricFamily(f"{NS}_config_reloads", "Configuration reloads (SIGHUP).", labels=["result"])
     for k in ("success", "failure"):
         reloads.add_metric([k], s.reloads.get(k, 0))

@@ -22,11 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=862, help="UDP port (default 862)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="STAMP authenticated mode: HMAC key file (hex, or raw bytes)")
+    p.add_argument("--key-from-tunnel", action="store_true",
+                   help="authenticated STAMP keyed from the IPsec SA pair each sender's packets ride in "
+                        "(docs/wire-format.md §9)")
+    p.add_argument("--netns", metavar="NS", help="run in this network namespace")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stateful", dest="stateful", action="store_true", default=True,
                       help="own sequence numbers per sender and SSID (default; RFC 8762 §4.3.1)")
     mode.add_argument("--stateless", dest="stateful", action="store_false",
                       help="copy the sender's sequence numbers")
+    p.add_argument("--t3", choices=("late", "early"), default="late",
+                   help="late (default): build the reply, then read the clock and write only T3 where no HMAC covers "
+                        "it; early: read it inside the reflector, before the last steps (for measurements)")
     p.add_argument("--iface", help="interface for hardware RX timestamps (default: software stamps)")
     p.add_argument("--ptp", action="store_true", help="write PTP-format timestamps (RFC 8186, Z=1)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until ^C)")
@@ -68,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"xwamp reflect: cannot read the key file: {e.__class__.__name__}", file=sys.stderr)
             return 2
+    if key is not None and args.key_from_tunnel:
+        print("xwamp reflect: --auth-key-file and --key-from-tunnel exclude each other", file=sys.stderr)
+        return 2
+    from agent.commands._runtime import netns_entered
+
+    if not netns_entered("reflect", args.netns):
+        return 2
     session = ReflectorSession(
         Proto.STAMP,
         Security.AUTH if key is not None else Security.UNAUTH,
@@ -76,12 +90,31 @@ def run(args: argparse.Namespace) -> int:
         ptp=args.ptp,
     )
     ep = TwampReflectorEndpoint((args.listen, args.port), default=session, iface=args.iface,
-                                hardware=args.iface is not None, log_interval=args.log_interval)
+                                hardware=args.iface is not None, log_interval=args.log_interval,
+                                late_t3=args.t3 == "late")
 
     async def main() -> None:
+        fol = None
+        if args.key_from_tunnel:
+            from agent.sessions.bound import XfrmFollower
+            from agent.sessions.stamp_keys import TunnelStampKeys
+
+            fol = XfrmFollower(None)
+            await fol.start()
+            tk = TunnelStampKeys(fol.table, fol.policies, local=args.listen)
+            ep.default = tk.reflector(stateful=args.stateful, ptp=args.ptp)
+        try:
+            await _serve(fol)
+        finally:
+            if fol is not None:
+                await fol.close()
+
+    async def _serve(fol) -> None:
         await ep.start()
         host = args.listen if ":" not in args.listen else f"[{args.listen}]"
         mode = "authenticated (key " + key.fingerprint() + ")" if key is not None else "unauthenticated"
+        if fol is not None:
+            mode = "authenticated (keys from the tunnel)"
         print(f"xwamp reflect: STAMP/TWAMP-Light {mode}, {'stateful' if args.stateful else 'stateless'}, "
               f"listening on {host}:{ep.port}", flush=True)
         try:
@@ -99,5 +132,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ep.close()
         c = ep.counters()
+        for k, v in getattr(ep.default, "key_results", {}).items():
+            c[f"tunnel_key_{k}"] = v
         print("xwamp reflect: " + ", ".join(f"{k} {v}" for k, v in c.items()), flush=True)
     return 0

@@ -22,7 +22,10 @@ T = TypeVar("T")
 
 LOG_FORMATS = ("logfmt", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-PROTOCOLS = ("twamp", "owamp")
+PROTOCOLS = ("twamp", "owamp", "stamp")
+# STAMP (RFC 8762) has no control channel: unauth, auth with a key file (RFC 8762 §4.2.2),
+# or auth keyed from the SA pair the packets ride in (docs/wire-format.md §9).
+STAMP_MODES = ("unauth", "auth", "auth+ipsec-bound")
 SECURITY_MODES = ("unauth", "auth", "enc", "mixed")
 # Key-source suffixes ("auth+ipsec-alt1"): docs/wire-format.md §1. IPsec modes take
 # their keys from the SA the session runs in, so they need no keyfile.
@@ -121,7 +124,19 @@ class SessionTemplate:
     def effective_port(self) -> int:
         if self.port is not None:
             return self.port
-        return 862 if self.protocol == "twamp" else 861
+        return 861 if self.protocol == "owamp" else 862
+
+
+@dataclass(frozen=True, slots=True)
+class ReflectorSection:
+    """The STAMP (RFC 8762/8972) Session-Reflector: a UDP port answering STAMP and TWAMP-Light."""
+
+    enabled: bool = False
+    listen: tuple[str, ...] = ("::",)
+    port: int = 862  # UDP (RFC 8545); TWAMP-Control's 862 is TCP
+    stateful: bool = True  # RFC 8762 §4.3.1: own sequence numbers per sender and SSID
+    mode: str = "unauth"  # unauth | auth (keyfile: the HMAC key, hex) | auth+ipsec-bound (wire-format §9)
+    keyfile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +170,7 @@ class Config:
     exporter: ExporterSection = field(default_factory=ExporterSection)
     peers: tuple[Peer, ...] = ()
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    reflector: ReflectorSection = field(default_factory=ReflectorSection)
 
 
 # --------------------------------------------------------------------- validation
@@ -257,6 +273,8 @@ def _check_mode(v: str, protocol: str) -> str | None:
         return f"{v!r}: security mode must be one of {', '.join(SECURITY_MODES)}"
     if plus and key not in KEY_MODES:
         return f"{v!r}: key mode must be one of {', '.join(KEY_MODES)}"
+    if protocol == "stamp" and v not in STAMP_MODES:
+        return f"{v!r}: STAMP modes are {', '.join(STAMP_MODES)}"
     if sec == "mixed" and protocol == "owamp":
         return f"{v!r}: mixed mode is TWAMP only (RFC 5618)"
     if sec == "unauth" and key and key != "ipsec-bound":
@@ -295,7 +313,12 @@ def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
     keyfile = vd.get("keyfile", str, base.keyfile, _check_file)
     user = vd.get("user", str, base.user, lambda v: None if 0 < len(v.encode()) <= 80 else "must be 1..80 octets (RFC 4656 KeyID)")
     needs_secret = [mname for mname in modes if mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in NO_SECRET_KEY_MODES]
-    if needs_secret and (keyfile is None or user is None):
+    if protocol == "stamp":
+        if len(modes) > 1:
+            raise vd.err("mode", "STAMP has no negotiation: give one mode")
+        if modes[0] == "auth" and keyfile is None:
+            raise vd.err("keyfile", "STAMP mode 'auth' needs keyfile (the HMAC key, hex)")
+    elif needs_secret and (keyfile is None or user is None):
         missing = "keyfile" if keyfile is None else "user"
         raise vd.err(missing, f"mode {needs_secret[0]!r} needs a shared secret: set keyfile and user")
     t = SessionTemplate(
@@ -442,6 +465,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
     )
     d.used.update(_SESSION_KEYS)
     d.done()
+    reflector = _reflector(_V(source, "reflector", root.get("reflector", dict, {})))
     root.done()
     wants_ike = [m for m in server.modes + tuple(x for p in peers for x in p.session.modes) + discovery.session.modes
                  if m.endswith("+rfc7717")]
@@ -454,11 +478,36 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         server = _replace(server, modes=tuple(dict.fromkeys(
             server.modes + tuple(f"{sec}+rfc7717" for sec in dict.fromkeys(m.partition("+")[0] for m in server.modes)
                                  if sec != "unauth"))))
-        peers = [_replace(p, session=_replace(p.session, modes=with_rfc7717(p.session.modes, bool(p.session.keyfile))))
+        # STAMP has no control channel to negotiate a key mode in: its sessions keep theirs.
+        peers = [p if p.session.protocol == "stamp" else
+                 _replace(p, session=_replace(p.session, modes=with_rfc7717(p.session.modes, bool(p.session.keyfile))))
                  for p in peers]
-        discovery = _replace(discovery, session=_replace(discovery.session, modes=with_rfc7717(
-            discovery.session.modes, bool(discovery.session.keyfile))))
-    return Config(source=source, agent=agent, server=server, exporter=exporter, peers=tuple(peers), discovery=discovery)
+        if discovery.session.protocol != "stamp":
+            discovery = _replace(discovery, session=_replace(discovery.session, modes=with_rfc7717(
+                discovery.session.modes, bool(discovery.session.keyfile))))
+    return Config(source=source, agent=agent, server=server, exporter=exporter, peers=tuple(peers), discovery=discovery,
+                  reflector=reflector)
+
+
+def _reflector(r: _V) -> ReflectorSection:
+    listen = r.str_list("listen", ("::",))
+    for i, addr in enumerate(listen):
+        why = _ip(addr)
+        if why:
+            raise ConfigError(r.source, f"reflector.listen[{i}]", why)
+    mode = r.choice("mode", STAMP_MODES, "unauth")
+    sec = ReflectorSection(
+        enabled=r.get("enabled", bool, False),
+        listen=listen,
+        port=r.int_range("port", 862, 0, 65535),  # 0: any free port (tests)
+        stateful=r.get("stateful", bool, True),
+        mode=mode,
+        keyfile=r.get("keyfile", str, None, _check_file),
+    )
+    if sec.mode == "auth" and sec.keyfile is None:
+        raise r.err("keyfile", "mode 'auth' needs keyfile (the HMAC key, hex)")
+    r.done()
+    return sec
 
 
 def load(path: str | os.PathLike[str]) -> Config:

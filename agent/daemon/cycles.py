@@ -49,7 +49,9 @@ class CycleRunner:
         self.binding: Any = None  # the live agent.binder.announce.Binding, for snapshots (repr is key-free)
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._twamp() if self.spec.session.protocol == "twamp" else self._owamp())
+        proto = self.spec.session.protocol
+        run = self._twamp if proto == "twamp" else self._stamp if proto == "stamp" else self._owamp
+        self._task = asyncio.ensure_future(run())
 
     async def wait(self) -> None:
         assert self._task is not None
@@ -205,4 +207,54 @@ class CycleRunner:
             ow = await owping(opt)
             self.metrics.up = True
             self.metrics.observe_owamp(ow.forward_records, ow.forward.sent, ow.reverse_records, ow.reverse.sent)
+            self._cycles += 1
+
+    async def _stamp(self) -> None:
+        """STAMP (RFC 8762): no control channel; each cycle is ``count`` packets to the
+        reflector's UDP port, Follow-Up Telemetry asked (RFC 8972 §4.7), then the records go to
+        the same metrics as TWAMP's."""
+        from agent.sessions.stamp import StampOptions, stamp_session
+
+        t = self.spec.session
+        key = None
+        if t.modes[0] == "auth" and t.keyfile:
+            from agent.daemon.stamp_reflector import read_stamp_key
+            from netlink.secret import Secret
+
+            key = Secret(read_stamp_key(t.keyfile))
+        local = str(self.spec.local) if self.spec.local is not None else None
+        tunnel = None
+        if t.modes[0] == "auth+ipsec-bound":
+            from agent.sessions.stamp_keys import TunnelStampKeys, route_source
+
+            if self.runtime is None:
+                raise SessionStopped("no_sa: STAMP keyed from the tunnel needs the SA table")
+            tunnel = TunnelStampKeys(self.runtime.table, self.runtime.policies)
+            local = local or route_source(str(self.spec.address))
+        while not self._stopping:
+            if tunnel is not None:
+                # wire-format §9: the current pair keys each cycle; after a rekey the next cycle takes
+                # the new pair, while the reflector still accepts the old one for its grace period.
+                key, tag = tunnel.sender_key(local, str(self.spec.address))
+                if tag != getattr(self, "_stamp_pair", tag):
+                    self.metrics.rebinds += 1
+                    log.info("rekey: STAMP session keyed from the new SA pair",
+                             extra={"session": self.spec.key, "pair": tag})
+                self._stamp_pair = tag
+                self.metrics.sa_keyed = True
+            opt = StampOptions(str(self.spec.address), t.effective_port, count=t.count, interval=t.interval,
+                               schedule=t.schedule, padding=t.padding, dscp=t.dscp, local_addr=local, key=key,
+                               wait=t.timeout, follow_up=True)
+            stop = asyncio.Event()
+            self._sender = asyncio.ensure_future(stamp_session(opt, stop=stop))
+            try:
+                res = await self._sender
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+                return
+            finally:
+                self._sender = None
+            self.metrics.up = bool(res.summary.loss.received)
+            self.metrics.observe_cycle(res.records, reflector_stateful=res.stateful)
             self._cycles += 1

@@ -152,6 +152,7 @@ class Daemon:
         self._want_exporter = exporter
         self.slots: dict[str, _Slot] = {}
         self.server: Server | None = None
+        self.reflector: Any = None  # agent.daemon.stamp_reflector.StampReflectors ([reflector])
         self.exporter: Any = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -219,6 +220,8 @@ class Daemon:
             await self._start_exporter(self.config.exporter)
         if self.config.server.enabled:
             await self._start_server(self.config.server)
+        if self.config.reflector.enabled:
+            await self._start_reflector(self.config.reflector)
         await self._apply_sessions(self._desired(self.config))
         interval = sdnotify.watchdog_interval()
         if interval:
@@ -233,6 +236,9 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.stop(), STOP_TIMEOUT)
             self.server = None
+        if self.reflector is not None:
+            await self.reflector.stop()
+            self.reflector = None
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -270,7 +276,21 @@ class Daemon:
         if srv is not None:
             with contextlib.suppress(Exception):
                 self.metrics.server.update(srv.stats())
+        if self.reflector is not None:
+            self.metrics.reflector = self.reflector.counters()
         return self.metrics.snapshot()
+
+    async def _start_reflector(self, r: cfg.ReflectorSection) -> None:
+        from agent.daemon.stamp_reflector import StampReflectors
+
+        refl = StampReflectors(r, self.runtime)
+        try:
+            await refl.start()
+        except (OSError, ValueError) as e:
+            # One feature among several, as the server: keep measuring, say why it is off.
+            log.error("STAMP reflector not started", extra={"error": str(e)})
+            return
+        self.reflector = refl
 
     async def _start_server(self, s: cfg.ServerSection) -> None:
         factory = self._server_factory or (lambda sec: ControlServers(sec, self))
@@ -434,9 +454,11 @@ class Daemon:
 
     def _desired(self, c: cfg.Config) -> list[SessionSpec]:
         specs = configured(c, self.policies)
-        taken = {s.address for s in specs}
+        # A configured peer replaces the discovered session of the same protocol to that address
+        # (a configured STAMP peer leaves the discovered TWAMP session of its tunnel running).
+        taken = {(s.address, s.session.protocol) for s in specs}
         specs += [s for s in discover(self.table, c.discovery, self._is_local, self.policies)
-                  if s.address not in taken]
+                  if (s.address, s.session.protocol) not in taken]
         return specs
 
     async def _apply_sessions(self, specs: list[SessionSpec]) -> None:
@@ -543,7 +565,7 @@ class Daemon:
             sources.append(self.rfc7717_keys)
         if self.runtime is not None:
             sources.append(self.runtime.keys)  # shared: the runner reads back the binding it made
-        if spec.session.keyfile:
+        if spec.session.keyfile and spec.session.protocol != "stamp":  # STAMP's keyfile is an HMAC key
             sources.append(keyring.PassphraseFile(spec.session.keyfile))
         return keyring.ChainedKeySource(*sources) if sources else None
 
@@ -586,6 +608,12 @@ class Daemon:
             if new.server.enabled:
                 await self._start_server(new.server)
         await self._apply_sessions(self._desired(new))
+        if new.reflector != old.reflector:
+            if self.reflector is not None:
+                await self.reflector.stop()
+                self.reflector = None
+            if new.reflector.enabled:
+                await self._start_reflector(new.reflector)
         self.metrics.reloaded(True)
         log.info("configuration reloaded", extra={"sessions": len(self.slots)})
         self._notify(f"STATUS={self.status()}")

@@ -49,6 +49,7 @@ from agent.engine.packets import (
     session_crypto,
 )
 from agent.engine.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
+from agent.engine.txlag import widened_error
 from netlink.secret import Secret
 
 NowNs = Callable[[], int]
@@ -106,13 +107,19 @@ class ReflectorSession:
         self.reply_dscp: int | None = dscp  # DSCP of the last reply (a CoS TLV may set it per packet)
         self.seq = 0
         self.last_rx_ns = 0  # receive time of the last packet, valid or not
+        # RFC 8972 §4.7 Follow-Up Telemetry: (stream, ptp) -> 16-octet value, set by an adapter that
+        # keeps the replies' kernel TX stamps (agent.engine.followup.ReplyTxStamps.follow_up).
+        self.follow_up: Callable[[Hashable, bool], bytes] | None = None
+        self._stream: Hashable = None
         if reflect is not None and (proto is not Proto.TWAMP or reflect[0] < 0 or not 0 <= reflect[1] <= 0xFFFF):
             raise ValueError("reflect octets: TWAMP only, (offset >= 0, length 0..65535)")
         self._reflect = reflect if reflect and reflect[1] else None
         self._seqs: dict[tuple[Hashable, int], int] = {}
         self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
-        self._err = PackedErrorEstimate(error_estimate, ptp)
+        # RFC 4656 §4.1.2: the estimate covers T3's lag behind the real send too (agent.engine.txlag).
+        self._err = PackedErrorEstimate(error_estimate if error_estimate is not None
+                                        else widened_error("reflector", ptp), ptp)
         self._err.get(time.time_ns())  # first read loads libc/adjtimex: not on the first packet
         # STAMP listeners also answer TWAMP-Light senders that send fewer than 44 octets.
         self._light_fallback = twamp_light_fallback and proto is Proto.STAMP and security is Security.UNAUTH
@@ -284,6 +291,7 @@ class ReflectorSession:
         extra = data[base:]
         self.reply_dscp = self.dscp
         if extra and extra.count(0) != len(extra):
+            self._stream = (peer, ssid)
             extra = self._stamp_tlvs(extra, data, seq, rx_source, tos, err)
         t3 = ts(now_ns())
         c.reflected += 1
@@ -308,6 +316,7 @@ class ReflectorSession:
                 ts_info=(sync, method_in, sync, _tlv.METHOD_SW),
                 rx_tos=tos,
                 counters=(self.counters.received, self.counters.reflected + 1),
+                follow_up=self.follow_up(self._stream, self.ptp) if self.follow_up is not None else None,
             )
         except PacketError:
             self.counters.malformed_tlv += 1

@@ -36,6 +36,7 @@ from agent.engine.packets import (
     symmetric_padding,
 )
 from agent.engine.schedule import SlotSchedule
+from agent.engine.txlag import TX_LAG, widened_error
 from agent.engine.timefmt import (
     ErrorEstimate,
     ntp_from_unix_ns,
@@ -122,6 +123,13 @@ class PacketRecord:
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (reflector_seq, t4_ns) of extra copies
     reply_tlvs: bytes = b""
     reflected_ok: bool | None = None  # RFC 6038: the reply carried our octets to be reflected (None: not asked)
+    # RFC 8972 §4.7 Follow-Up Telemetry (agent.sessions.stamp): "corrected" — t3_ns is the reflector's
+    # kernel TX stamp of this reply (t3_source hw/sw), t3_user_ns what the reply carried; "pending" —
+    # asked, not (yet) answered: t3_ns is None so nothing T3-based (RTT, reverse delay) mixes it in;
+    # "unsupported" — the reflector did not know the TLV: T3 as written; None — not asked.
+    follow_up: str | None = None
+    t3_source: str | None = None
+    t3_user_ns: int | None = None
 
     @property
     def lost(self) -> bool:
@@ -195,7 +203,10 @@ class TestSender:
         self.ptp = ptp
         self.counters = SenderCounters()
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
-        self._err = PackedErrorEstimate(error_estimate, ptp)
+        # RFC 4656 §4.1.2: the estimate covers T1's lag behind the real send too (agent.engine.txlag).
+        self._err = PackedErrorEstimate(error_estimate if error_estimate is not None
+                                        else widened_error("sender", ptp), ptp)
+        self._err_rx = PackedErrorEstimate(error_estimate, ptp)  # T4 is a kernel RX stamp: no send lag
         self._err.get(time.time_ns())  # warm the cache: the first adjtimex read is slow
         self.crypto: TwampTestCrypto | StampCrypto | None = session_crypto(proto, security, keys, stamp_key,
                                                                             reflector_auth_span)
@@ -257,6 +268,7 @@ class TestSender:
             return False
         rec.t1_kernel_ns = ns
         rec.t1_source = source
+        TX_LAG.observe("sender", ns, rec.t1_ns)  # what the user-space T1 in the packet missed
         return True
 
     def t1_user_ns(self, seq: int) -> int | None:
@@ -301,7 +313,7 @@ class TestSender:
         rec.reflector_error = r.error_estimate
         rec.t4_ns = rx_ns
         rec.t4_source = rx_source
-        rec.t4_error = self._err.get(rx_ns)
+        rec.t4_error = self._err_rx.get(rx_ns)
         rec.sender_ttl = r.sender_ttl
         rec.reply_ttl = ttl
         rec.reply_size = len(data)

@@ -139,12 +139,15 @@ def reflect_tlvs(
     ts_info: tuple[int, int, int, int],
     rx_tos: int | None,
     counters: tuple[int, int] | None = None,
+    follow_up: bytes | None = None,
 ) -> ReflectedTlvs:
     """The reflector side of RFC 8972: fill what we know, flag what we do not.
 
     ``raw`` must be a well-formed TLV block (the caller falls back to plain padding
     when :func:`parse_tlvs` fails). ``counters``: (packets received, packets sent including
-    this reply) for the Direct Measurement TLV.
+    this reply) for the Direct Measurement TLV. ``follow_up``: the 16-octet Follow-Up
+    Telemetry value (RFC 8972 §4.7, agent.engine.followup) when this reflector keeps TX stamps;
+    None answers the TLV as unrecognized.
     """
     tlvs = parse_tlvs(raw)
     hmac_ok: bool | None = None
@@ -170,6 +173,11 @@ def reflect_tlvs(
                     counters[1] & 0xFFFFFFFF).to_bytes(4, "big")
             else:
                 flags |= FLAG_M
+        elif typ == T_FOLLOW_UP and follow_up is not None:
+            if len(value) == len(follow_up):
+                value = follow_up
+            else:
+                flags |= FLAG_M
         elif typ == T_CLASS_OF_SERVICE:
             if len(value) == 4:
                 dscp1, _d2, _ecn, _rp = parse_class_of_service(value)
@@ -191,3 +199,77 @@ def reflect_tlvs(
             # No key: we cannot vouch for it; reflect it unrecognized-as-unverifiable.
             body += _HDR.pack(tlvs[-1].flags | FLAG_U, T_HMAC, len(tlvs[-1].value)) + tlvs[-1].value
     return ReflectedTlvs(body, reply_dscp, hmac_ok)
+
+
+# ---------------------------------------------------------------------------- sender-side TLVs
+# Builders for the RFC 8972 TLVs a Session-Sender sets, and a reader of the reflector's answers.
+# The Location (§4.2) and Access Report (§4.6) layouts follow the implementations cited in
+# docs/wire-format.md (the RFC text itself was not reachable); the sender sends them zeroed
+# and lets the reflector fill them.
+
+T_NAMES = {T_EXTRA_PADDING: "extra-padding", T_LOCATION: "location", T_TIMESTAMP_INFO: "timestamp-info",
+           T_CLASS_OF_SERVICE: "cos", T_DIRECT_MEASUREMENT: "direct-measurement",
+           T_ACCESS_REPORT: "access-report", T_FOLLOW_UP: "follow-up", T_HMAC: "hmac"}
+_SYNC_NAMES = {0: "unknown", SYNC_NTP: "ntp", SYNC_PTP: "ptp", SYNC_SSU_BITS: "ssu/bits", SYNC_GPS: "gps",
+               SYNC_FREE_RUNNING: "free-running"}
+_METHOD_NAMES = {0: "unknown", METHOD_HW: "hw", METHOD_SW: "sw", METHOD_CONTROL_PLANE: "control-plane"}
+
+
+def location(dst_port: int = 0, src_port: int = 0) -> Tlv:
+    """RFC 8972 §4.2 Location: Destination Port(2) Source Port(2), no sub-TLVs asked for."""
+    return Tlv(0, T_LOCATION, struct.pack("!HH", dst_port & 0xFFFF, src_port & 0xFFFF))
+
+
+def access_report(ident: int = 0, return_code: int = 0) -> Tlv:
+    """RFC 8972 §4.6 Access Report: ID(4 bits) Resv(4 bits) Return Code(1) Reserved(2)."""
+    return Tlv(0, T_ACCESS_REPORT, bytes((((ident & 0xF) << 4), return_code & 0xFF, 0, 0)))
+
+
+def follow_up_request() -> Tlv:
+    """RFC 8972 §4.7 Follow-Up Telemetry as the sender sends it: Length 16, value zero."""
+    return Tlv(0, T_FOLLOW_UP, bytes(16))
+
+
+def describe_tlvs(raw: bytes) -> list[dict[str, object]]:
+    """The reflector's TLV answers, decoded for display/JSON; never raises on wire content."""
+    try:
+        tlvs = parse_tlvs(raw)
+    except PacketError:
+        return [{"type": "malformed", "octets": len(raw)}] if raw.count(0) != len(raw) else []
+    out: list[dict[str, object]] = []
+    for t in tlvs:
+        d: dict[str, object] = {"type": T_NAMES.get(t.type, str(t.type)), "length": len(t.value)}
+        flags = [n for bit, n in ((FLAG_U, "U"), (FLAG_M, "M"), (FLAG_I, "I")) if t.flags & bit]
+        if flags:
+            d["flags"] = "".join(flags)
+        v = t.value
+        if t.type == T_TIMESTAMP_INFO and len(v) == 4:
+            d.update(sync_in=_SYNC_NAMES.get(v[0], str(v[0])), method_in=_METHOD_NAMES.get(v[1], str(v[1])),
+                     sync_out=_SYNC_NAMES.get(v[2], str(v[2])), method_out=_METHOD_NAMES.get(v[3], str(v[3])))
+        elif t.type == T_CLASS_OF_SERVICE and len(v) == 4:
+            d1, d2, ecn, rp = parse_class_of_service(v)
+            d.update(dscp1=d1, dscp2=d2, ecn=ecn, rp=rp)
+        elif t.type == T_DIRECT_MEASUREMENT and len(v) == 12:
+            s, rr, rt = struct.unpack("!III", v)
+            d.update(s_txc=s, r_rxc=rr, r_txc=rt)
+        elif t.type == T_FOLLOW_UP and len(v) == 16:
+            seq, ts, mode = struct.unpack_from("!IQB", v)
+            d.update(seq=seq, timestamp=ts, mode=_METHOD_NAMES.get(mode, str(mode)))
+        elif t.type == T_LOCATION and len(v) >= 4:
+            d.update(dst_port=int.from_bytes(v[:2], "big"), src_port=int.from_bytes(v[2:4], "big"))
+        elif t.type == T_ACCESS_REPORT and len(v) == 4:
+            d.update(id=v[0] >> 4, return_code=v[1])
+        out.append(d)
+    return out
+
+
+def format_tlv_answers(answers: list[dict[str, object]]) -> str:
+    """One short human string: ``ts-info[sync ntp, in sw, out sw] cos[dscp1 46 dscp2 0]``."""
+    parts = []
+    for a in answers:
+        typ = str(a["type"])
+        if typ in ("extra-padding", "hmac") and "flags" not in a:
+            continue
+        fields = [f"{k} {v}" for k, v in a.items() if k not in ("type", "length")]
+        parts.append(f"{typ}[{', '.join(fields)}]" if fields else typ)
+    return " ".join(parts)

@@ -45,7 +45,8 @@ from typing import Any, Callable, Hashable, Iterable
 
 from agent.engine import timestamping as ts
 from agent.engine import tlv as _tlv
-from agent.engine.clock import STAMP_COUNTERS
+from agent.engine.clock import STAMP_COUNTERS, StampCounters
+from agent.engine.followup import ReplyTxStamps, T3Patch
 from agent.engine.keys import TestKeys
 from agent.engine.packets import (
     MODE_PTP_TIMESTAMPS,
@@ -76,6 +77,7 @@ _SCM_TS = ts.SCM_TIMESTAMPING
 _TS3 = struct.Struct("=qq")
 _INT = struct.Struct("=i")
 _TX_BITS = ts.SOF_TIMESTAMPING_TX_HARDWARE | ts.SOF_TIMESTAMPING_TX_SOFTWARE
+_REPLY_TX_COUNTERS = StampCounters()  # the reflector's reply TX stamps (agent.engine.followup), by source
 
 
 def _family_of(host: str) -> int:
@@ -235,6 +237,7 @@ class _DatagramEndpoint:
         self._sessions: dict[Hashable, Any] = {}
         self.unknown_peer = 0
         self.send_errors = 0
+        self.want_tx = False  # keep TX stamps on (the reflector's replies: agent.engine.followup)
         self._rl = _RateLimitedLog(type(self).__name__, log_interval)
 
     @property
@@ -245,8 +248,9 @@ class _DatagramEndpoint:
     def _configure(self, sock: socket.socket) -> None:
         try:
             cfg = ts.enable_timestamping(sock, self.iface, self.hardware)
-            # RX only: T3 must be written before the send, so TX stamps would only fill the error queue.
-            sock.setsockopt(_SOL_SOCKET, ts.SO_TIMESTAMPING, cfg.flags & ~_TX_BITS)
+            # RX only unless asked: a reflector keeping its replies' TX stamps (Follow-Up Telemetry,
+            # lag of T3) reads them back from the error queue; anyone else would only fill it.
+            sock.setsockopt(_SOL_SOCKET, ts.SO_TIMESTAMPING, cfg.flags if self.want_tx else cfg.flags & ~_TX_BITS)
             self.ts_config = cfg
         except (OSError, ts.UnsupportedArchitecture) as e:
             log.info("no kernel timestamps on the test socket (%s): user-space stamps", e)
@@ -317,13 +321,22 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
 
     def __init__(self, local_addr: tuple[str, int] = ("::", DEFAULT_PORT), *, default: ReflectorSession | None = None,
                  iface: str | None = None, hardware: bool = True, recv_tos: bool | None = None, batch: int = 512,
-                 log_interval: float = 10.0, now_ns: Callable[[], int] = time.time_ns) -> None:
+                 log_interval: float = 10.0, now_ns: Callable[[], int] = time.time_ns, tx_stamps: bool = True,
+                 late_t3: bool = True) -> None:
+        """``tx_stamps``: keep each reply's kernel TX stamp (Follow-Up Telemetry for STAMP senders
+        that ask, RFC 8972 §4.7; the T3 lag histogram). ``late_t3``: build each reply completely,
+        then read the clock and write only T3, where no HMAC/cipher covers it (docs/timestamping.md);
+        False reads the clock inside the reflector, before the last steps (the old path)."""
         if recv_tos is None:
             recv_tos = default is not None and default.proto is Proto.STAMP  # CoS TLV needs it
         super().__init__(local_addr, iface=iface, hardware=hardware, recv_tos=recv_tos, batch=batch,
                          log_interval=log_interval)
         self.default = default
         self.now_ns = now_ns
+        self.want_tx = tx_stamps
+        self.tx: ReplyTxStamps | None = ReplyTxStamps() if tx_stamps else None
+        self.late_t3 = late_t3
+        self._patches: dict[int, tuple[ReflectorSession, T3Patch]] = {}
 
     def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
                     keys: TestKeys | None = None, *, proto: Proto = Proto.TWAMP, ptp: bool = False,
@@ -347,7 +360,30 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
 
     def remove_session(self, sid: Hashable) -> dict[str, int] | None:
         sess = self._unregister(sid)
+        self._patches.pop(id(sess), None)
         return sess.counters.as_dict() if isinstance(sess, ReflectorSession) else None
+
+    def _patch_for(self, sess: ReflectorSession) -> T3Patch:
+        got = self._patches.get(id(sess))
+        if got is None or got[0] is not sess:
+            tc = getattr(sess, "_tcrypto", None)
+            p = T3Patch.for_session(sess.proto, sess.security, sess.ptp, getattr(tc, "reflector_span", 16))
+            if not self.late_t3:
+                p.offset = None
+            got = (sess, p)
+            self._patches[id(sess)] = got
+            if self.tx is not None and sess.proto is Proto.STAMP:
+                sess.follow_up = self.tx.follow_up  # RFC 8972 §4.7 answers from our kept TX stamps
+        return got[1]
+
+    def _drain_tx(self) -> None:
+        """The kernel's TX stamps of our replies (error queue), before the next replies are built."""
+        tx, sock = self.tx, self.sock
+        if tx is None or sock is None or self.ts_config is None:
+            return
+        # Own counters: xwamp_timestamps_total{direction="tx"} stays the stamps of test packets' T1.
+        for key, stamp in ts.drain_tx_stamps(sock, config=self.ts_config, counters=_REPLY_TX_COUNTERS):
+            tx.on_stamp(key, stamp.ns, stamp.source.value)
 
     def session(self, sid: Hashable) -> ReflectorSession | None:
         s = self._sessions.get(sid)
@@ -375,6 +411,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         sessions = self._sessions
         v6 = sock.family == socket.AF_INET6
         n_sw = n_user = 0
+        tx = self.tx
+        if tx is not None:
+            self._drain_tx()
+        patches = self._patches
         for _ in range(self.batch):
             try:
                 data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
@@ -421,9 +461,21 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if sess is None:
                         self.unknown_peer += 1
                         continue
-            out = sess.reflect(data, rx, ttl, now, tos, key, src)
-            if out is None:
-                continue
+            pe = patches.get(id(sess))
+            patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
+            if patch.offset is None:
+                out = sess.reflect(data, rx, ttl, now, tos, key, src)
+                if out is None:
+                    continue
+                t3 = patch.read_ns(out) if tx is not None else None
+            else:
+                # Everything first, the clock last: only T3 is written after the read (followup.T3Patch).
+                out = sess.reflect(data, rx, ttl, int, tos, key, src)
+                if out is None:
+                    continue
+                out = bytearray(out)
+                t3 = now()
+                patch.patch(out, t3)
             try:
                 dscp = sess.reply_dscp
                 if dscp is None:
@@ -432,10 +484,15 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     self._send_with_dscp(sock, out, addr, dscp)
             except OSError:
                 self.send_errors += 1
+            else:
+                if tx is not None and t3 is not None:
+                    tx.sent((key, patch.ssid(out)), int.from_bytes(out[:4], "big"), t3)
         if n_sw and hw is None:  # with hardware stamps, agent.engine.timestamping.rx_stamp counted them
             STAMP_COUNTERS.add("rx", "sw", n_sw)
         if n_user:
             STAMP_COUNTERS.add("rx", "user", n_user)
+        if tx is not None:
+            self._drain_tx()  # the stamps of this batch's replies, if the kernel has them already
         if self._rl.due():
             c = self.counters()
             if c.get("bad_hmac") or c.get("short") or c.get("unknown_peer"):

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from agent.engine.txlag import TX_LAG
+
 if TYPE_CHECKING:
     from agent.engine.sender import PacketRecord
     from agent.sessions.results import Summary
@@ -393,6 +395,8 @@ class Snapshot:
     start_time: float
     version: str
     sa_table: dict[str, int] = field(default_factory=dict)  # MetricsState.sa_table
+    reflector: dict[str, int] = field(default_factory=dict)  # STAMP reflector counters (agent.engine.reflector)
+    tx_lag: dict = field(default_factory=dict)  # role -> (bounds, counts, sum): agent.engine.txlag.TX_LAG
 
 
 class MetricsState:
@@ -409,6 +413,7 @@ class MetricsState:
         # Counters kept elsewhere (agent.binder.announce.Binder.refusals), summed into the snapshot.
         self.refusal_sources: list[Callable[[], Mapping[str, int]]] = []
         self.server = {"connections_total": 0, "refused_total": 0}
+        self.reflector: dict[str, int] = {}  # the [reflector] STAMP endpoint's counters, when enabled
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_ok = True
         self.last_reload_time = time.time()
@@ -483,6 +488,8 @@ class MetricsState:
             start_time=self.start_time,
             version=__version__,
             sa_table=dict(self.sa_table),
+            reflector=dict(self.reflector),
+            tx_lag=TX_LAG.snapshot(),
         )
 
 

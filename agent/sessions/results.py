@@ -235,6 +235,9 @@ def summarize(records: Sequence[PacketRecord], reflector_stateful: bool | None =
         sources[f"tx_{r.t1_source}"] = sources.get(f"tx_{r.t1_source}", 0) + 1
         if r.t4_source:
             sources[f"rx_{r.t4_source}"] = sources.get(f"rx_{r.t4_source}", 0) + 1
+        if r.follow_up is not None and not r.lost:  # T3: the reflector's TX stamp, or why not
+            k = f"t3_{r.t3_source}" if r.follow_up == "corrected" else f"t3_{r.follow_up}"
+            sources[k] = sources.get(k, 0) + 1
 
     return Summary(
         loss=_loss(records, got, stateless),

@@ -261,8 +261,15 @@ def test_path_delay_shows_in_rtt_and_forward_one_way_only(path: Path) -> None:
     real = {clock.packed()}
     base = _measure(path, None)
     real.add(clock.packed())
+    clk = [ErrorEstimate.unpack(v) for v in real]
+    lo, hi = min(c.seconds for c in clk), max(c.seconds for c in clk)
+    step = max(2.0 ** (c.scale - 32) for c in clk)  # the field rounds the sum up
     for r in base.recs:
-        assert r.t1_error in real and r.reflector_error in real and r.t4_error in real
+        assert r.t4_error in real  # T4: a kernel RX stamp, the clock's estimate as it is
+        # T1/T3 are written before the send: widened by the recent TX lag (docs/timestamping.md)
+        for v in (r.t1_error, r.reflector_error):
+            e = ErrorEstimate.unpack(v)
+            assert e.synced == clk[0].synced and lo <= e.seconds <= hi + 0.05 + step, (e, clk)
 
     _tc(path.r, "qdisc", "add", "dev", "r1", "root", "netem", "delay", "10ms")
     tap = Tap.open(path.lr)
