@@ -205,6 +205,11 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
                               value=srv.get("connections_total", 0))
     yield CounterMetricFamily(f"{NS}_server_connections_refused", "Control connections refused (limits).",
                               value=srv.get("refused_total", 0))
+    caps = CounterMetricFamily(f"{NS}_server_caps", "Times a cap against hostile peers acted, by cap.", labels=["cap"])
+    for k, v in sorted(srv.items()):
+        if k.startswith("cap_"):
+            caps.add_metric([k[4:]], v)
+    yield caps
     reloads = CounterMetricFamily(f"{NS}_config_reloads", "Configuration reloads (SIGHUP).", labels=["result"])
     for k in ("success", "failure"):
         reloads.add_metric([k], s.reloads.get(k, 0))

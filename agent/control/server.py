@@ -48,6 +48,10 @@ from netlink.secret import Secret
 log = logging.getLogger(__name__)
 
 
+# perfSONAR's documented testports example: a range operators already open in firewalls.
+DEFAULT_TEST_PORTS = (8760, 9960)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     modes: int = md.Mode.UNAUTHENTICATED | md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED
@@ -68,6 +72,12 @@ class ServerConfig:
     max_rate: float | None = None
     # Packets one TWAMP reflector session answers at most (None: no cap); OWAMP: max_packets.
     max_reflected: int | None = None
+    # UDP test ports (first, last) the server binds; like twampd's testports. Never below
+    # 1024: a peer must not make us squat IKE (500/4500), DNS or NTP (issue 11 row 5).
+    test_ports: tuple[int, int] = DEFAULT_TEST_PORTS
+    # Plain unauthenticated mode (no key mode): False when the server has keys and was not
+    # asked for it (a keyed or IPsec-bound unauth mode still works).
+    allow_plain_unauth: bool = True
 
     def __post_init__(self) -> None:
         if self.count < MIN_COUNT or self.count & (self.count - 1):
@@ -76,6 +86,9 @@ class ServerConfig:
             raise ValueError("max_rate must be > 0 packets/s")
         if self.max_reflected is not None and self.max_reflected < 1:
             raise ValueError("max_reflected must be >= 1")
+        lo, hi = self.test_ports
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("test ports must be a range within 1024-65535")
 
 
 @dataclass
@@ -164,6 +177,8 @@ class ControlServer(_Conn):
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"mode {resp.mode} not offered")
         if keymode is not None and not sec.control_crypto and not keymode.with_unauth:
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"{keymode.name} needs a keyed mode")
+        if keymode is None and not sec.control_crypto and not sec.test_auth and not self.config.allow_plain_unauth:
+            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, "plain unauthenticated mode not allowed")
         self.mode = resp.mode
         self.key_id = resp.key_id
         ctx = HandshakeContext(self._ctx.role, self._ctx.protocol, self.local, self.peer, resp.mode,
@@ -419,6 +434,18 @@ class ControlServer(_Conn):
     @property
     def awaiting(self) -> str | None:
         return self._awaiting
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"8760-9960"`` (or one port) as (first, last); ValueError unless 1024 <= first <= last <= 65535."""
+    lo, sep, hi = text.strip().partition("-")
+    try:
+        rng = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise ValueError(f"test ports {text!r}: expected LOW-HIGH") from None
+    if not 1024 <= rng[0] <= rng[1] <= 65535:
+        raise ValueError(f"test ports {text!r}: must be a range within 1024-65535")
+    return rng
 
 
 def slots_rate(slots: tuple[m.Slot, ...]) -> float:

@@ -10,6 +10,7 @@ See examples/xwamp.toml for every key with its default.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -73,6 +74,9 @@ class ServerSection:
     max_padding: int = 9000
     modes: tuple[str, ...] = DEFAULT_SERVER_MODES  # offered; plain auth/enc/mixed need keyfile
     keyfile: str | None = None  # passphrases for auth/enc clients (RFC 4656 shared secrets)
+    max_rate_per_client: float = 4000.0  # test packets/s over all sessions of one client address
+    max_connections_per_prefix: int = 32  # control connections from one /24 or /64
+    test_ports: tuple[int, int] = (8760, 9960)  # UDP test ports, like twampd's testports (>= 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +309,21 @@ def _buckets(vd: _V, key: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _port_range(vd: "_V", key: str, default: tuple[int, int]) -> tuple[int, int]:
+    """``"8760-9960"``: the UDP ports test sessions use; never below 1024 (issue 11 item 3)."""
+    raw = vd.get(key, str, None)
+    if raw is None:
+        return default
+    lo, sep, hi = raw.partition("-")
+    try:
+        rng = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise vd.err(key, f"{raw!r} is not LOW-HIGH") from None
+    if not 1024 <= rng[0] <= rng[1] <= 65535:
+        raise vd.err(key, f"{raw!r} must be a range within 1024-65535")
+    return rng
+
+
 def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
     """Validate an already-parsed TOML document."""
     root = _V(source, "", doc)
@@ -346,7 +365,13 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         max_padding=s.int_range("max_padding", 9000, 0, 65000),
         modes=server_modes,
         keyfile=s.get("keyfile", str, None, _check_file),
+        max_rate_per_client=s.positive("max_rate_per_client", 4000.0, 1e7),
+        max_connections_per_prefix=s.int_range("max_connections_per_prefix", 32, 1, 100_000),
+        test_ports=_port_range(s, "test_ports", (8760, 9960)),
     )
+    if server.keyfile is not None and "modes" not in s.table:
+        # Keys configured and no modes given: plain unauth is not offered (issue 11 item 9).
+        server = dataclasses.replace(server, modes=tuple(mn for mn in server.modes if mn != "unauth"))
     if server.enabled and server.twamp and server.owamp and server.twamp_port == server.owamp_port:
         raise ConfigError(source, "server.owamp_port", f"{server.owamp_port} is also server.twamp_port")
     if any(mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in IPSEC_KEY_MODES

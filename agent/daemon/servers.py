@@ -58,7 +58,8 @@ class ControlServers:
             sources.append(keyring.PassphraseFile(s.keyfile))
         ks = keyring.ChainedKeySource(*sources) if sources else None
         limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
-                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout)
+                                max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout,
+                                max_per_prefix=s.max_connections_per_prefix, max_rate_per_client=s.max_rate_per_client)
         hosts = list(s.listen)
         twamp_handler: Any = session.TwampHandler
         if self.runtime is not None:
@@ -69,8 +70,12 @@ class ControlServers:
                                                (False, s.owamp_port, s.owamp, session.OwampHandler)):
             if not enabled:
                 continue
+            # Every [server] cap reaches the server (issue 11 row 4: max_rate was parsed, then dropped).
             conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_connection,
-                                max_packets=s.max_packets, max_padding=s.max_padding)
+                                max_packets=s.max_packets, max_padding=s.max_padding, max_rate=s.max_rate,
+                                test_ports=s.test_ports,
+                                # plain unauth only when configured explicitly next to a keyfile (item 9)
+                                allow_plain_unauth="unauth" in s.modes)
             lst = ControlListener(handler, twamp=twamp, hosts=hosts, port=port, config=conf, key_source=ks,
                                   limits=limits)
             try:
@@ -94,8 +99,18 @@ class ControlServers:
         return any(lst.abort(handler, accept) for lst in self.listeners)
 
     def stats(self) -> dict[str, int]:
+        from agent.sessions.session import POLICY
+
         out = {"connections_total": 0, "refused_total": 0}
         for lst in self.listeners:
             out["connections_total"] += lst.stats.get("accepted", 0)
             out["refused_total"] += lst.stats.get("refused", 0)
+            for k in CAP_KEYS:  # xwamp_server_caps_total{cap=...} (docs/metrics.md)
+                out[f"cap_{k}"] = out.get(f"cap_{k}", 0) + lst.stats.get(k, 0)
+        for k, v in POLICY.items():
+            out[f"cap_{k}"] = out.get(f"cap_{k}", 0) + v
         return out
+
+
+# Listener counters that say a cap acted (agent.control.aio.ControlListener.stats).
+CAP_KEYS = ("evicted", "refused_prefix", "refused_rate", "refused_sessions", "policed_rate_client")
