@@ -80,6 +80,19 @@ class ServerSection:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsServerConfig:
+    """``[exporter.tls_server_config]``, named as Prometheus exporter-toolkit's web config."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    client_auth_type: str = "NoClientCert"  # or VerifyClientCertIfGiven, RequireAndVerifyClientCert
+
+
+CLIENT_AUTH_TYPES = ("NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
+
+
+@dataclass(frozen=True, slots=True)
 class ExporterSection:
     enabled: bool = True
     # Loopback by default: exposing tunnel addresses to a network is an operator's choice.
@@ -87,6 +100,7 @@ class ExporterSection:
     port: int = 9862
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
     ipdv_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    tls: TlsServerConfig | None = None  # HTTPS when set
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +323,22 @@ def _buckets(vd: _V, key: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _tls(e: "_V") -> TlsServerConfig | None:
+    raw = e.get("tls_server_config", dict, None)
+    if raw is None:
+        return None
+    t = _V(e.source, e.k("tls_server_config"), raw)
+    cert, key = t.get("cert_file", str, None, _check_file), t.get("key_file", str, None, _check_file)
+    if cert is None or key is None:
+        raise t.err("cert_file" if cert is None else "key_file", "is required for TLS")
+    ca = t.get("client_ca_file", str, None, _check_file)
+    auth = t.choice("client_auth_type", CLIENT_AUTH_TYPES, "RequireAndVerifyClientCert" if ca else "NoClientCert")
+    if auth != "NoClientCert" and ca is None:
+        raise t.err("client_ca_file", f"is required with client_auth_type {auth}")
+    t.done()
+    return TlsServerConfig(cert, key, ca, auth)
+
+
 def _port_range(vd: "_V", key: str, default: tuple[int, int]) -> tuple[int, int]:
     """``"8760-9960"``: the UDP ports test sessions use; never below 1024 (issue 11 item 3)."""
     raw = vd.get(key, str, None)
@@ -386,6 +416,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         port=e.int_range("port", 9862, 0, 65535),  # 0: any free port (tests)
         buckets=_buckets(e, "buckets"),
         ipdv_buckets=_buckets(e, "ipdv_buckets"),
+        tls=_tls(e),
     )
     e.done()
 
