@@ -326,6 +326,9 @@ class ControlListener:
                 elif isinstance(e, ev.SetupRejected):
                     self.stats["setup_rejected"] += 1
                     log.info("control peer %s refused: %s", srv.peer, e.reason)
+                elif isinstance(e, ev.SessionRefused):  # a request over a cap (Accept != 0)
+                    self.stats["refused_requests"] = self.stats.get("refused_requests", 0) + 1
+                    log.info("control peer %s: session refused (Accept=%d): %s", srv.peer, e.accept, e.reason)
                 if isinstance(e, ev.SetupComplete):
                     self._on_setup(token, e)
                 if isinstance(e, ev.SessionRequested) and \

@@ -113,4 +113,4 @@ class ControlServers:
 
 
 # Listener counters that say a cap acted (agent.control.aio.ControlListener.stats).
-CAP_KEYS = ("evicted", "refused_prefix", "refused_rate", "refused_sessions", "policed_rate_client")
+CAP_KEYS = ("evicted", "refused_prefix", "refused_rate", "refused_sessions", "refused_requests", "policed_rate_client")

@@ -418,8 +418,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             STAMP_COUNTERS.add("rx", "user", n_user)
         if self._rl.due():
             c = self.counters()
-            if c.get("bad_hmac") or c.get("short") or c.get("unknown_peer"):
-                self._rl.maybe(c, ("bad_hmac", "short", "unknown_peer", "malformed_tlv"))
+            if c.get("bad_hmac") or c.get("short") or c.get("unknown_peer") or c.get("replayed") or c.get("tlv_over_cap"):
+                self._rl.maybe(c, ("bad_hmac", "short", "unknown_peer", "malformed_tlv", "replayed", "tlv_over_cap"))
 
     @staticmethod
     def _send_with_dscp(sock: socket.socket, data: bytes, addr: tuple, dscp: int) -> None:

@@ -54,6 +54,9 @@ PORT_TRIES = 64  # ports of the test range tried before a session is refused (Ac
 # answered with a port from it), "port_exhausted" (no free port in the range). Exported
 # as xwamp_server_policy_total (docs/metrics.md).
 POLICY: collections.Counter = collections.Counter()
+# Test-plane drop counters that are caps against hostile peers (agent.engine.reflector,
+# agent.engine.receiver), added to POLICY when their session ends.
+DROP_CAPS = ("replayed", "tlv_over_cap", "duplicates", "over_cap", "out_of_range")
 
 
 def test_port_candidates(requested: int, ports: tuple[int, int] | None) -> list[int]:
@@ -322,7 +325,7 @@ class TwampHandler:
     MAX_FINISHED = 1024  # the most recent ones only: a long-running server must not grow without bound
 
     def _remember(self, sid: bytes, counters: dict[str, int]) -> None:
-        policed = {k: v for k, v in counters.items() if k.startswith("policed_") and v}
+        policed = {k: v for k, v in counters.items() if (k.startswith("policed_") or k in DROP_CAPS) and v}
         if policed:  # the caps that cut this session short: counted and said once per session
             POLICY.update(policed)
             log.info("reflector session %s policed: %s", sid.hex(),
@@ -454,6 +457,12 @@ class OwampHandler:
 
     def close(self) -> None:
         for s in self.sessions.values():
+            if s.receiver is not None:
+                capped = {k: v for k, v in s.receiver.counters.as_dict().items() if k in DROP_CAPS and v}
+                if capped:  # e.g. one packet replayed over and over: counted, never stored
+                    POLICY.update(capped)
+                    log.info("receiver session %s capped: %s", s.sid.hex(),
+                             ", ".join(f"{k}={v}" for k, v in sorted(capped.items())))
             if s.receiver_ep is not None:
                 s.receiver_ep.close()
             sock = s.send_sock
