@@ -26,7 +26,7 @@ from agent.control import modes as md
 from agent.control.admission import Admission, TokenBucket
 from agent.control.client import ControlClient
 from agent.control.security import DEFAULT_MAX_COUNT
-from agent.control.server import ControlServer, ServerConfig, slots_rate
+from agent.control.server import RATE_SLACK, ControlServer, ServerConfig, slots_rate
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class ControlListener:
         req = getattr(e, "request", None)
         if cap is None or not isinstance(req, m.RequestSession) or not req.conf_sender:
             return False
-        return self.client_send_rate(key) + slots_rate(req.slots) > cap
+        return self.client_send_rate(key) + slots_rate(req.slots) > cap * RATE_SLACK
 
     def _on_setup(self, token: object | None, e: ev.SetupComplete) -> None:
         """A keyed connection is no longer weak (agent.control.admission): never evicted."""

@@ -321,7 +321,7 @@ class ControlServer(_Conn):
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
             refuse = (m.ACCEPT_PERMANENT_LIMIT, "too many packets")  # a policy cap: asking again will not help
         elif (isinstance(req, m.RequestSession) and self.config.max_rate is not None
-              and slots_rate(req.slots) > self.config.max_rate):
+              and slots_rate(req.slots) > self.config.max_rate * RATE_SLACK):
             refuse = (m.ACCEPT_PERMANENT_LIMIT, "packet rate over the server's cap")
         elif (isinstance(req, m.RequestSession) and req.conf_sender and self.peer is not None
               and not self.config.allow_third_party_receivers
@@ -446,6 +446,10 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if not 1024 <= rng[0] <= rng[1] <= 65535:
         raise ValueError(f"test ports {text!r}: must be a range within 1024-65535")
     return rng
+
+
+# A gap in NTP format is rounded to 2**-32 s: 1/max_rate itself must pass the cap.
+RATE_SLACK = 1 + 1e-6
 
 
 def slots_rate(slots: tuple[m.Slot, ...]) -> float:
