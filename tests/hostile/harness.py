@@ -221,3 +221,50 @@ async def attacker_client(port: int, twamp: bool, source: str = "127.9.0.1", mod
 
 def tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="xwamp-hostile-"))
+
+
+async def twamp_session(conn, sock: socket.socket, receiver_port: int = 0, padding: int = 27):
+    """Request-TW-Session (RFC 5357 §3.5) for the attacker's UDP ``sock``; its Accept-Session event."""
+    from agent.control import messages as m
+
+    req = m.RequestTWSession(conn.local[0], conn.peer[0], sock.getsockname()[1], receiver_port,
+                             padding_length=padding, timeout=1 << 32)
+    return await conn.request_tw_session(req)
+
+
+def twamp_packet(seq: int, padding: int = 27) -> bytes:
+    """RFC 5357 §4.1.2 unauthenticated sender packet: Seq(4) Timestamp(8) Error Estimate(2)
+    and padding (27 octets makes it as large as the reply)."""
+    import struct
+
+    ntp = int((time.time() + 2208988800) * (1 << 32))
+    return struct.pack("!IQH", seq, ntp, 0x0001) + bytes(padding)
+
+
+def blast(sock: socket.socket, dest: tuple[str, int], seconds: float, packet=twamp_packet) -> tuple[int, int, float]:
+    """Send as fast as we can for ``seconds`` and count the replies: (sent, replies, elapsed)."""
+    sock.setblocking(False)
+    sent = got = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        for _ in range(64):
+            try:
+                sock.sendto(packet(sent), dest)
+                sent += 1
+            except BlockingIOError:
+                break
+        while True:
+            try:
+                sock.recv(4096)
+                got += 1
+            except BlockingIOError:
+                break
+    elapsed = time.monotonic() - t0
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        try:
+            sock.recv(4096)
+            got += 1
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sent, got, elapsed
