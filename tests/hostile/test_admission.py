@@ -126,9 +126,10 @@ def test_admission_policy_unit() -> None:
     assert prefix_of(ipaddress.ip_address("2001:db8:1:2:3::4")) == "2001:db8:1:2::/64"
     a = Admission(max_connections=6, max_per_client=3, max_per_prefix=4, max_weak=3)
     ip = ipaddress.ip_address
-    for i, addr in enumerate(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.1.1"]):
-        assert a.admit(f"c{i}", ip(addr))[0]
+    assert a.admit("c3", ip("10.0.1.1"))[0]
     a.trusted("c3")  # keyed: never evicted
+    for i, addr in enumerate(["10.0.0.1", "10.0.0.2", "10.0.0.3"]):
+        assert a.admit(f"c{i}", ip(addr)) == (True, [], "")
     ok, evict, _ = a.admit("c4", ip("10.0.0.4"))  # the heavy prefix itself: refused, no churn
     assert not ok and not evict
     ok, evict, _ = a.admit("legit", ip("192.0.2.7"))  # fresh prefix: the oldest weak one of 10.0.0/24 goes
