@@ -18,6 +18,7 @@ import gzip
 import logging
 import os
 import pickle
+import ssl
 import platform
 import struct
 import sys
@@ -327,7 +328,7 @@ class MetricsServer:
     MAX_CLIENTS = 16
 
     def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int, worker: bool = True,
-                 threaded: bool = True, ssl_context: "ssl.SSLContext | None" = None) -> None:
+                 threaded: bool = True, ssl_context: ssl.SSLContext | None = None) -> None:
         """``ssl_context``: serve HTTPS (see :func:`tls_context`)."""
         self._snapshot = snapshot
         self.host, self.port = host, port
@@ -520,10 +521,9 @@ CLIENT_AUTH_TYPES = {"NoClientCert": "CERT_NONE", "VerifyClientCertIfGiven": "CE
 
 
 def tls_context(cert_file: str, key_file: str, client_ca_file: str | None = None,
-                client_auth_type: str = "NoClientCert") -> "ssl.SSLContext":
+                client_auth_type: str = "NoClientCert") -> ssl.SSLContext:
     """The server TLS context of an exporter-toolkit style ``tls_server_config`` (TLS 1.2+).
     Raises OSError / ssl.SSLError / ValueError for unreadable or mismatched files."""
-    import ssl
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -359,6 +359,7 @@ class _OwSession:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # ends our sending, keeping the count
     sent: int = 0
     next_seqno: int | None = None
+    progress: udp.SendProgress = field(default_factory=udp.SendProgress)  # packets sent so far
 
 
 def schedule_from_slots(sid: bytes, slots: tuple[m.Slot, ...]) -> Schedule:
@@ -440,7 +441,8 @@ class OwampHandler:
             _, late = await asyncio.wait(tasks, timeout=timeout)
             for t in late:
                 t.cancel()
-        return tuple(m.SessionDescription(s.sid, s.sent) for s in self.sessions.values() if s.send_sock is not None)
+        return tuple(m.SessionDescription(s.sid, s.progress.sent) for s in self.sessions.values()
+                     if s.send_sock is not None)
 
     async def _send(self, s: _OwSession) -> None:
         req = s.request
@@ -449,11 +451,12 @@ class OwampHandler:
         now = time.time_ns()
         if at is not None and now - at > max(_seconds(req.timeout), MAX_CATCH_UP_S) * 1e9:
             at = now  # a Start Time long past (skewed client clock): no burst of overdue packets
-        records = await udp.run_twamp_sender(
+        await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
             schedule=schedule_from_slots(s.sid, req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False, start_ns=at, stop=s.stop)  # at None: now; recent past: catch up
-        s.sent = len(records)
+            sock=s.send_sock, hardware=False, start_ns=at, stop=s.stop,  # at None: now; recent past: catch up
+            progress=s.progress, keep_records=False)  # a count, not 2**20 records (issue 11 row 3)
+        s.sent = s.progress.sent
 
     def close(self) -> None:
         for s in self.sessions.values():
