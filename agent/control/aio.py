@@ -2,9 +2,12 @@
 
 The server isolates connections: each runs in its own task; a protocol error,
 a slow client (idle timeout) or a handler exception closes that connection only.
-Limits: total connections, connections per client address, sessions per
-connection (ServerConfig.max_sessions), idle time outside running tests, and
-the longest a test may keep a connection open.
+Limits: total connections, connections per client address and per /24 or /64,
+a bounded share for weak (pre-auth or plain-unauth) connections, the oldest of
+the busiest prefix evicted for a newcomer (agent.control.admission); sessions per
+connection (ServerConfig.max_sessions) and per address, test packets/s per address
+(ListenerLimits.max_rate_per_client); idle time outside running tests, and the
+longest a test may keep a connection open.
 
 ``ControlListener.abort(srv)`` ends one connection from outside its task (e.g. the key
 binder when the SA it is keyed from is deleted): Stop-Sessions if tests run, then close.
@@ -147,6 +150,7 @@ class ControlListener:
         self._tokens: dict[object, ControlServer] = {}  # admission token -> its connection
         self._budgets: dict[str, TokenBucket] = {}  # per-address reflector rate (max_rate_per_client)
         self._log_refused, self._log_evicted = _Limited(), _Limited()
+        self._log_limits: dict[str, _Limited] = {}
         self.stats = {"accepted": 0, "refused": 0, "setup_rejected": 0, "protocol_errors": 0, "timeouts": 0,
                       "evicted": 0, "refused_prefix": 0, "refused_rate": 0}
 
@@ -281,6 +285,14 @@ class ControlListener:
     def client_sessions(self, key: str) -> int:
         return sum(len(s.sessions) for s in self._servers.get(key, ()))
 
+    def _limited(self, reason: str) -> _Limited:
+        lim = self._log_limits.get(reason)
+        if lim is None:
+            if len(self._log_limits) > 64:  # reasons are our own strings, but stay bounded anyway
+                self._log_limits.clear()
+            lim = self._log_limits[reason] = _Limited()
+        return lim
+
     def client_send_rate(self, key: str) -> float:
         """Packets/s the OWAMP sessions we send for this address's connections add up to."""
         return sum(slots_rate(s.request.slots) for srv in self._servers.get(key, ()) for s in srv.sessions.values()
@@ -328,7 +340,8 @@ class ControlListener:
                     log.info("control peer %s refused: %s", srv.peer, e.reason)
                 elif isinstance(e, ev.SessionRefused):  # a request over a cap (Accept != 0)
                     self.stats["refused_requests"] = self.stats.get("refused_requests", 0) + 1
-                    log.info("control peer %s: session refused (Accept=%d): %s", srv.peer, e.accept, e.reason)
+                    if self._limited(e.reason).due():  # a peer can pipeline thousands: one line per reason
+                        log.info("control peer %s: session refused (Accept=%d): %s", srv.peer, e.accept, e.reason)
                 if isinstance(e, ev.SetupComplete):
                     self._on_setup(token, e)
                 if isinstance(e, ev.SessionRequested) and \
@@ -337,7 +350,8 @@ class ControlListener:
                     srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)  # over this address's share
                 elif isinstance(e, ev.SessionRequested) and self._over_rate(key, e):
                     self.stats["refused_rate"] += 1  # this address's senders would exceed max_rate_per_client
-                    log.info("control peer %s: session refused: over the address's rate cap", srv.peer)
+                    if self._limited("rate").due():
+                        log.info("control peer %s: session refused: over the address's rate cap", srv.peer)
                     srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)
                 elif not srv.closed:
                     await handler.on_event(srv, e)
