@@ -115,7 +115,9 @@ def xwamp_server(kind: str, port_q: mp.Queue, stop: Event, cpu: int | None, stat
 # ------------------------------------------------------------------------- sender
 
 
-def _packets(kind: str, n: int) -> list[bytes]:
+def _packets(kind: str, n: int, first: int = 0) -> list[bytes]:
+    """``n`` packets with sequence numbers from ``first``, all distinct: authenticated
+    reflectors drop a sequence number they saw before (agent.engine.reflector.ReplayWindow)."""
     from agent.engine.keys import TestKeys
     from agent.engine.packets import Proto, Security
     from agent.engine.sender import TestSender
@@ -128,20 +130,21 @@ def _packets(kind: str, n: int) -> list[bytes]:
     else:  # echo and unauth: the 41-octet symmetric TWAMP sender packet
         s = TestSender(Proto.TWAMP, error_estimate=1)
     now = time.time_ns()
-    return [s.build(i, now) for i in range(n)]
+    return [s.build((first + i) & 0xFFFFFFFF, now) for i in range(n)]
 
 
 def blast(port: int, kind: str, rate: int, duration: float, cpu: int | None, out: mp.Queue) -> None:
     """Send ``rate`` pps for ``duration`` s (absolute pacing), count replies; then wait up to 1 s."""
     _pin(cpu)
-    pkts = _packets(kind, 1024)
+    total = int(rate * duration)
+    # Built before the clock starts; numbered on from the last step's (10 µs clock ticks).
+    pkts = _packets(kind, total, int(time.time() * 1e5))
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     _bufs(s)
     s.connect(("127.0.0.1", port))
     s.setblocking(False)
     send, recv_into = s.send, s.recv_into
     buf = bytearray(2048)
-    total = int(rate * duration)
     sent = got = 0
     t0 = time.perf_counter()
     clock = time.perf_counter
@@ -150,7 +153,7 @@ def blast(port: int, kind: str, rate: int, duration: float, cpu: int | None, out
         burst = 0
         while sent < due and burst < 64:  # replies are read at least every 64 sends
             try:
-                send(pkts[sent & 1023])
+                send(pkts[sent])
             except BlockingIOError:
                 break
             sent += 1
@@ -243,14 +246,14 @@ def capacity(kind: str, n: int, out: mp.Queue) -> None:
     from agent.engine.udp import TwampReflectorEndpoint
     from netlink.secret import Secret
 
-    pkts = _packets(kind, 256)
+    pkts = _packets(kind, n)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
 
     def fill(port: int) -> None:
         client.connect(("127.0.0.1", port))
         for i in range(n):
-            client.send(pkts[i & 255])
+            client.send(pkts[i])
 
     if kind == "echo":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

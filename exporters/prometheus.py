@@ -18,6 +18,7 @@ import gzip
 import logging
 import os
 import pickle
+import ssl
 import platform
 import struct
 import sys
@@ -234,6 +235,11 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
         yield rf
         yield GaugeMetricFamily(f"{NS}_stamp_reflector_peers", "Senders (address, port, SSID) a stateful "
                                 "STAMP reflector keeps numbers for.", value=s.reflector.get("peers", 0))
+    caps = CounterMetricFamily(f"{NS}_server_caps", "Times a cap against hostile peers acted, by cap.", labels=["cap"])
+    for k, v in sorted(srv.items()):
+        if k.startswith("cap_"):
+            caps.add_metric([k[4:]], v)
+    yield caps
     reloads = CounterMetricFamily(f"{NS}_config_reloads", "Configuration reloads (SIGHUP).", labels=["result"])
     for k in ("success", "failure"):
         reloads.add_metric([k], s.reloads.get(k, 0))
@@ -361,14 +367,22 @@ class MetricsServer:
 
     MAX_HEADER = 16384
     TIMEOUT = 60.0  # the scraper's scrape_timeout is the real limit
+    HEADER_TIMEOUT = 5.0  # a request's head must arrive within this (idle or slow-drip connections)
     MAX_CLIENTS = 16
 
     def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int, worker: bool = True,
-                 threaded: bool = True) -> None:
+                 threaded: bool = True, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: serve HTTPS (see :func:`tls_context`)."""
         self._snapshot = snapshot
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self._server: asyncio.Server | None = None
         self._clients = 0
+        # Connections still reading their request head, oldest first: when all slots are
+        # taken, a newcomer closes the oldest of these (issue 11 row 11: 16 idle
+        # connections locked every scrape out for 60 s). Ones rendering are never cut.
+        self._reading: dict[asyncio.StreamWriter, None] = {}
+        self.evicted = 0
         self.worker = RenderWorker() if worker else None
         self.threaded = threaded
         self._main: asyncio.AbstractEventLoop | None = None
@@ -386,7 +400,9 @@ class MetricsServer:
         await asyncio.wrap_future(ready)
 
     async def _bind(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+        tls: dict[str, Any] = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.HEADER_TIMEOUT} \
+            if self.ssl_context is not None else {}
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True, **tls)
         if self.port == 0:  # tests: learn the ephemeral port
             self.port = self._server.sockets[0].getsockname()[1]
 
@@ -457,21 +473,33 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._clients >= self.MAX_CLIENTS:
-            writer.close()
-            return
+            idle = next(iter(self._reading), None)
+            if idle is None:  # every slot is rendering a scrape: those finish soon
+                writer.close()
+                return
+            del self._reading[idle]
+            idle.transport.abort()  # its _handle sees the reset and frees its slot
+            self.evicted += 1
+            if self.evicted == 1 or self.evicted % 100 == 0:
+                log.warning("metrics port: closed an idle connection for a scrape",
+                            extra={"evicted_total": self.evicted})
         self._clients += 1
+        self._reading[writer] = None
         try:
             await asyncio.wait_for(self._serve(reader, writer), self.TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                OSError):
             pass
         except Exception:
             log.exception("metrics request failed")
         finally:
+            self._reading.pop(writer, None)
             self._clients -= 1
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.HEADER_TIMEOUT)
+        self._reading.pop(writer, None)
         if len(head) > self.MAX_HEADER:
             return await self._reply(writer, 431, b"header too large\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -528,6 +556,25 @@ class MetricsServer:
             writer.transport.set_write_buffer_limits(high=max(len(body), 1 << 16))
             writer.write(body)
         await writer.drain()
+
+
+# Prometheus exporter-toolkit's client_auth_type values Python's ssl can honour.
+CLIENT_AUTH_TYPES = {"NoClientCert": "CERT_NONE", "VerifyClientCertIfGiven": "CERT_OPTIONAL",
+                     "RequireAndVerifyClientCert": "CERT_REQUIRED"}
+
+
+def tls_context(cert_file: str, key_file: str, client_ca_file: str | None = None,
+                client_auth_type: str = "NoClientCert") -> ssl.SSLContext:
+    """The server TLS context of an exporter-toolkit style ``tls_server_config`` (TLS 1.2+).
+    Raises OSError / ssl.SSLError / ValueError for unreadable or mismatched files."""
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if client_ca_file:
+        ctx.load_verify_locations(cafile=client_ca_file)
+    ctx.verify_mode = getattr(ssl, CLIENT_AUTH_TYPES[client_auth_type])
+    return ctx
 
 
 def _render_encoded(snap: Snapshot, accept: str | None, gz: bool) -> tuple[bytes, str]:

@@ -64,7 +64,9 @@ def _xwamp(ns: str, *args: str, timeout: float = 30, background: bool = False):
 @pytest.fixture(scope="module")
 def server(netns_pair):
     a, b, keys = netns_pair
-    p = _xwamp(a, "server", "--keyfile", str(keys), "--count", "1024", "--duration", "60", background=True)
+    p = _xwamp(a, "server", "--keyfile", str(keys), "--mode", "unauth", "--mode", "auth", "--mode", "enc",
+               "--mode", "mixed", "--count", "1024",
+               "--duration", "60", background=True)
     assert p.stdout is not None
     lines: list[str] = []
     while not any("OWAMP" in ln for ln in lines):  # TWAMP listeners are announced first

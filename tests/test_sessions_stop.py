@@ -215,7 +215,7 @@ def test_policer_token_bucket_and_count() -> None:
     c = ReflectPolicer(lambda data, *a: None if data == b"bad" else data, rate=None, count=3)
     assert c(b"bad") is None and c.reflected == 0  # what the reflector drops itself does not count
     assert [c(b"x") for _ in range(5)] == [b"x"] * 3 + [None] * 2
-    assert c.counters() == {"policed_rate": 0, "policed_count": 2}
+    assert c.counters() == {"policed_rate": 0, "policed_count": 2, "policed_client": 0}
 
 
 def test_twamp_reflector_polices_rate_and_count() -> None:

@@ -1,7 +1,7 @@
 """``xwamp reflect``: a STAMP (RFC 8762/8972) and TWAMP-Light Session-Reflector.
 
 Unauthenticated STAMP and TWAMP-Light senders are answered on the same port
-(senders shorter than 44 octets get the 41-octet TWAMP-Light format). With
+(senders of 41 to 43 octets get the 41-octet TWAMP-Light format; shorter ones nothing: no amplification). With
 ``--auth-key-file`` the reflector runs STAMP authenticated mode (112-octet
 packets, HMAC-SHA-256) and drops packets whose HMAC does not verify.
 """

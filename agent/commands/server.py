@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--twamp-port", type=int, default=862)
     p.add_argument("--owamp-port", type=int, default=861)
     p.add_argument("--mode", action="append", choices=("unauth", "auth", "enc", "mixed"),
-                   help="modes to offer; repeat (default: all; keyed modes only with --keyfile)")
+                   help="modes to offer; repeat (default: unauth; with --keyfile or --ipsec the keyed ones, "
+                        "and plain unauth only if given)")
     p.add_argument("--keyfile", help="'identity passphrase' lines, or a perfSONAR .pfs file")
     p.add_argument("--ipsec", action="store_true",
                    help="also offer the IPsec-bound modes (ipsec-bound, ipsec-alt1), keyed from the kernel's SAs")
@@ -38,9 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="test sessions per control connection")
     p.add_argument("--max-sessions-per-client", type=int, default=32,
                    help="test sessions over all connections of one client address")
-    p.add_argument("--max-rate", type=float, default=None, metavar="PPS",
+    p.add_argument("--max-rate", type=float, default=1000.0, metavar="PPS",
                    help="packets/s one test session may send: OWAMP requests over it are refused (Accept=4), "
-                        "TWAMP reflectors drop the excess (default: no cap)")
+                        "TWAMP reflectors drop the excess (default 1000)")
+    p.add_argument("--max-rate-per-client", type=float, default=None, metavar="PPS",
+                   help="packets/s over all test sessions of one client address (default: 4x --max-rate; 0: no cap)")
+    p.add_argument("--max-per-prefix", type=int, default=32,
+                   help="control connections from one /24 (IPv4) or /64 (IPv6)")
+    p.add_argument("--test-ports", metavar="LOW-HIGH", default=None,
+                   help="UDP ports test sessions use, like twampd's testports (default 8760-9960; never below 1024)")
     p.add_argument("--max-packets", type=int, default=None, metavar="N",
                    help="packets per test session: OWAMP requests over it are refused (Accept=4), "
                         "TWAMP reflectors answer N at most (default: OWAMP 1048576, TWAMP no cap)")
@@ -62,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from agent.control.aio import ControlListener, ListenerLimits
     from agent.control.authguard import AUTH_GUARD
     from agent.control.keyring import KeyFileError, PassphraseFile
-    from agent.control.server import ServerConfig
-    from agent.sessions.session import OwampHandler, SaBoundHandler, TwampHandler
+    from agent.control.server import DEFAULT_TEST_PORTS, ServerConfig, parse_port_range
+    from agent.sessions.session import POLICY, OwampHandler, SaBoundHandler, TwampHandler
     from netlink.errors import XfrmError
 
     log = logging.getLogger("xwamp.server")
@@ -89,10 +96,15 @@ def run(args: argparse.Namespace) -> int:
         print("xwamp server: --allow-alt2 needs --ipsec", file=sys.stderr)
         return 2
     # The IPsec key modes go with a keyed security mode (ALT1/ALT2) or any (IPSEC_BOUND).
-    names = args.mode or (["unauth", "auth", "enc", "mixed"] if ks or args.ipsec else ["unauth"])
+    # With keys (a keyfile, IKE keys or the IPsec binding) plain unauth is off unless asked for
+    # (issue 11 item 9); the unauth bit stays offered under --ipsec for unauth+ipsec-bound only.
+    names = args.mode or (["auth", "enc", "mixed"] if ks or args.ipsec else ["unauth"])
     if args.ike_keys and not any(n != "unauth" for n in names):
         print("xwamp server: --ike-keys needs a keyed --mode (auth, enc or mixed: RFC 7717 §5.1)", file=sys.stderr)
         return 2
+    plain_unauth = "unauth" in names
+    if args.ipsec and "unauth" not in names:
+        names = ["unauth"] + names
     # TWAMP capabilities the server implements (OWAMP drops them: modes.offerable):
     # RFC 5938 individual session control, RFC 6038 Reflect Octets and Symmetrical Size.
     modes = int(md.Mode.INDIVIDUAL_SESSION_CONTROL | md.Mode.REFLECT_OCTETS | md.Mode.SYMMETRICAL_SIZE)
@@ -100,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         modes |= md.by_name(n).bit
     if args.ike_keys:  # RFC 7717 §5.2: the Modes bit alone says so (TWAMP 128, OWAMP 16)
         modes |= int(md.Mode.IKEV2_DERIVED) | md.OWAMP_IKEV2_DERIVED
-    shown = list(names) + (["rfc7717"] if args.ike_keys else [])
+    shown = [n for n in names if n != "unauth" or plain_unauth] + (["rfc7717"] if args.ike_keys else [])
     if args.ipsec:
         from agent.binder import announce as bd
 
@@ -110,17 +122,24 @@ def run(args: argparse.Namespace) -> int:
         modes |= int(ipsec_bits)
         shown += ["ipsec-bound", "ipsec-alt1"] + (["ipsec-alt2"] if args.allow_alt2 else [])
     try:
-        caps: dict = {"max_rate": args.max_rate, "max_reflected": args.max_packets}
+        max_rate = args.max_rate
+        per_client = args.max_rate_per_client if args.max_rate_per_client is not None else (
+            4 * max_rate if max_rate else 0)
+        caps: dict = {"max_rate": max_rate, "max_reflected": args.max_packets,
+                      "test_ports": parse_port_range(args.test_ports) if args.test_ports else DEFAULT_TEST_PORTS}
         if args.max_packets is not None:
             caps["max_packets"] = args.max_packets
         cfg = ServerConfig(modes=modes, count=args.count, max_sessions=args.max_sessions,
-                           auth_guard=AUTH_GUARD, **caps)
+                           auth_guard=AUTH_GUARD, allow_plain_unauth=plain_unauth, **caps)
+        if args.max_per_prefix < 1:
+            raise ValueError("--max-per-prefix must be >= 1")
     except ValueError as e:
         print(f"xwamp server: {e}", file=sys.stderr)
         return 2
     limits = ListenerLimits(max_connections=args.max_connections, max_per_client=args.max_per_client,
                             max_sessions_per_client=args.max_sessions_per_client, idle_timeout=args.idle_timeout,
-                            setup_timeout=args.setup_timeout, empty_test_timeout=args.empty_test_timeout)
+                            setup_timeout=args.setup_timeout, empty_test_timeout=args.empty_test_timeout,
+                            max_per_prefix=args.max_per_prefix, max_rate_per_client=per_client or None)
     protocols = [(twamp, port, handler) for twamp, port, handler, name in
                  ((True, args.twamp_port, TwampHandler, "twamp"), (False, args.owamp_port, OwampHandler, "owamp"))
                  if args.protocol in ("both", name)]
@@ -158,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 log.info("%s: %s", "TWAMP" if lst.twamp else "OWAMP", lst.stats)
             log.info("authentication failures: %d (%d set-ups refused by the rate limit)",
                      AUTH_GUARD.failures_total, AUTH_GUARD.limited_total)
+            log.info("test-plane caps: %s", dict(POLICY))
             if runtime is not None:
                 log.info("binder: %s", runtime.counters())
                 await runtime.close()

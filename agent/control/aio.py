@@ -2,9 +2,12 @@
 
 The server isolates connections: each runs in its own task; a protocol error,
 a slow client (idle timeout) or a handler exception closes that connection only.
-Limits: total connections, connections per client address, sessions per
-connection (ServerConfig.max_sessions), idle time outside running tests, and
-the longest a test may keep a connection open.
+Limits: total connections, connections per client address and per /24 or /64,
+a bounded share for weak (pre-auth or plain-unauth) connections, the oldest of
+the busiest prefix evicted for a newcomer (agent.control.admission); sessions per
+connection (ServerConfig.max_sessions) and per address, test packets/s per address
+(ListenerLimits.max_rate_per_client); idle time outside running tests, and the
+longest a test may keep a connection open.
 
 ``ControlListener.abort(srv)`` ends one connection from outside its task (e.g. the key
 binder when the SA it is keyed from is deleted): Stop-Sessions if tests run, then close.
@@ -22,9 +25,11 @@ from typing import Callable, Protocol, Sequence
 
 from agent.control import events as ev
 from agent.control import messages as m
+from agent.control import modes as md
+from agent.control.admission import Admission, TokenBucket
 from agent.control.client import ControlClient
 from agent.control.security import DEFAULT_MAX_COUNT
-from agent.control.server import ControlServer, ServerConfig
+from agent.control.server import RATE_SLACK, ControlServer, ServerConfig, slots_rate
 from agent.control.states import Deadline, deadline_kind
 
 log = logging.getLogger(__name__)
@@ -121,6 +126,9 @@ class ListenerLimits:
     setup_timeout: float = 5.0
     # Start-Sessions accepted with no session to run: nothing will happen on the connection.
     empty_test_timeout: float = 10.0
+    max_per_prefix: int = 32  # connections from one /24 (IPv4) or /64 (IPv6)
+    max_weak: int | None = None  # pre-auth + plain-unauth connections (None: 3/4 of max_connections)
+    max_rate_per_client: float | None = None  # test packets/s over all of one address's sessions
 
     def deadline(self, kind: Deadline) -> float | None:
         """Seconds allowed in a state of deadline ``kind`` (None: no peer deadline)."""
@@ -149,6 +157,21 @@ class _Clock:
         return kind, None if limit is None else self.since + limit - now
 
 
+class _Limited:
+    """One log line per interval for a repeated event (e.g. evictions under attack)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval, self.next, self.skipped = interval, 0.0, 0
+
+    def due(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        if now < self.next:
+            self.skipped += 1
+            return False
+        self.next = now + self.interval
+        return True
+
+
 class ControlListener:
     def __init__(
         self,
@@ -173,7 +196,15 @@ class ControlListener:
         self._per_client: dict[str, int] = {}
         self._servers: dict[str, set[ControlServer]] = {}
         self._live: dict[ControlServer, _Live] = {}
-        self.stats = {"accepted": 0, "refused": 0, "setup_rejected": 0, "protocol_errors": 0, "timeouts": 0}
+        lim = limits
+        self.admission = Admission(lim.max_connections, lim.max_per_client, lim.max_per_prefix,
+                                   lim.max_weak if lim.max_weak is not None else max(1, lim.max_connections * 3 // 4))
+        self._tokens: dict[object, ControlServer] = {}  # admission token -> its connection
+        self._budgets: dict[str, TokenBucket] = {}  # per-address reflector rate (max_rate_per_client)
+        self._log_refused, self._log_evicted = _Limited(), _Limited()
+        self._log_limits: dict[str, _Limited] = {}
+        self.stats = {"accepted": 0, "refused": 0, "setup_rejected": 0, "protocol_errors": 0, "timeouts": 0,
+                      "evicted": 0, "refused_prefix": 0, "refused_rate": 0}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._on_connect, self.hosts, self.port, reuse_address=True)
@@ -204,24 +235,42 @@ class ControlListener:
         peer = _addr(writer.get_extra_info("peername"))
         local = _addr(writer.get_extra_info("sockname"))
         key = str(peer[0]) if peer else "?"
-        busy = (len(self._tasks) > self.limits.max_connections
-                or self._per_client.get(key, 0) >= self.limits.max_per_client)
+        token = object()
+        admitted, evict, why = self.admission.admit(token, peer[0] if peer else None)
+        for victim in evict:  # weak connections of the heaviest prefix make room (agent.control.admission)
+            self.stats["evicted"] += 1
+            old = self._tokens.get(victim)
+            if old is not None:
+                if self._log_evicted.due():
+                    log.info("control peer %s: evicted for a newcomer (%d evictions so far)", old.peer,
+                             self.stats["evicted"])
+                self.abort(old, m.ACCEPT_TEMPORARY_LIMIT)
         self._per_client[key] = self._per_client.get(key, 0) + 1
         handler: ConnectionHandler | None = None
         srv: ControlServer | None = None
         try:
-            srv = ControlServer(self.twamp, self.config, self.key_source, local=local, peer=peer, refuse=busy,
-                                defer_keys=True)
-            if busy:
+            srv = ControlServer(self.twamp, self.config, self.key_source, local=local, peer=peer,
+                                refuse=not admitted, defer_keys=True)
+            if not admitted:
                 self.stats["refused"] += 1
+                if "prefix" in why:
+                    self.stats["refused_prefix"] += 1
+                if self._log_refused.due():
+                    log.info("control peer %s refused: %s (%d refusals so far)", key, why, self.stats["refused"])
                 writer.write(srv.data_to_send())
                 await asyncio.wait_for(writer.drain(), 5)
                 return
+            self._tokens[token] = srv
+            if self.limits.max_rate_per_client is not None:
+                budget = self._budgets.get(key)
+                if budget is None:
+                    budget = self._budgets[key] = TokenBucket(self.limits.max_rate_per_client)
+                srv.rate_budget = budget  # type: ignore[attr-defined] # read by agent.sessions' reflector policer
             self.stats["accepted"] += 1
             self._servers.setdefault(key, set()).add(srv)
             handler = self.handler_factory(srv)
             self._live[srv] = _Live(handler, task=asyncio.current_task())
-            await self._converse(srv, handler, reader, writer, key)
+            await self._converse(srv, handler, reader, writer, key, token)
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             log.debug("control connection from %s: %s", key, e)
         except asyncio.CancelledError:
@@ -229,9 +278,14 @@ class ControlListener:
         except Exception:  # handler bug: close this connection, keep the server
             log.exception("control connection from %s failed", key)
         finally:
+            self.admission.forget(token)
+            self._tokens.pop(token, None)
             self._per_client[key] -= 1
             if not self._per_client[key]:
                 del self._per_client[key]
+                budget = self._budgets.pop(key, None)
+                if budget is not None:
+                    self.stats["policed_rate_client"] = self.stats.get("policed_rate_client", 0) + budget.policed
             if srv is not None:
                 srv.release()
                 self._live.pop(srv, None)
@@ -283,8 +337,38 @@ class ControlListener:
     def client_sessions(self, key: str) -> int:
         return sum(len(s.sessions) for s in self._servers.get(key, ()))
 
+    def _limited(self, reason: str) -> _Limited:
+        lim = self._log_limits.get(reason)
+        if lim is None:
+            if len(self._log_limits) > 64:  # reasons are our own strings, but stay bounded anyway
+                self._log_limits.clear()
+            lim = self._log_limits[reason] = _Limited()
+        return lim
+
+    def client_send_rate(self, key: str) -> float:
+        """Packets/s the OWAMP sessions we send for this address's connections add up to."""
+        return sum(slots_rate(s.request.slots) for srv in self._servers.get(key, ()) for s in srv.sessions.values()
+                   if isinstance(s.request, m.RequestSession) and s.request.conf_sender)
+
+    def _over_rate(self, key: str, e: ev.Event) -> bool:
+        cap = self.limits.max_rate_per_client
+        req = getattr(e, "request", None)
+        if cap is None or not isinstance(req, m.RequestSession) or not req.conf_sender:
+            return False
+        return self.client_send_rate(key) + slots_rate(req.slots) > cap * RATE_SLACK
+
+    def _on_setup(self, token: object | None, e: ev.SetupComplete) -> None:
+        """A keyed connection is no longer weak (agent.control.admission): never evicted."""
+        try:
+            sec, key_mode, _ = md.split_mode(e.mode, self.twamp)
+        except ValueError:
+            return
+        if token is not None and (sec.control_crypto or key_mode is not None):
+            self.admission.trusted(token)
+
     async def _converse(self, srv: ControlServer, handler: ConnectionHandler,
-                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str = "?") -> None:
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str = "?",
+                        token: object | None = None) -> None:
         pending: list[ev.Event] = []
         live = self._live.get(srv)
         loop = asyncio.get_running_loop()
@@ -310,10 +394,21 @@ class ControlListener:
                 elif isinstance(e, ev.SetupRejected):
                     self.stats["setup_rejected"] += 1
                     log.info("control peer %s refused: %s", srv.peer, e.reason)
+                elif isinstance(e, ev.SessionRefused):  # a request over a cap (Accept != 0)
+                    self.stats["refused_requests"] = self.stats.get("refused_requests", 0) + 1
+                    if self._limited(e.reason).due():  # a peer can pipeline thousands: one line per reason
+                        log.info("control peer %s: session refused (Accept=%d): %s", srv.peer, e.accept, e.reason)
+                if isinstance(e, ev.SetupComplete):
+                    self._on_setup(token, e)
                 if isinstance(e, ev.SessionRequested) and \
                         self.client_sessions(key) >= self.limits.max_sessions_per_client:
                     self.stats["refused_sessions"] = self.stats.get("refused_sessions", 0) + 1
                     srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)  # over this address's share
+                elif isinstance(e, ev.SessionRequested) and self._over_rate(key, e):
+                    self.stats["refused_rate"] += 1  # this address's senders would exceed max_rate_per_client
+                    if self._limited("rate").due():
+                        log.info("control peer %s: session refused: over the address's rate cap", srv.peer)
+                    srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)
                 elif not srv.closed:
                     await handler.on_event(srv, e)
                 if srv.awaiting is None and not pending and not srv.closed:

@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 _DUMMY_PASSPHRASE = Secret(os.urandom(32))
 
 
+# perfSONAR's documented testports example: a range operators already open in firewalls.
+DEFAULT_TEST_PORTS = (8760, 9960)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     modes: int = md.Mode.UNAUTHENTICATED | md.Mode.AUTHENTICATED | md.Mode.ENCRYPTED | md.Mode.MIXED
@@ -88,6 +92,12 @@ class ServerConfig:
     max_rate: float | None = None
     # Packets one TWAMP reflector session answers at most (None: no cap); OWAMP: max_packets.
     max_reflected: int | None = None
+    # UDP test ports (first, last) the server binds; like twampd's testports. Never below
+    # 1024: a peer must not make us squat IKE (500/4500), DNS or NTP (issue 11 row 5).
+    test_ports: tuple[int, int] = DEFAULT_TEST_PORTS
+    # Plain unauthenticated mode (no key mode): False when the server has keys and was not
+    # asked for it (a keyed or IPsec-bound unauth mode still works).
+    allow_plain_unauth: bool = True
     # Counts and rate-limits failed authentications per source address (None: neither).
     # Shared by every connection (and listener) given this config: it holds state.
     auth_guard: AuthGuard | None = field(default=None, compare=False, repr=False)
@@ -99,6 +109,9 @@ class ServerConfig:
             raise ValueError("max_rate must be > 0 packets/s")
         if self.max_reflected is not None and self.max_reflected < 1:
             raise ValueError("max_reflected must be >= 1")
+        lo, hi = self.test_ports
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("test ports must be a range within 1024-65535")
 
 
 @dataclass
@@ -190,6 +203,8 @@ class ControlServer(_Conn):
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"mode {resp.mode} not offered")
         if keymode is not None and not sec.control_crypto and not keymode.with_unauth:
             return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, f"{keymode.name} needs a keyed mode")
+        if keymode is None and not sec.control_crypto and not sec.test_auth and not self.config.allow_plain_unauth:
+            return self._reject_setup(m.ACCEPT_NOT_SUPPORTED, "plain unauthenticated mode not allowed")
         self.mode = resp.mode
         self.key_id = resp.key_id
         ctx = HandshakeContext(self._ctx.role, self._ctx.protocol, self.local, self.peer, resp.mode,
@@ -355,7 +370,7 @@ class ControlServer(_Conn):
         elif isinstance(req, m.RequestSession) and req.num_packets > self.config.max_packets:
             refuse = (m.ACCEPT_PERMANENT_LIMIT, "too many packets")  # a policy cap: asking again will not help
         elif (isinstance(req, m.RequestSession) and self.config.max_rate is not None
-              and slots_rate(req.slots) > self.config.max_rate):
+              and slots_rate(req.slots) > self.config.max_rate * RATE_SLACK):
             refuse = (m.ACCEPT_PERMANENT_LIMIT, "packet rate over the server's cap")
         elif (isinstance(req, m.RequestSession) and req.conf_sender and self.peer is not None
               and not self.config.allow_third_party_receivers
@@ -480,6 +495,22 @@ class ControlServer(_Conn):
     @property
     def awaiting(self) -> Decision | None:
         return self._awaiting
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"8760-9960"`` (or one port) as (first, last); ValueError unless 1024 <= first <= last <= 65535."""
+    lo, sep, hi = text.strip().partition("-")
+    try:
+        rng = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise ValueError(f"test ports {text!r}: expected LOW-HIGH") from None
+    if not 1024 <= rng[0] <= rng[1] <= 65535:
+        raise ValueError(f"test ports {text!r}: must be a range within 1024-65535")
+    return rng
+
+
+# A gap in NTP format is rounded to 2**-32 s: 1/max_rate itself must pass the cap.
+RATE_SLACK = 1 + 1e-6
 
 
 def slots_rate(slots: tuple[m.Slot, ...]) -> float:

@@ -10,6 +10,7 @@ See examples/xwamp.toml for every key with its default.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -92,6 +93,22 @@ class ServerSection:
     max_padding: int = 9000
     modes: tuple[str, ...] = DEFAULT_SERVER_MODES  # offered; plain auth/enc/mixed need keyfile
     keyfile: str | None = None  # passphrases for auth/enc clients (RFC 4656 shared secrets)
+    max_rate_per_client: float = 4000.0  # test packets/s over all sessions of one client address
+    max_connections_per_prefix: int = 32  # control connections from one /24 or /64
+    test_ports: tuple[int, int] = (8760, 9960)  # UDP test ports, like twampd's testports (>= 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsServerConfig:
+    """``[exporter.tls_server_config]``, named as Prometheus exporter-toolkit's web config."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    client_auth_type: str = "NoClientCert"  # or VerifyClientCertIfGiven, RequireAndVerifyClientCert
+
+
+CLIENT_AUTH_TYPES = ("NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +119,7 @@ class ExporterSection:
     port: int = 9862
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
     ipdv_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    tls: TlsServerConfig | None = None  # HTTPS when set
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +375,37 @@ def _buckets(vd: _V, key: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _tls(e: "_V") -> TlsServerConfig | None:
+    raw = e.get("tls_server_config", dict, None)
+    if raw is None:
+        return None
+    t = _V(e.source, e.k("tls_server_config"), raw)
+    cert, key = t.get("cert_file", str, None, _check_file), t.get("key_file", str, None, _check_file)
+    if cert is None or key is None:
+        raise t.err("cert_file" if cert is None else "key_file", "is required for TLS")
+    ca = t.get("client_ca_file", str, None, _check_file)
+    auth = t.choice("client_auth_type", CLIENT_AUTH_TYPES, "RequireAndVerifyClientCert" if ca else "NoClientCert")
+    if auth != "NoClientCert" and ca is None:
+        raise t.err("client_ca_file", f"is required with client_auth_type {auth}")
+    t.done()
+    return TlsServerConfig(cert, key, ca, auth)
+
+
+def _port_range(vd: "_V", key: str, default: tuple[int, int]) -> tuple[int, int]:
+    """``"8760-9960"``: the UDP ports test sessions use; never below 1024 (issue 11 item 3)."""
+    raw = vd.get(key, str, None)
+    if raw is None:
+        return default
+    lo, sep, hi = raw.partition("-")
+    try:
+        rng = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise vd.err(key, f"{raw!r} is not LOW-HIGH") from None
+    if not 1024 <= rng[0] <= rng[1] <= 65535:
+        raise vd.err(key, f"{raw!r} must be a range within 1024-65535")
+    return rng
+
+
 def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
     """Validate an already-parsed TOML document."""
     root = _V(source, "", doc)
@@ -409,7 +458,13 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         max_padding=s.int_range("max_padding", 9000, 0, 65000),
         modes=server_modes,
         keyfile=s.get("keyfile", str, None, _check_file),
+        max_rate_per_client=s.positive("max_rate_per_client", 4000.0, 1e7),
+        max_connections_per_prefix=s.int_range("max_connections_per_prefix", 32, 1, 100_000),
+        test_ports=_port_range(s, "test_ports", (8760, 9960)),
     )
+    if server.keyfile is not None and "modes" not in s.table:
+        # Keys configured and no modes given: plain unauth is not offered (issue 11 item 9).
+        server = dataclasses.replace(server, modes=tuple(mn for mn in server.modes if mn != "unauth"))
     if server.enabled and server.twamp and server.owamp and server.twamp_port == server.owamp_port:
         raise ConfigError(source, "server.owamp_port", f"{server.owamp_port} is also server.twamp_port")
     if any(mname.partition("+")[0] != "unauth" and mname.partition("+")[2] not in NO_SECRET_KEY_MODES
@@ -424,6 +479,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         port=e.int_range("port", 9862, 0, 65535),  # 0: any free port (tests)
         buckets=_buckets(e, "buckets"),
         ipdv_buckets=_buckets(e, "ipdv_buckets"),
+        tls=_tls(e),
     )
     e.done()
 

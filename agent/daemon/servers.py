@@ -62,7 +62,8 @@ class ControlServers:
         ks = keyring.ChainedKeySource(*sources) if sources else None
         limits = ListenerLimits(max_connections=s.max_connections, max_per_client=s.max_connections_per_client,
                                 max_sessions_per_client=s.max_sessions_per_client, idle_timeout=s.idle_timeout,
-                                setup_timeout=s.setup_timeout, empty_test_timeout=s.empty_test_timeout)
+                                setup_timeout=s.setup_timeout, empty_test_timeout=s.empty_test_timeout,
+                                max_per_prefix=s.max_connections_per_prefix, max_rate_per_client=s.max_rate_per_client)
         hosts = list(s.listen)
         twamp_handler: Any = session.TwampHandler
         if self.runtime is not None:
@@ -73,8 +74,12 @@ class ControlServers:
                                                (False, s.owamp_port, s.owamp, session.OwampHandler)):
             if not enabled:
                 continue
+            # Every [server] cap reaches the server (issue 11 row 4: max_rate was parsed, then dropped).
             conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_connection,
-                                max_packets=s.max_packets, max_padding=s.max_padding, auth_guard=AUTH_GUARD)
+                                max_packets=s.max_packets, max_padding=s.max_padding,
+                                max_rate=s.max_rate, test_ports=s.test_ports, auth_guard=AUTH_GUARD,
+                                # plain unauth only when configured explicitly next to a keyfile (item 9)
+                                allow_plain_unauth="unauth" in s.modes)
             lst = ControlListener(handler, twamp=twamp, hosts=hosts, port=port, config=conf, key_source=ks,
                                   limits=limits)
             try:
@@ -98,12 +103,21 @@ class ControlServers:
         return any(lst.abort(handler, accept) for lst in self.listeners)
 
     def stats(self) -> dict[str, int]:
+        from agent.control.authguard import AUTH_GUARD  # process-wide: both listeners share it
+        from agent.sessions.session import POLICY
+
         out = {"connections_total": 0, "refused_total": 0}
         for lst in self.listeners:
             out["connections_total"] += lst.stats.get("accepted", 0)
             out["refused_total"] += lst.stats.get("refused", 0)
-        from agent.control.authguard import AUTH_GUARD  # process-wide: both listeners share it
-
+            for k in CAP_KEYS:  # xwamp_server_caps_total{cap=...} (docs/metrics.md)
+                out[f"cap_{k}"] = out.get(f"cap_{k}", 0) + lst.stats.get(k, 0)
+        for k, v in POLICY.items():
+            out[f"cap_{k}"] = out.get(f"cap_{k}", 0) + v
         out["auth_failures_total"] = AUTH_GUARD.failures_total
         out["auth_rate_limited_total"] = AUTH_GUARD.limited_total
         return out
+
+
+# Listener counters that say a cap acted (agent.control.aio.ControlListener.stats).
+CAP_KEYS = ("evicted", "refused_prefix", "refused_rate", "refused_sessions", "refused_requests", "policed_rate_client")

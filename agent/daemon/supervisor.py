@@ -261,9 +261,11 @@ class Daemon:
     # ---- exporter and server ----------------------------------------------------------
 
     async def _start_exporter(self, e: cfg.ExporterSection) -> None:
-        from exporters.prometheus import MetricsServer
+        from exporters.prometheus import MetricsServer, tls_context
 
-        srv = MetricsServer(self.snapshot, e.listen, e.port)
+        t = e.tls
+        ctx = tls_context(t.cert_file, t.key_file, t.client_ca_file, t.client_auth_type) if t is not None else None
+        srv = MetricsServer(self.snapshot, e.listen, e.port, ssl_context=ctx)
         await srv.start()  # a taken port is fatal at start-up (OSError), logged on reload
         self.exporter = srv
         log.info("exporter listening", extra={"address": e.listen, "port": srv.port})

@@ -62,10 +62,20 @@ class ReceiverCounters(Counters):
     out_of_range: int = 0  # seq >= expected count
     invalid_time: int = 0  # RFC 4656 §4.2: send time more than Timeout off
     bad_error_estimate: int = 0  # RFC 4656 §4.1.2: Multiplier 0, "considered corrupt and discarded"
+    over_cap: int = 0  # a session without an expected count that reached MAX_RECORDS
+
+
+# Records one session keeps when it has no expected count (Number of Packets bounds the
+# others: one record per sequence number below it).
+MAX_RECORDS = 1 << 20
 
 
 class OwampReceiver:
-    """Receiver state of one OWAMP-Test session."""
+    """Receiver state of one OWAMP-Test session.
+
+    One record per sequence number: a duplicate (RFC 4656 §4.2 lets a receiver see them)
+    is counted in ``counters.duplicates`` and not stored, so a peer replaying one packet
+    cannot grow our memory; the first copy is the one Fetch-Session reports."""
 
     def __init__(
         self,
@@ -124,7 +134,11 @@ class OwampReceiver:
                 c.invalid_time += 1
                 return None
         if p.seq in self._seen:
-            c.duplicates += 1  # RFC 4656 keeps duplicates as records too
+            c.duplicates += 1  # counted, not stored: records stay bounded by the sequence space
+            return None
+        if self.expected is None and len(self.records) >= MAX_RECORDS:
+            c.over_cap += 1
+            return None
         self._seen.add(p.seq)
         rec = ArrivalRecord(
             p.seq,

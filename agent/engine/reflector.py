@@ -65,10 +65,48 @@ class ReflectorCounters(Counters):
     malformed_tlv: int = 0  # STAMP TLV block that did not parse (reflected as padding)
     tlv_hmac_failed: int = 0  # RFC 8972 HMAC TLV present and wrong (I flag set)
     bad_error_estimate: int = 0  # TWAMP: sender Error Estimate Multiplier 0 (RFC 4656 §4.1.2)
+    replayed: int = 0  # authenticated packet whose sequence number was seen already (or too old)
+    tlv_over_cap: int = 0  # more than tlv.MAX_TLVS TLVs: reflected as padding, not parsed
 
     @property
     def dropped(self) -> int:
-        return self.short + self.bad_hmac
+        return self.short + self.bad_hmac + self.replayed
+
+
+class ReplayWindow:
+    """Anti-replay for authenticated test packets: a sliding window over the sender's
+    sequence numbers, as IPsec does (RFC 4303 §3.4.3). RFC 8762 §4.4 leaves replay
+    protection of STAMP test packets to the implementation; an authenticated packet
+    proves who made it, not that it is new, so a replayed copy would be answered again
+    (row 10 of issue 11). A number at or below ``SIZE`` behind the highest seen is fresh
+    once; older ones are dropped. Sequence numbers wrap at 2**32 (serial arithmetic)."""
+
+    __slots__ = ("top", "bits")
+    SIZE = 64
+    _MASK = (1 << SIZE) - 1
+
+    def __init__(self) -> None:
+        self.top: int | None = None
+        self.bits = 0
+
+    def fresh(self, seq: int) -> bool:
+        top = self.top
+        if top is None:
+            self.top, self.bits = seq, 1
+            return True
+        ahead = (seq - top) & 0xFFFFFFFF
+        if ahead and ahead < 0x80000000:  # newer: slide
+            self.bits = ((self.bits << ahead) | 1) & self._MASK if ahead < self.SIZE else 1
+            self.top = seq
+            return True
+        behind = (top - seq) & 0xFFFFFFFF
+        if behind >= self.SIZE:
+            return False
+        bit = 1 << behind
+        if self.bits & bit:
+            return False
+        self.bits |= bit
+        return True
 
 
 class ReflectorSession:
@@ -115,6 +153,8 @@ class ReflectorSession:
             raise ValueError("reflect octets: TWAMP only, (offset >= 0, length 0..65535)")
         self._reflect = reflect if reflect and reflect[1] else None
         self._seqs: dict[tuple[Hashable, int], int] = {}
+        self._window = ReplayWindow()  # authenticated TWAMP: one sender per session
+        self._windows: dict[tuple[Hashable, int], ReplayWindow] = {}  # authenticated STAMP: per (peer, SSID)
         self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         # RFC 4656 §4.1.2: the estimate covers T3's lag behind the real send too (agent.engine.txlag).
@@ -213,6 +253,9 @@ class ReflectorSession:
         if not serr & 0xFF:  # RFC 4656 §4.1.2 (RFC 5357 reuses it): Multiplier 0 = corrupt, discard
             c.bad_error_estimate += 1
             return None
+        if not self._window.fresh(sseq):
+            c.replayed += 1
+            return None
         seq = self.seq
         self.seq = (seq + 1) & 0xFFFFFFFF
         err = self._err.get(rx_ns)
@@ -260,6 +303,15 @@ class ReflectorSession:
         seqs[key] = (seq + 1) & 0xFFFFFFFF
         return seq
 
+    def _stamp_window(self, peer: Hashable, ssid: int) -> ReplayWindow:
+        key = (peer, ssid)
+        w = self._windows.get(key)
+        if w is None:
+            if len(self._windows) >= self.max_peers:  # bounded state: forget the oldest sender
+                del self._windows[next(iter(self._windows))]
+            w = self._windows[key] = ReplayWindow()
+        return w
+
     def _stamp(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
         c = self.counters
@@ -269,7 +321,10 @@ class ReflectorSession:
         auth = self.security is Security.AUTH
         base = STAMP_AUTH_BASE if auth else STAMP_BASE
         if n < base:
-            if self._light_fallback and n >= TWAMP_SENDER_MIN:
+            # TWAMP-Light on the STAMP port: answered only when the request is at least as
+            # large as the 41-octet reply (RFC 5357 §4.1.2 asks senders to pad so), so a
+            # spoofed source gets no amplification from this connectionless port.
+            if self._light_fallback and n >= TWAMP_REFLECTOR_BASE:
                 return self._light(data, rx_ns, ttl, now_ns, peer)
             c.short += 1
             return None
@@ -280,6 +335,9 @@ class ReflectorSession:
                 c.bad_hmac += 1
                 return None
             sseq, sts, serr, ssid = S_STAMP_SENDER_AUTH.unpack_from(data)
+            if not self._stamp_window(peer, ssid).fresh(sseq):
+                c.replayed += 1
+                return None
         else:
             sseq, sts, serr, ssid = S_STAMP_SENDER_UNAUTH.unpack_from(data)
         seq = self._next_seq(sseq, peer, ssid)
@@ -318,6 +376,9 @@ class ReflectorSession:
                 counters=(self.counters.received, self.counters.reflected + 1),
                 follow_up=self.follow_up(self._stream, self.ptp) if self.follow_up is not None else None,
             )
+        except _tlv.TooManyTlvs:
+            self.counters.tlv_over_cap += 1
+            return extra  # reflected as padding: parsing hundreds of TLVs would cost 35x the CPU
         except PacketError:
             self.counters.malformed_tlv += 1
             return extra  # not TLVs after all: TWAMP-Light style padding, reflected as is
@@ -328,7 +389,7 @@ class ReflectorSession:
         return r.data
 
     def _light(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, peer: Hashable) -> bytes:
-        """A TWAMP-Light sender (14..43 octets) talking to our STAMP port: answer in TWAMP format."""
+        """A TWAMP-Light sender (41..43 octets) talking to our STAMP port: answer in TWAMP format."""
         sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
         seq = self._next_seq(sseq, peer, -1)
         err = self._err.get(rx_ns)

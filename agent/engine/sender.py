@@ -323,6 +323,11 @@ class TestSender:
         self._arrivals += 1
         return rec
 
+    def forget(self, seq: int) -> None:
+        """Drop packet ``seq``'s record: a sender whose replies nobody collects (the server's
+        OWAMP sender) keeps only its count, not a record per packet."""
+        self._records.pop(seq, None)
+
     def records(self) -> list[PacketRecord]:
         return [self._records[k] for k in sorted(self._records)]
 

@@ -38,6 +38,14 @@ METHOD_SW = 2
 METHOD_CONTROL_PLANE = 3
 
 _HDR = struct.Struct("!BBH")
+# TLVs parsed in one packet at most. RFC 8972 sets no limit; a sender needs a handful
+# (padding, timestamp info, CoS, direct measurement, HMAC). Beyond this the block is
+# reflected unparsed: hundreds of 4-octet TLVs would cost a reflector 35x its CPU per packet.
+MAX_TLVS = 16
+
+
+class TooManyTlvs(PacketError):
+    """More than MAX_TLVS TLVs in one packet."""
 _HANDLED = frozenset((T_EXTRA_PADDING, T_TIMESTAMP_INFO, T_CLASS_OF_SERVICE, T_HMAC))
 
 
@@ -62,6 +70,8 @@ def parse_tlvs(data: bytes | bytearray | memoryview) -> list[Tlv]:
         end = off + 4 + length
         if end > n:
             raise PacketError("TLV length runs past the packet")
+        if len(out) >= MAX_TLVS:
+            raise TooManyTlvs(f"more than {MAX_TLVS} TLVs")
         out.append(Tlv(flags, typ, data[off + 4 : end]))
         off = end
     for t in out[:-1]:
@@ -193,10 +203,11 @@ def reflect_tlvs(
     body = b"".join(out)
     if tlvs and tlvs[-1].type == T_HMAC:
         flags = FLAG_I if hmac_ok is False else 0
-        if crypto is not None:
+        if crypto is not None and len(tlvs[-1].value) == HMAC_LEN:
             body += hmac_tlv(crypto, reply_seq_bytes, body, flags).encode()
         else:
-            # No key: we cannot vouch for it; reflect it unrecognized-as-unverifiable.
+            # No key, or a wrong-sized HMAC TLV (rebuilding it would make the reply longer
+            # than the request): we cannot vouch for it; reflect it unrecognized-as-unverifiable.
             body += _HDR.pack(tlvs[-1].flags | FLAG_U, T_HMAC, len(tlvs[-1].value)) + tlvs[-1].value
     return ReflectedTlvs(body, reply_dscp, hmac_ok)
 

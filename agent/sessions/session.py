@@ -14,9 +14,11 @@ events (one instance per control connection). Client side: :func:`twamp_ping` an
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -49,9 +51,43 @@ START_LEAD_S = 0.2  # OWAMP Start Time = now + this when requesting
 STOP_MARGIN_NS = 50_000_000  # RFC 4656 §3.8's "small increment" after Timeout before Stop-Sessions
 
 
-async def _started_endpoint(cls: type, host: str, port: int):
-    """A started endpoint of ``cls`` on the requested port, or any port if that one is taken."""
-    for p in ((port, 0) if port else (0,)):
+PORT_TRIES = 64  # ports of the test range tried before a session is refused (Accept=5)
+# Test-port policy events, by name: "port_substituted" (a request outside the range was
+# answered with a port from it), "port_exhausted" (no free port in the range). Exported
+# as xwamp_server_policy_total (docs/metrics.md).
+POLICY: collections.Counter = collections.Counter()
+# Test-plane drop counters that are caps against hostile peers (agent.engine.reflector,
+# agent.engine.receiver), added to POLICY when their session ends.
+DROP_CAPS = ("replayed", "tlv_over_cap", "duplicates", "over_cap", "out_of_range")
+
+
+def test_port_candidates(requested: int, ports: tuple[int, int] | None) -> list[int]:
+    """Ports to try for a session, in order: the requested one if it lies in ``ports``
+    (ServerConfig.test_ports), then up to PORT_TRIES from the range starting at a random
+    one (an attacker cannot predict them). ``ports`` None: the requested port, then any
+    (client-side helpers)."""
+    if ports is None:
+        return [requested, 0] if requested else [0]
+    lo, hi = ports
+    out = [requested] if lo <= requested <= hi else []
+    n = hi - lo + 1
+    first = random.randrange(n)
+    out += [lo + (first + i) % n for i in range(min(n, PORT_TRIES))]
+    return out
+
+
+def _note_port(requested: int, got: int, ports: tuple[int, int] | None) -> None:
+    if ports is not None and requested and requested != got:
+        POLICY["port_substituted"] += 1
+        log.info("test port %d requested outside %d-%d (or busy): offering %d", requested, ports[0], ports[1], got)
+
+
+async def _started_endpoint(cls: type, host: str, port: int, ports: tuple[int, int] | None = None):
+    """A started endpoint of ``cls`` on the requested port if it is free and in ``ports``,
+    else on another port of ``ports`` (RFC 5357 §3.5 lets Accept-Session name the port
+    the reflector uses; RFC 4656 §3.5: a port the server configures itself "SHOULD be
+    disregarded" in the request)."""
+    for p in test_port_candidates(port, ports):
         ep = cls((host, p), hardware=False)
         try:
             await ep.start()
@@ -60,16 +96,33 @@ async def _started_endpoint(cls: type, host: str, port: int):
             if p == 0:
                 raise
             continue
+        _note_port(port, ep.port, ports)
         return ep
-    raise OSError("no UDP port")  # pragma: no cover
+    POLICY["port_exhausted"] += 1
+    raise OSError(f"no free UDP port in {ports[0]}-{ports[1]}" if ports else "no UDP port")
 
 
-async def _reflector_endpoint(host: str, port: int) -> TwampReflectorEndpoint:
-    return await _started_endpoint(TwampReflectorEndpoint, host, port)
+def _bound_test_socket(host: str, port: int, ports: tuple[int, int] | None, dscp: int | None) -> socket.socket:
+    """An OWAMP sender's UDP socket on a port of the test range (see _started_endpoint)."""
+    for p in test_port_candidates(port, ports):
+        try:
+            sock = udp.open_udp_socket((host, p), dscp=dscp)
+        except OSError:
+            if p == 0:
+                raise
+            continue
+        _note_port(port, sock.getsockname()[1], ports)
+        return sock
+    POLICY["port_exhausted"] += 1
+    raise OSError(f"no free UDP port in {ports[0]}-{ports[1]}" if ports else "no UDP port")
 
 
-async def _receiver_endpoint(host: str, port: int) -> OwampReceiverEndpoint:
-    return await _started_endpoint(OwampReceiverEndpoint, host, port)
+async def _reflector_endpoint(host: str, port: int, ports: tuple[int, int] | None = None) -> TwampReflectorEndpoint:
+    return await _started_endpoint(TwampReflectorEndpoint, host, port, ports)
+
+
+async def _receiver_endpoint(host: str, port: int, ports: tuple[int, int] | None = None) -> OwampReceiverEndpoint:
+    return await _started_endpoint(OwampReceiverEndpoint, host, port, ports)
 
 
 def _seconds(ntp_duration: int) -> float:
@@ -106,13 +159,16 @@ class ReflectPolicer:
     BURST = 16.0
 
     def __init__(self, reflect: Callable[..., Any], rate: float | None, count: int | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, shared: Any = None) -> None:
+        """``shared``: the client address's bucket (agent.control.admission.TokenBucket, from
+        ListenerLimits.max_rate_per_client), taken after this session's own."""
         self._reflect = reflect
         self.rate, self.count = rate, count
         self.depth = max(self.BURST, rate or 0.0)
         self._tokens, self._clock = self.depth, clock
         self._last = clock()
-        self.reflected = self.policed_rate = self.policed_count = 0
+        self._shared = shared
+        self.reflected = self.policed_rate = self.policed_count = self.policed_client = 0
 
     def __call__(self, data: bytes, *args: Any) -> bytes | None:
         if self.count is not None and self.reflected >= self.count:
@@ -126,13 +182,17 @@ class ReflectPolicer:
                 self.policed_rate += 1
                 return None
             self._tokens -= 1.0
+        if self._shared is not None and not self._shared.take():
+            self.policed_client += 1
+            return None
         out = self._reflect(data, *args)
         if out is not None:
             self.reflected += 1
         return out
 
     def counters(self) -> dict[str, int]:
-        return {"policed_rate": self.policed_rate, "policed_count": self.policed_count}
+        return {"policed_rate": self.policed_rate, "policed_count": self.policed_count,
+                "policed_client": self.policed_client}
 
 
 @dataclass
@@ -201,7 +261,7 @@ class TwampHandler:
             peer_ip, local_ip = _control_ips(srv, req)
             sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)
             try:
-                ep = await _reflector_endpoint(str(local_ip), req.receiver_port)
+                ep = await _reflector_endpoint(str(local_ip), req.receiver_port, srv.config.test_ports)
             except OSError as err:
                 log.info("cannot open a reflector port: %s", err)
                 srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)
@@ -248,10 +308,11 @@ class TwampHandler:
                                 reflect_length=req.reflect_length)
         sess.last_rx_ns = time.time_ns()  # REFWAIT counts from the start
         cfg = self.srv.config
-        if cfg.max_rate is not None or cfg.max_reflected is not None:
+        budget = getattr(self.srv, "rate_budget", None)  # set by ControlListener (max_rate_per_client)
+        if cfg.max_rate is not None or cfg.max_reflected is not None or budget is not None:
             # The endpoint calls sess.reflect per packet: the instance attribute shadows the
             # method, so the reflector's hot path stays as it is when no cap is set.
-            s.policer = ReflectPolicer(sess.reflect, cfg.max_rate, cfg.max_reflected)
+            s.policer = ReflectPolicer(sess.reflect, cfg.max_rate, cfg.max_reflected, shared=budget)
             sess.reflect = s.policer  # type: ignore[method-assign]
         if not_before_ns is not None:
             sess.last_rx_ns = not_before_ns  # REFWAIT counts from Start Time
@@ -294,6 +355,11 @@ class TwampHandler:
     MAX_FINISHED = 1024  # the most recent ones only: a long-running server must not grow without bound
 
     def _remember(self, sid: bytes, counters: dict[str, int]) -> None:
+        policed = {k: v for k, v in counters.items() if (k.startswith("policed_") or k in DROP_CAPS) and v}
+        if policed:  # the caps that cut this session short: counted and said once per session
+            POLICY.update(policed)
+            log.info("reflector session %s policed: %s", sid.hex(),
+                     ", ".join(f"{k}={v}" for k, v in sorted(policed.items())))
         done = self.finished
         done[sid] = counters
         while len(done) > self.MAX_FINISHED:
@@ -323,6 +389,7 @@ class _OwSession:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # ends our sending, keeping the count
     sent: int = 0
     next_seqno: int | None = None
+    progress: udp.SendProgress = field(default_factory=udp.SendProgress)  # packets sent so far
 
 
 def schedule_from_slots(sid: bytes, slots: tuple[m.Slot, ...]) -> Schedule:
@@ -351,12 +418,12 @@ class OwampHandler:
             try:
                 if req.conf_receiver:  # we receive what the client sends
                     sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)
-                    ep = await _receiver_endpoint(str(local_ip), req.receiver_port)
+                    ep = await _receiver_endpoint(str(local_ip), req.receiver_port, srv.config.test_ports)
                     s = _OwSession(e.sid, req, receiver_ep=ep, peer=(str(sender_ip), req.sender_port))
                     port = ep.port
                 else:  # we send to the client's receiver
                     _, recv_ip = req.resolved_addresses(local_ip, peer_ip)
-                    sock = udp.open_udp_socket((str(local_ip), req.sender_port), dscp=req.dscp or None)
+                    sock = _bound_test_socket(str(local_ip), req.sender_port, srv.config.test_ports, req.dscp or None)
                     s = _OwSession(e.sid, req, send_sock=sock, dest=(str(recv_ip), req.receiver_port))
                     port = sock.getsockname()[1]
             except OSError as err:
@@ -409,7 +476,8 @@ class OwampHandler:
             _, late = await asyncio.wait(tasks, timeout=timeout)
             for t in late:
                 t.cancel()
-        return tuple(m.SessionDescription(s.sid, s.sent) for s in self.sessions.values() if s.send_sock is not None)
+        return tuple(m.SessionDescription(s.sid, s.progress.sent) for s in self.sessions.values()
+                     if s.send_sock is not None)
 
     async def _send(self, s: _OwSession) -> None:
         req = s.request
@@ -418,14 +486,21 @@ class OwampHandler:
         now = time.time_ns()
         if at is not None and now - at > max(_seconds(req.timeout), MAX_CATCH_UP_S) * 1e9:
             at = now  # a Start Time long past (skewed client clock): no burst of overdue packets
-        records = await udp.run_twamp_sender(
+        await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
             schedule=schedule_from_slots(s.sid, req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False, start_ns=at, stop=s.stop)  # at None: now; recent past: catch up
-        s.sent = len(records)
+            sock=s.send_sock, hardware=False, start_ns=at, stop=s.stop,  # at None: now; recent past: catch up
+            progress=s.progress, keep_records=False)  # a count, not 2**20 records (issue 11 row 3)
+        s.sent = s.progress.sent
 
     def close(self) -> None:
         for s in self.sessions.values():
+            if s.receiver is not None:
+                capped = {k: v for k, v in s.receiver.counters.as_dict().items() if k in DROP_CAPS and v}
+                if capped:  # e.g. one packet replayed over and over: counted, never stored
+                    POLICY.update(capped)
+                    log.info("receiver session %s capped: %s", s.sid.hex(),
+                             ", ".join(f"{k}={v}" for k, v in sorted(capped.items())))
             if s.receiver_ep is not None:
                 s.receiver_ep.close()
             sock = s.send_sock
