@@ -122,6 +122,7 @@ def test_reflect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
     kf = tmp_path / "key"
     kf.write_text("0x" + "ab" * 32 + "\n")
+    kf.chmod(0o600)  # secret files readable by others are refused
     assert read_key_file(kf) == b"\xab" * 32
     with socket.socket() as s:  # any free port number
         s.bind(("127.0.0.1", 0))

@@ -34,9 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_key_file(path: Path) -> bytes:
+def parse_key(raw: bytes, name: str = "<key file>") -> bytes:
     """A key file holds hex (whitespace and an optional 0x ignored) or, failing that, raw bytes."""
-    raw = path.read_bytes()
     text = raw.strip()
     if text.lower().startswith(b"0x"):
         text = text[2:]
@@ -45,8 +44,16 @@ def read_key_file(path: Path) -> bytes:
     except (UnicodeDecodeError, ValueError):
         key = raw
     if not key:
-        raise ValueError(f"{path}: empty key")
+        raise ValueError(f"{name}: empty key")
     return key
+
+
+def read_key_file(path: Path) -> bytes:
+    """The STAMP HMAC key of ``path``: refused like a passphrase file when group/others may
+    read it or it is not a regular file (agent.control.keyring.check_secret_file)."""
+    from agent.control.keyring import read_secret_file
+
+    return parse_key(read_secret_file(path), str(path))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.auth_key_file is not None:
         try:
             key = Secret(read_key_file(args.auth_key_file))
-        except (OSError, ValueError) as e:
-            print(f"xwamp reflect: cannot read the key file: {e.__class__.__name__}", file=sys.stderr)
+        except ValueError as e:  # KeyFileError too: messages name the file, never the key
+            print(f"xwamp reflect: cannot read the key file: {e}", file=sys.stderr)
             return 2
     session = ReflectorSession(
         Proto.STAMP,

@@ -147,6 +147,10 @@ class OwampReceiver:
             if begin <= r.seq <= end
         ]
         if next_seqno is not None:
+            # Next Seqno comes from the peer's Stop-Sessions: never past what the session was
+            # asked to send (RFC 4656 §3.8), or 2^32 lost records exhaust our memory.
+            if self.expected is not None:
+                next_seqno = min(next_seqno, self.expected)
             recv_err = self._err.get(time.time_ns())
             for s in range(begin, min(end + 1, next_seqno)):
                 if s not in self._seen:
