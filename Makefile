@@ -1,5 +1,6 @@
 # make demo   - the main job: agents measuring an ESP tunnel between two namespaces, keyed from its SAs
 # make test   - install what the tests need, run host tests and real-kernel tests
+# make fuzz   - every fuzz target for FUZZ_RUNS inputs (tools/fuzz; atheris when installed)
 # Both run as root on Debian 12 / Ubuntu 24.04 (Python >= 3.11).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -7,12 +8,18 @@ VENV := $(CURDIR)/.venv
 APT_PKGS := iproute2 iputils-ping kmod busybox-static qemu-system-x86 procps \
 	strongswan-charon strongswan-swanctl openssl curl prometheus ruby shellcheck vagrant vagrant-libvirt
 
-.PHONY: demo test deps venv clean
+.PHONY: demo test fuzz deps venv clean
+FUZZ_RUNS ?= 1000000
 demo: deps venv
 	tools/demo
 
 test: deps venv
 	tools/run-tests
+
+fuzz: venv
+	@$(VENV)/bin/python -c 'import atheris' 2>/dev/null || $(VENV)/bin/pip install -q atheris \
+		|| echo "atheris does not install here: tools/fuzz falls back to its mutation loop"
+	tools/fuzz all --runs $(FUZZ_RUNS)
 
 deps:
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
