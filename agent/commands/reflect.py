@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agent.commands import _args as A
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Answer STAMP (RFC 8762/8972) and TWAMP-Light test packets.",
     )
     p.add_argument("--listen", default="::", metavar="ADDR", help="address to bind (default :: = IPv4+IPv6)")
-    p.add_argument("--port", type=int, default=862, help="UDP port (default 862)")
+    p.add_argument("--port", type=A.PORT_OR_ZERO, default=862, help="UDP port (default 862; 0: any free port)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="STAMP authenticated mode: HMAC key file (hex, or raw bytes)")
     mode = p.add_mutually_exclusive_group()
@@ -27,10 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="own sequence numbers per sender and SSID (default; RFC 8762 §4.3.1)")
     mode.add_argument("--stateless", dest="stateful", action="store_false",
                       help="copy the sender's sequence numbers")
-    p.add_argument("--iface", help="interface for hardware RX timestamps (default: software stamps)")
+    p.add_argument("--iface", type=A.interface, help="interface for hardware RX timestamps (default: software stamps)")
     p.add_argument("--ptp", action="store_true", help="write PTP-format timestamps (RFC 8186, Z=1)")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until ^C)")
-    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between reports of dropped packets")
+    p.add_argument("--duration", type=A.DURATION, default=0.0, help="stop after this many seconds (default: run until ^C)")
+    p.add_argument("--log-interval", type=A.POSITIVE_DURATION, default=10.0, help="seconds between reports of dropped packets")
     p.set_defaults(func=run)
 
 
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except BrokenPipeError:  # our output went into a closed pipe: agent.cli handles it
+        raise
     except OSError as e:
         log.error("cannot listen on %s port %d: %s", args.listen, args.port, e.strerror or e)
         return 1
