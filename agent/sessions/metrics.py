@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:
@@ -392,6 +392,7 @@ class Snapshot:
     last_reload_time: float
     start_time: float
     version: str
+    task_failures: dict[str, int] = field(default_factory=dict)  # agent task -> unexpected ends
 
 
 class MetricsState:
@@ -409,6 +410,7 @@ class MetricsState:
         self.refusal_sources: list[Callable[[], Mapping[str, int]]] = []
         self.server = {"connections_total": 0, "refused_total": 0}
         self.reloads = {"success": 0, "failure": 0}
+        self.task_failures: dict[str, int] = {}  # supervised agent tasks that ended unexpectedly
         self.last_reload_ok = True
         self.last_reload_time = time.time()
         self.start_time = time.time()
@@ -440,6 +442,9 @@ class MetricsState:
     def binder_refused(self, reason: str) -> None:
         k = str(getattr(reason, "value", reason))
         self.binder_refusals[k] = self.binder_refusals.get(k, 0) + 1
+
+    def task_failed(self, task: str) -> None:
+        self.task_failures[task] = self.task_failures.get(task, 0) + 1
 
     def reloaded(self, ok: bool) -> None:
         self.reloads["success" if ok else "failure"] += 1
@@ -477,6 +482,7 @@ class MetricsState:
             last_reload_time=self.last_reload_time,
             start_time=self.start_time,
             version=__version__,
+            task_failures=dict(self.task_failures),
         )
 
 
