@@ -257,15 +257,14 @@ class _App:
     def feed(self, chunk: bytes) -> None:
         from agent.control import events as ev
 
-        for e in self.srv.receive_data(chunk):
-            assert isinstance(e, ev.Event), e
-            self.on_event(e)
-        while self.srv.awaiting is None and not self.srv.closed:
-            evs = self.srv.resume()
-            if not evs:
-                break
+        evs = self.srv.receive_data(chunk)
+        while evs:  # answered: input that waited for the answer is processed now
             for e in evs:
+                assert isinstance(e, ev.Event), e
                 self.on_event(e)
+            if self.srv.awaiting is not None or self.srv.closed:
+                break
+            evs = self.srv.resume()
         self.drain()
 
     def drain(self) -> None:
@@ -337,7 +336,7 @@ def server_stream(data: bytes) -> None:
         srv = _server(twamp, isc)
         app = _App(srv, None)
         app.drain()
-    step = (sel >> 3) + 1  # TCP cuts the stream anywhere
+    step = (1, 3, 16, 61, 500, 1 << 16)[(sel >> 3) % 6]  # TCP cuts the stream anywhere
     for i in range(0, len(body), step):
         if srv.closed:
             break
