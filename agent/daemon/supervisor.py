@@ -332,13 +332,15 @@ class Daemon:
                         self.policies.apply(ev)
                         self.runtime.on_event(ev)  # after the table applied it (RekeyTracker's contract)
                     self._sas_changed()
-                return
+                # The kernel's stream does not end by itself: following it again beats going
+                # silently blind to rekeys and deletes.
+                log.warning("SA event stream ended, following it again", extra={"retry_s": backoff})
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("SA event stream failed, retrying", extra={"error": str(e), "retry_s": backoff})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _refresh_sas(self) -> None:
         assert self._sa_source is not None
