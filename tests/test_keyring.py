@@ -86,6 +86,20 @@ def test_keyfile_directory_and_missing_refused(tmp_path) -> None:
         PassphraseFile(tmp_path / "nope")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another owner")
+def test_keyfile_shared_with_a_group_by_another_owner(tmp_path) -> None:
+    """root:xwamp 0640 read by the agent's user (packaging/xwamp.service): allowed, as ssh
+    allows a key file it does not own; the same mode on our own file is refused."""
+    p = tmp_path / "k"
+    p.write_text("alice secret\n")
+    p.chmod(0o640)
+    os.chown(p, 65534, os.getegid())  # another owner; we read it (as root here, through the group in real life)
+    assert PassphraseFile(p).shared_secret("alice", CTX) == Secret(b"secret")
+    p.chmod(0o644)
+    with pytest.raises(KeyFileError, match="by others"):
+        PassphraseFile(p)
+
+
 def test_keyfile_group_readable_allowed_without_strict_perms(tmp_path) -> None:
     p = tmp_path / "k"
     p.write_text("alice secret\n")

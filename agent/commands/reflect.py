@@ -51,7 +51,7 @@ def parse_key(raw: bytes, name: str = "<key file>") -> bytes:
 
 
 def read_key_file(path: Path) -> bytes:
-    """The STAMP HMAC key of ``path``: refused like a passphrase file when group/others may
+    """The STAMP HMAC key of ``path``: refused like a passphrase file when others may
     read it or it is not a regular file (agent.control.keyring.check_secret_file)."""
     from agent.control.keyring import read_secret_file
 

@@ -132,17 +132,22 @@ class StaticKeySource:
 
 def check_secret_file(path: str | os.PathLike[str]) -> os.stat_result:
     """The stat of a file holding secrets, refused (KeyFileError, one line) unless it is a
-    regular file that group and others cannot read or write: like ssh with private keys,
-    a secret others could read is already lost, and an operator should hear it at once."""
+    regular file that others cannot read or write. Like ssh with private keys: a secret
+    others could read is already lost, and an operator should hear it at once. Group access
+    is refused too when the file is our own (the grant serves nobody), and allowed when it
+    is another user's: root:xwamp 0640 is how packaging/xwamp.service shares key files with
+    the agent's user."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise KeyFileError(f"{os.fspath(path)}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"{os.fspath(path)}: not a regular file")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise KeyFileError(f"{os.fspath(path)}: permissions {stat.S_IMODE(st.st_mode):04o} are too open "
-                           "(readable or writable by group/others); chmod 600")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007 or (mode & 0o070 and st.st_uid == os.geteuid()):
+        who = "others" if mode & 0o007 else "its group"
+        raise KeyFileError(f"{os.fspath(path)}: permissions {mode:04o} are too open (readable or writable "
+                           f"by {who}); chmod 600 (or chown root:GROUP and chmod 640 to share it with a group)")
     return st
 
 
@@ -195,7 +200,7 @@ def parse_passphrases(data: bytes, name: str = "<keyfile>", fmt: Literal["xwamp"
 class PassphraseFile:
     """A key file (see module doc). Re-read when its mtime changes, so operators can
     add identities without restarting the server. Refused (KeyFileError) when it is not a
-    regular file or group/others may read it (``strict_perms``, :func:`check_secret_file`);
+    regular file or others may read it (``strict_perms``, :func:`check_secret_file`);
     a broken rewrite keeps the last good content."""
 
     def __init__(self, path: str | os.PathLike[str], fmt: Literal["auto", "xwamp", "pfs"] = "auto",
