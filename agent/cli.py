@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
+import signal
 import sys
 
 from agent import __version__
 import agent.commands
+from agent.commands._args import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # subcommands inherit its one-line errors
         prog="xwamp",
         description="O/TWAMP measurement inside IPsec tunnels, keyed from the kernel's SAs.",
     )
@@ -29,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a closed pipe is handled below
+    except BrokenPipeError:
+        # Output piped into `head` that has exited: stop quietly, as a SIGPIPE'd tool does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

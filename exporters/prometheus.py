@@ -244,6 +244,11 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
     for k in ("success", "failure"):
         reloads.add_metric([k], s.reloads.get(k, 0))
     yield reloads
+    failures = CounterMetricFamily(f"{NS}_agent_task_failures", "Agent tasks (session supervisors, SA "
+                                   "followers, reloads) that ended unexpectedly; each was logged.", labels=["task"])
+    for k, n in sorted(s.task_failures.items()):
+        failures.add_metric([k], n)
+    yield failures
     yield GaugeMetricFamily(f"{NS}_config_last_reload_successful", "1 when the last reload succeeded.",
                             value=1 if s.last_reload_ok else 0)
     yield GaugeMetricFamily(f"{NS}_config_last_reload_success_timestamp_seconds",

@@ -18,8 +18,11 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 def server(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("alice right passphrase\n")
+    keys.chmod(0o600)  # others may not read a key file
     srv = subprocess.Popen([sys.executable, "-m", "agent", "server", "--listen", "127.0.0.1", "--twamp-port", "0",
-                            "--owamp-port", "0", "--keyfile", str(keys), "--count", "1024", "--duration", "60"],
+                            "--owamp-port", "0", "--keyfile", str(keys), "--count", "1024", "--duration", "60",
+                            # plain unauth next to a keyfile only when asked for (issue 11 item 9)
+                            "--mode", "unauth", "--mode", "auth", "--mode", "enc", "--mode", "mixed"],
                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None

@@ -18,6 +18,7 @@ def test_stamp_peer_against_own_reflector(tmp_path: Path, mode: str) -> None:
     port = _free_port()
     keyfile = tmp_path / "stamp.key"
     keyfile.write_text(bytes(range(32)).hex())
+    keyfile.chmod(0o600)  # others may not read a key file
     auth = f'mode = "auth"\nkeyfile = "{keyfile}"\n' if mode == "auth" else ""
     path = tmp_path / "x.toml"
     path.write_text(f"""

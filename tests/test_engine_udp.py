@@ -118,11 +118,12 @@ def test_owamp_receiver_endpoint() -> None:
 
 def test_reflect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from agent.cli import build_parser
-    from agent.commands.reflect import read_key_file
+    from agent.control.keyring import read_hmac_key
 
     kf = tmp_path / "key"
     kf.write_text("0x" + "ab" * 32 + "\n")
-    assert read_key_file(kf) == b"\xab" * 32
+    kf.chmod(0o600)  # secret files readable by others are refused
+    assert read_hmac_key(kf) == b"\xab" * 32
     with socket.socket() as s:  # any free port number
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

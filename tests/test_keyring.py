@@ -31,6 +31,7 @@ CTX = HandshakeContext("server", "twamp", salt=b"s" * 16, count=1024)
 def test_xwamp_keyfile(tmp_path) -> None:
     p = tmp_path / "keys"
     p.write_text("# comment\n\nalice  pass phrase with spaces\nbob\tx\n")
+    p.chmod(0o600)
     kf = PassphraseFile(p)
     assert isinstance(kf, KeySource)
     assert kf.shared_secret("alice", CTX) == Secret(b"pass phrase with spaces")
@@ -45,6 +46,7 @@ def test_xwamp_keyfile(tmp_path) -> None:
 def test_pfs_keyfile(tmp_path) -> None:
     p = tmp_path / "owamp-server.pfs"
     p.write_text("alice 736563726574\n")
+    p.chmod(0o600)
     assert PassphraseFile(p).shared_secret("alice", CTX) == Secret(b"secret")
     p.write_text("alice nothex\n")
     with pytest.raises(KeyFileError) as e:
@@ -55,9 +57,54 @@ def test_pfs_keyfile(tmp_path) -> None:
 def test_keyfile_errors_do_not_leak(tmp_path) -> None:
     p = tmp_path / "k"
     p.write_text("lonelysecretword\n")
+    p.chmod(0o600)
     with pytest.raises(KeyFileError) as e:
         PassphraseFile(p)
     assert "lonelysecretword" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, mode, why", [
+    (b"alice secret\n", 0o644, "too open"),
+    (b"alice secret\n", 0o640, "too open"),
+    (b"alice secret\n", 0o602, "too open"),
+    (b"alice s\xffcret\n", 0o600, ":1: not UTF-8"),
+    (b"alice\n", 0o600, ":1: expected 'identity passphrase'"),
+])
+def test_keyfile_refused_in_one_line(tmp_path, content: bytes, mode: int, why: str) -> None:
+    p = tmp_path / "k"
+    p.write_bytes(content)
+    p.chmod(mode)
+    with pytest.raises(KeyFileError) as e:
+        PassphraseFile(p)
+    assert why in str(e.value) and "\n" not in str(e.value) and "secret" not in str(e.value)
+
+
+def test_keyfile_directory_and_missing_refused(tmp_path) -> None:
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        PassphraseFile(tmp_path)
+    with pytest.raises(KeyFileError, match="No such file"):
+        PassphraseFile(tmp_path / "nope")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another owner")
+def test_keyfile_shared_with_a_group_by_another_owner(tmp_path) -> None:
+    """root:xwamp 0640 read by the agent's user (packaging/xwamp.service): allowed, as ssh
+    allows a key file it does not own; the same mode on our own file is refused."""
+    p = tmp_path / "k"
+    p.write_text("alice secret\n")
+    p.chmod(0o640)
+    os.chown(p, 65534, os.getegid())  # another owner; we read it (as root here, through the group in real life)
+    assert PassphraseFile(p).shared_secret("alice", CTX) == Secret(b"secret")
+    p.chmod(0o644)
+    with pytest.raises(KeyFileError, match="by others"):
+        PassphraseFile(p)
+
+
+def test_keyfile_group_readable_allowed_without_strict_perms(tmp_path) -> None:
+    p = tmp_path / "k"
+    p.write_text("alice secret\n")
+    p.chmod(0o644)
+    assert PassphraseFile(p, strict_perms=False).shared_secret("alice", CTX) == Secret(b"secret")
 
 
 def test_resolve_token_key_pbkdf2() -> None:

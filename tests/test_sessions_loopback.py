@@ -314,6 +314,7 @@ def test_cli_server_ping_owping_on_loopback(tmp_path) -> None:
     env = dict(os.environ, PYTHONPATH=str(root))
     keys = tmp_path / "keys"
     keys.write_text("# test key\nalice cli passphrase\n")
+    keys.chmod(0o600)  # secret files readable by others are refused
     srv = subprocess.Popen([sys.executable, "-m", "agent", "server", "--listen", "127.0.0.1", "--twamp-port", "0",
                             "--owamp-port", "0", "--keyfile", str(keys), "--count", "1024", "--duration", "30"],
                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -104,6 +104,7 @@ def test_wrong_passphrase_across_namespaces(server, tmp_path) -> None:
     _, b, _ = server
     bad = tmp_path / "bad"
     bad.write_text("alice wrong\n")
+    bad.chmod(0o600)
     r = _xwamp(b, "ping", "10.77.0.1", "-c", "1", "--mode", "auth", "--keyfile", str(bad), "--user", "alice")
     assert r.returncode == 1 and "refused" in r.stderr
     time.sleep(0)  # nothing to clean up: the server keeps serving (other tests use it)

@@ -255,7 +255,7 @@ def test_cli_server_caps(tmp_path) -> None:
     base = [sys.executable, "-m", "agent", "server", "--listen", "127.0.0.1", "--protocol", "owamp",
             "--owamp-port", "0"]
     bad = subprocess.run(base + ["--max-rate", "0"], cwd=root, env=env, capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 2 and "max_rate" in bad.stderr
+    assert bad.returncode == 2 and "--max-rate" in bad.stderr and len(bad.stderr.splitlines()) == 1
     srv = subprocess.Popen(base + ["--max-packets", "2", "--max-rate", "50", "--duration", "30"], cwd=root, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -60,6 +60,7 @@ def _stamp(*args: str) -> subprocess.CompletedProcess:
 def keyfile(tmp_path: Path) -> Path:
     f = tmp_path / "stamp.key"
     f.write_text(KEY.hex() + "\n")
+    f.chmod(0o600)  # others may not read a key file
     return f
 
 

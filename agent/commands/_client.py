@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any, Awaitable, Callable
 
+from agent.commands import _args as A
 from agent.commands._runtime import (
     EXIT_GREETING_REFUSED,
     GREETING_REFUSALS,
@@ -28,13 +29,13 @@ def add_client_options(p: argparse.ArgumentParser, default_port: int,
                        modes: tuple[str, ...] = MODES + IPSEC_MODES + RFC7717_MODES) -> None:
     """Options shared by ``ping`` and ``owping``."""
     p.add_argument("host", help="server address or name")
-    p.add_argument("--port", type=int, default=default_port, help=f"control TCP port (default {default_port})")
-    p.add_argument("-c", "--count", type=int, default=10, help="test packets to send (default 10)")
-    p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between packets, or their mean (default 1)")
+    p.add_argument("--port", type=A.PORT, default=default_port, help=f"control TCP port (default {default_port})")
+    p.add_argument("-c", "--count", type=A.COUNT, default=10, help="test packets to send (default 10)")
+    p.add_argument("-i", "--interval", type=A.DURATION, default=1.0, help="seconds between packets, or their mean (default 1)")
     p.add_argument("--schedule", choices=("fixed", "exponential"), default="fixed",
                    help="fixed interval, or exponential gaps (Poisson sampling, RFC 3432)")
-    p.add_argument("--padding", type=int, default=None, help="padding octets per test packet")
-    p.add_argument("--dscp", type=int, default=0, help="DSCP of the test packets (Type-P descriptor)")
+    p.add_argument("--padding", type=A.PADDING, default=None, help="padding octets per test packet")
+    p.add_argument("--dscp", type=A.DSCP, default=0, help="DSCP of the test packets (Type-P descriptor)")
     p.add_argument("--mode", action="append", choices=modes, default=None, metavar="MODE",
                    help="security mode, or security+key mode keyed from the IPsec SA (e.g. auth+ipsec-bound, "
                         "enc+ipsec-alt1); repeat to give a preference order (default unauth). "
@@ -51,10 +52,10 @@ def add_client_options(p: argparse.ArgumentParser, default_port: int,
                         "first 16 octets (docs/wire-format.md §4.4)")
     p.add_argument("--user", default="", help="identity (KeyID) to authenticate as")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase for --user from this environment variable")
-    p.add_argument("--max-count", type=int, default=1 << 20, help="largest PBKDF2 Count accepted from a server")
-    p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for late packets (default 2)")
-    p.add_argument("--timeout", type=float, default=10.0, help="control-plane answer timeout (default 10 s)")
-    p.add_argument("--test-port", type=int, default=0, help="UDP port to ask the server for (default: its choice)")
+    p.add_argument("--max-count", type=A.COUNT, default=1 << 20, help="largest PBKDF2 Count accepted from a server")
+    p.add_argument("--wait", type=A.DURATION, default=2.0, help="seconds to wait for late packets (default 2)")
+    p.add_argument("--timeout", type=A.POSITIVE_DURATION, default=10.0, help="control-plane answer timeout (default 10 s)")
+    p.add_argument("--test-port", type=A.PORT_OR_ZERO, default=0, help="UDP port to ask the server for (default: its choice)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 

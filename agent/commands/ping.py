@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from agent.commands import _args as A
 from agent.commands._client import add_client_options, mode_name
 
 
@@ -11,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ping", help="TWAMP client (round trip, one-way, loss)",
                               description="Run one TWAMP session against HOST and report like ping.")
     add_client_options(p, 862)
-    p.add_argument("--reflect-octets", type=int, default=0, metavar="N",
+    p.add_argument("--reflect-octets", type=A.OCTETS16, default=0, metavar="N",
                    help="RFC 6038 Reflect Octets: the reflector returns N octets of our padding (needs the mode)")
     p.add_argument("--symmetrical", action="store_true",
                    help="select RFC 6038 Symmetrical Size when offered (equal packet sizes both ways)")
@@ -28,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.sessions import results
     from agent.sessions.session import twamp_ping
 
-    def before() -> str | None:
-        if args.count < 1 or args.interval < 0 or not 0 <= args.dscp < 64:
-            return "--count >= 1, --interval >= 0, --dscp 0..63"
+    def before() -> str | None:  # --count, --interval, --dscp: checked by their argparse types (_args)
         if not args.json:
             print(f"TWAMP {args.host} port {args.port}: {args.count} packets, interval {args.interval}s", flush=True)
         return None

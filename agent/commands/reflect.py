@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agent.commands import _args as A
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Answer STAMP (RFC 8762/8972) and TWAMP-Light test packets.",
     )
     p.add_argument("--listen", default="::", metavar="ADDR", help="address to bind (default :: = IPv4+IPv6)")
-    p.add_argument("--port", type=int, default=862, help="UDP port (default 862)")
+    p.add_argument("--port", type=A.PORT_OR_ZERO, default=862, help="UDP port (default 862; 0: any free port)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="STAMP authenticated mode: HMAC key file (hex, or raw bytes)")
     p.add_argument("--key-from-tunnel", action="store_true",
@@ -34,26 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--t3", choices=("late", "early"), default="late",
                    help="late (default): build the reply, then read the clock and write only T3 where no HMAC covers "
                         "it; early: read it inside the reflector, before the last steps (for measurements)")
-    p.add_argument("--iface", help="interface for hardware RX timestamps (default: software stamps)")
+    p.add_argument("--iface", type=A.interface, help="interface for hardware RX timestamps (default: software stamps)")
     p.add_argument("--ptp", action="store_true", help="write PTP-format timestamps (RFC 8186, Z=1)")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until ^C)")
-    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between reports of dropped packets")
+    p.add_argument("--duration", type=A.DURATION, default=0.0, help="stop after this many seconds (default: run until ^C)")
+    p.add_argument("--log-interval", type=A.POSITIVE_DURATION, default=10.0, help="seconds between reports of dropped packets")
     p.set_defaults(func=run)
-
-
-def read_key_file(path: Path) -> bytes:
-    """A key file holds hex (whitespace and an optional 0x ignored) or, failing that, raw bytes."""
-    raw = path.read_bytes()
-    text = raw.strip()
-    if text.lower().startswith(b"0x"):
-        text = text[2:]
-    try:
-        key = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        key = raw
-    if not key:
-        raise ValueError(f"{path}: empty key")
-    return key
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from agent.commands._runtime import wait_until_stopped
+    from agent.control.keyring import read_hmac_key
     from agent.engine.packets import Proto, Security
     from agent.engine.reflector import ReflectorSession
     from agent.engine.udp import TwampReflectorEndpoint
@@ -71,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     key: Secret | None = None
     if args.auth_key_file is not None:
         try:
-            key = Secret(read_key_file(args.auth_key_file))
-        except (OSError, ValueError) as e:
-            print(f"xwamp reflect: cannot read the key file: {e.__class__.__name__}", file=sys.stderr)
+            key = Secret(read_hmac_key(args.auth_key_file))
+        except ValueError as e:  # KeyFileError too: messages name the file, never the key
+            print(f"xwamp reflect: cannot read the key file: {e}", file=sys.stderr)
             return 2
     if key is not None and args.key_from_tunnel:
         print("xwamp reflect: --auth-key-file and --key-from-tunnel exclude each other", file=sys.stderr)
@@ -124,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except BrokenPipeError:  # our output went into a closed pipe: agent.cli handles it
+        raise
     except OSError as e:
         log.error("cannot listen on %s port %d: %s", args.listen, args.port, e.strerror or e)
         return 1

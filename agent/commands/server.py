@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agent.commands import _args as A
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("server", help="O/TWAMP server (TCP 862 TWAMP, 861 OWAMP)",
@@ -17,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("both", "twamp", "owamp"), default="both")
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help="address to listen on; repeat for several (default: all IPv4 and IPv6)")
-    p.add_argument("--twamp-port", type=int, default=862)
-    p.add_argument("--owamp-port", type=int, default=861)
+    p.add_argument("--twamp-port", type=A.PORT_OR_ZERO, default=862, help="TCP port (0: any free port)")
+    p.add_argument("--owamp-port", type=A.PORT_OR_ZERO, default=861, help="TCP port (0: any free port)")
     p.add_argument("--mode", action="append", choices=("unauth", "auth", "enc", "mixed"),
                    help="modes to offer; repeat (default: unauth; with --keyfile or --ipsec the keyed ones, "
                         "and plain unauth only if given)")
@@ -33,30 +35,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rfc7717-kdf", choices=("pbkdf2", "direct"), default="pbkdf2",
                    help="RFC 7717 secret to Token key (docs/wire-format.md §4.4; default pbkdf2)")
     p.add_argument("--netns", metavar="NS", help="serve in this network namespace (and key from its SAs)")
-    p.add_argument("--count", type=int, default=4096, help="PBKDF2 Count offered to clients (power of 2 >= 1024)")
-    p.add_argument("--max-connections", type=int, default=64)
-    p.add_argument("--max-per-client", type=int, default=8, help="control connections per client address")
-    p.add_argument("--max-sessions", type=int, default=16, help="test sessions per control connection")
-    p.add_argument("--max-sessions-per-client", type=int, default=32,
+    p.add_argument("--count", type=A.COUNT, default=4096, help="PBKDF2 Count offered to clients (power of 2 >= 1024)")
+    p.add_argument("--max-connections", type=A.COUNT, default=64)
+    p.add_argument("--max-per-client", type=A.COUNT, default=8, help="control connections per client address")
+    p.add_argument("--max-sessions", type=A.COUNT, default=16, help="test sessions per control connection")
+    p.add_argument("--max-sessions-per-client", type=A.COUNT, default=32,
                    help="test sessions over all connections of one client address")
-    p.add_argument("--max-rate", type=float, default=1000.0, metavar="PPS",
+    p.add_argument("--max-rate", type=A.RATE, default=1000.0, metavar="PPS",
                    help="packets/s one test session may send: OWAMP requests over it are refused (Accept=4), "
                         "TWAMP reflectors drop the excess (default 1000)")
-    p.add_argument("--max-rate-per-client", type=float, default=None, metavar="PPS",
+    p.add_argument("--max-rate-per-client", type=A.RATE_OR_ZERO, default=None, metavar="PPS",
                    help="packets/s over all test sessions of one client address (default: 4x --max-rate; 0: no cap)")
-    p.add_argument("--max-per-prefix", type=int, default=32,
+    p.add_argument("--max-per-prefix", type=A.COUNT, default=32,
                    help="control connections from one /24 (IPv4) or /64 (IPv6)")
     p.add_argument("--test-ports", metavar="LOW-HIGH", default=None,
                    help="UDP ports test sessions use, like twampd's testports (default 8760-9960; never below 1024)")
-    p.add_argument("--max-packets", type=int, default=None, metavar="N",
+    p.add_argument("--max-packets", type=A.COUNT, default=None, metavar="N",
                    help="packets per test session: OWAMP requests over it are refused (Accept=4), "
                         "TWAMP reflectors answer N at most (default: OWAMP 1048576, TWAMP no cap)")
-    p.add_argument("--idle-timeout", type=float, default=30.0, help="close control connections idle this long")
-    p.add_argument("--setup-timeout", type=float, default=5.0,
+    p.add_argument("--idle-timeout", type=A.POSITIVE_DURATION, default=30.0, help="close control connections idle this long")
+    p.add_argument("--setup-timeout", type=A.POSITIVE_DURATION, default=5.0,
                    help="close control connections not set up this long after connecting")
-    p.add_argument("--empty-test-timeout", type=float, default=10.0,
+    p.add_argument("--empty-test-timeout", type=A.POSITIVE_DURATION, default=10.0,
                    help="close control connections started with no test session after this long")
-    p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (default: run until ^C)")
+    p.add_argument("--duration", type=A.DURATION, default=0.0, help="exit after this many seconds (default: run until ^C)")
     p.set_defaults(func=run)
 
 
@@ -191,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     except XfrmError as e:
         print(f"xwamp server: cannot read the kernel's SAs: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # our output went into a closed pipe: agent.cli handles it
+        raise
     except OSError as e:
         print(f"xwamp server: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agent.commands import _args as A
+
 # --tlv NAME[=ARGS]: the RFC 8972 TLVs a Session-Sender sets.
 TLV_NAMES = ("extra-padding", "location", "timestamp-info", "cos", "direct-measurement", "access-report",
              "follow-up", "hmac")
@@ -19,15 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("stamp", help="STAMP Session-Sender (round trip, one-way, loss)",
                               description="Send STAMP test packets to HOST's reflector and report like ping.")
     p.add_argument("host", help="reflector address")
-    p.add_argument("--port", type=int, default=862, help="reflector UDP port (default 862)")
-    p.add_argument("-c", "--count", type=int, default=10, help="test packets to send (default 10)")
-    p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between packets, or their mean")
+    p.add_argument("--port", type=A.PORT, default=862, help="reflector UDP port (default 862)")
+    p.add_argument("-c", "--count", type=A.COUNT, default=10, help="test packets to send (default 10)")
+    p.add_argument("-i", "--interval", type=A.DURATION, default=1.0, help="seconds between packets, or their mean")
     p.add_argument("--schedule", choices=("fixed", "poisson"), default="fixed",
                    help="fixed interval, or exponential gaps (Poisson sampling, RFC 3432)")
-    p.add_argument("--padding", type=int, default=None, metavar="N",
+    p.add_argument("--padding", type=A.PADDING, default=None, metavar="N",
                    help="extra octets per packet (STAMP: an Extra Padding TLV; --light: bare padding)")
-    p.add_argument("--dscp", type=int, default=0, help="DSCP of the test packets")
-    p.add_argument("--ssid", type=int, default=0, help="STAMP Session-Sender Identifier (RFC 8972 §3), 0..65535")
+    p.add_argument("--dscp", type=A.DSCP, default=0, help="DSCP of the test packets")
+    p.add_argument("--ssid", type=A.integer(0, 65535, "SSID"), default=0, help="STAMP Session-Sender Identifier (RFC 8972 §3), 0..65535")
     p.add_argument("--source", metavar="ADDR", help="source address (e.g. the tunnel's local inner address)")
     p.add_argument("--netns", metavar="NS", help="run in this network namespace")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "cos=DSCP1, direct-measurement, access-report[=ID,CODE], follow-up, hmac")
     p.add_argument("--no-follow-up", dest="follow_up", action="store_false", default=True,
                    help="do not ask for Follow-Up Telemetry (RFC 8972 §4.7; asked by default)")
-    p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for late replies (default 2)")
+    p.add_argument("--wait", type=A.DURATION, default=2.0, help="seconds to wait for late replies (default 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="summary only")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run)
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from agent.commands._runtime import netns_entered
-    from agent.commands.reflect import read_key_file
+    from agent.control.keyring import read_hmac_key
     from agent.sessions.stamp import StampOptions, stamp_session
     from netlink.secret import Secret
 
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     key = None
     if args.auth_key_file is not None:
         try:
-            key = Secret(read_key_file(args.auth_key_file))
+            key = Secret(read_hmac_key(args.auth_key_file))
         except (OSError, ValueError) as e:
             return fail(f"cannot read the key file: {e.__class__.__name__}")
     follow_up = args.follow_up and not args.light

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, Union, runtime_checkable
@@ -154,49 +155,126 @@ class StaticKeySource:
         return f"<StaticKeySource {len(self.entries)} identities>"
 
 
+def check_secret_file(path: str | os.PathLike[str]) -> os.stat_result:
+    """The stat of a file holding secrets, refused (KeyFileError, one line) unless it is a
+    regular file that others cannot read or write. Like ssh with private keys: a secret
+    others could read is already lost, and an operator should hear it at once. Group access
+    is refused too when the file is our own (the grant serves nobody), and allowed when it
+    is another user's: root:xwamp 0640 is how packaging/xwamp.service shares key files with
+    the agent's user."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise KeyFileError(f"{os.fspath(path)}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{os.fspath(path)}: not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007 or (mode & 0o070 and st.st_uid == os.geteuid()):
+        who = "others" if mode & 0o007 else "its group"
+        raise KeyFileError(f"{os.fspath(path)}: permissions {mode:04o} are too open (readable or writable "
+                           f"by {who}); chmod 600 (or chown root:GROUP and chmod 640 to share it with a group)")
+    return st
+
+
+def read_secret_file(path: str | os.PathLike[str], strict_perms: bool = True) -> bytes:
+    """The bytes of a secret file, after :func:`check_secret_file`; OSError as KeyFileError."""
+    if strict_perms:
+        check_secret_file(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_KEYFILE + 1)
+    except OSError as e:
+        raise KeyFileError(f"{os.fspath(path)}: {e.strerror or e}") from None
+
+
+MAX_KEYFILE = 1 << 20  # octets: a key file is a few lines; refuse to slurp a device or a log
+
+
+def parse_hmac_key(raw: bytes, name: str = "<key file>") -> bytes:
+    """A test-plane HMAC key file (authenticated STAMP): hex (whitespace and an optional 0x
+    ignored) or, failing that, raw bytes. KeyFileError when empty."""
+    text = raw.strip()
+    if text.lower().startswith(b"0x"):
+        text = text[2:]
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = raw
+    if not key:
+        raise KeyFileError(f"{name}: empty key")
+    return key
+
+
+def read_hmac_key(path: str | os.PathLike[str]) -> bytes:
+    """The HMAC key of ``path``, refused like a passphrase file when others may read it or it
+    is not a regular file (:func:`check_secret_file`)."""
+    return parse_hmac_key(read_secret_file(path), os.fspath(path))
+
+
+def parse_passphrases(data: bytes, name: str = "<keyfile>", fmt: Literal["xwamp", "pfs"] = "xwamp") -> dict[str, Secret]:
+    """The identity -> passphrase map of a key file's bytes (module doc). KeyFileError names
+    the line, never its content."""
+    if len(data) > MAX_KEYFILE:
+        raise KeyFileError(f"{name}: larger than {MAX_KEYFILE} octets")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise KeyFileError(f"{name}:{line}: not UTF-8") from None
+    entries: dict[str, Secret] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise KeyFileError(f"{name}:{n}: expected 'identity passphrase'")
+        ident, pw = parts
+        if len(ident.encode("utf-8")) > 80:
+            raise KeyFileError(f"{name}:{n}: identity longer than 80 octets")
+        if fmt == "pfs":
+            try:
+                secret = Secret(bytes.fromhex(pw.strip()))
+            except ValueError:
+                raise KeyFileError(f"{name}:{n}: passphrase is not hex") from None
+        else:
+            secret = Secret(pw.encode("utf-8"))
+        entries[ident] = secret
+    return entries
+
+
 class PassphraseFile:
     """A key file (see module doc). Re-read when its mtime changes, so operators can
-    add identities without restarting the server."""
+    add identities without restarting the server. Refused (KeyFileError) when it is not a
+    regular file or others may read it (``strict_perms``, :func:`check_secret_file`);
+    a broken rewrite keeps the last good content."""
 
-    def __init__(self, path: str | os.PathLike[str], fmt: Literal["auto", "xwamp", "pfs"] = "auto") -> None:
+    def __init__(self, path: str | os.PathLike[str], fmt: Literal["auto", "xwamp", "pfs"] = "auto",
+                 strict_perms: bool = True) -> None:
         self.path = Path(path)
         if fmt == "auto":
             fmt = "pfs" if self.path.suffix == ".pfs" else "xwamp"
         self.fmt = fmt
+        self.strict_perms = strict_perms
         self._mtime: float | None = None
         self._entries: dict[str, Secret] = {}
         self._load()
 
     def _load(self) -> None:
-        st = self.path.stat()
+        try:
+            st = check_secret_file(self.path) if self.strict_perms else self.path.stat()
+        except OSError as e:
+            raise KeyFileError(f"{self.path}: {e.strerror or e}") from None
         if self._mtime == st.st_mtime:
             return
-        entries: dict[str, Secret] = {}
-        for n, raw in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split(None, 1)
-            if len(parts) != 2:
-                raise KeyFileError(f"{self.path}:{n}: expected 'identity passphrase'")
-            ident, pw = parts
-            if len(ident.encode("utf-8")) > 80:
-                raise KeyFileError(f"{self.path}:{n}: identity longer than 80 octets")
-            if self.fmt == "pfs":
-                try:
-                    secret = Secret(bytes.fromhex(pw.strip()))
-                except ValueError:
-                    raise KeyFileError(f"{self.path}:{n}: passphrase is not hex") from None
-            else:
-                secret = Secret(pw.encode("utf-8"))
-            entries[ident] = secret
-        self._entries = entries
+        data = read_secret_file(self.path, strict_perms=False)
+        self._entries = parse_passphrases(data, str(self.path), self.fmt)  # type: ignore[arg-type]
         self._mtime = st.st_mtime
 
     def shared_secret(self, key_id: str, ctx: HandshakeContext) -> Secret | None:
         try:
             self._load()
-        except OSError:
+        except (OSError, KeyFileError):
             pass  # keep serving with what we had
         return self._entries.get(key_id)
 

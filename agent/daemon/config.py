@@ -48,6 +48,8 @@ class ConfigError(ValueError):
     """One clear line: ``<file>: <key>: <why>``."""
 
     def __init__(self, source: str, key: str, why: str) -> None:
+        if len(why) > 200:  # a value quoted in full (a huge string, deep arrays) is not one clear line
+            why = why[:197] + "..."
         self.source, self.key, self.why = source, key, why
         super().__init__(f"{source}: {key}: {why}" if key else f"{source}: {why}")
 
@@ -566,14 +568,67 @@ def _reflector(r: _V) -> ReflectorSection:
     return sec
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate ``path``; raises ConfigError (never OSError/TOMLDecodeError)."""
+def loads(data: bytes, source: str = "<config>") -> Config:
+    """Validate a configuration file's bytes; raises ConfigError and nothing else."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(source, "", f"line {line}: not UTF-8 (octet 0x{data[e.start]:02x})") from None
+    try:
+        return parse(tomllib.loads(text), source)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nesting level: thousands of '[' exhaust the stack
+        raise ConfigError(source, "", "invalid TOML: arrays or tables nested too deeply") from None
+
+
+def load(path: str | os.PathLike[str], check_keys: bool = True) -> Config:
+    """Read and validate ``path``; raises ConfigError (never OSError/TOMLDecodeError).
+    With ``check_keys`` every key file it names is loaded as the running agent loads it
+    (:func:`check_keyfiles`): ``--check``, start-up and SIGHUP refuse the same files."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as f:
-            doc = tomllib.load(f)
+            data = f.read()
     except OSError as e:
         raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, "", f"invalid TOML: {e}") from None
-    return parse(doc, source)
+    conf = loads(data, source)
+    if check_keys:
+        check_keyfiles(conf)
+    return conf
+
+
+def keyfiles(conf: Config) -> list[tuple[str, str, str]]:
+    """(config key, path, kind) of every key file ``conf`` names; kind is "passphrase"
+    (O/TWAMP: identity passphrase lines) or "hmac" (STAMP: one hex key)."""
+    def kind(protocol: str) -> str:
+        return "hmac" if protocol == "stamp" else "passphrase"
+
+    out: list[tuple[str, str, str]] = []
+    if conf.server.enabled and conf.server.keyfile:
+        out.append(("server.keyfile", conf.server.keyfile, "passphrase"))
+    for i, p in enumerate(conf.peers):
+        if p.session.keyfile:
+            out.append((f"peers[{i}].keyfile", p.session.keyfile, kind(p.session.protocol)))
+    if conf.discovery.session.keyfile:
+        out.append(("discovery.keyfile", conf.discovery.session.keyfile, kind(conf.discovery.session.protocol)))
+    if conf.reflector.enabled and conf.reflector.keyfile:
+        out.append(("reflector.keyfile", conf.reflector.keyfile, "hmac"))
+    return out
+
+
+def check_keyfiles(conf: Config) -> None:
+    """Load every key file the way the agent will (agent.control.keyring: regular file, not
+    readable by others; passphrase files UTF-8 with well-formed lines, STAMP keys not empty);
+    ConfigError."""
+    from agent.control.keyring import KeyFileError, PassphraseFile, read_hmac_key
+
+    for key, path, kind in keyfiles(conf):
+        try:
+            if kind == "hmac":
+                read_hmac_key(path)
+            else:
+                PassphraseFile(path)
+        except KeyFileError as e:
+            raise ConfigError(conf.source, key, str(e)) from None

@@ -218,10 +218,10 @@ class CycleRunner:
         t = self.spec.session
         key = None
         if t.modes[0] == "auth" and t.keyfile:
-            from agent.daemon.stamp_reflector import read_stamp_key
+            from agent.control.keyring import read_hmac_key
             from netlink.secret import Secret
 
-            key = Secret(read_stamp_key(t.keyfile))
+            key = Secret(read_hmac_key(t.keyfile))
         local = str(self.spec.local) if self.spec.local is not None else None
         tunnel = None
         if t.modes[0] == "auth+ipsec-bound":

@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from agent.control.keyring import read_hmac_key
 from agent.daemon import config as cfg
 
 log = logging.getLogger("xwamp.agent")
-
-
-def read_stamp_key(path: str) -> bytes:
-    """A STAMP key file: hex (whitespace and an optional 0x ignored), else raw bytes."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    text = raw.strip()
-    if text.lower().startswith(b"0x"):
-        text = text[2:]
-    try:
-        key = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        key = raw
-    if not key:
-        raise ValueError(f"{path}: empty key")
-    return key
 
 
 class StampReflectors:
@@ -42,7 +27,7 @@ class StampReflectors:
         from netlink.secret import Secret
 
         s = self.section
-        key = Secret(read_stamp_key(s.keyfile)) if s.mode == "auth" and s.keyfile else None
+        key = Secret(read_hmac_key(s.keyfile)) if s.mode == "auth" and s.keyfile else None
         try:
             for addr in s.listen:
                 if s.mode == "auth+ipsec-bound":

@@ -118,6 +118,7 @@ class _Slot:
         self.runner: SessionRunner | None = None
         self.task: asyncio.Task | None = None
         self.stopping = False
+        self.crashes = 0  # times its supervisor loop itself died (Daemon._supervisor_done)
 
 
 class Daemon:
@@ -201,6 +202,7 @@ class Daemon:
         if not t.cancelled() and t.exception() is not None:
             # A bug in a reload or rediscovery must be seen, and must not stop the agent.
             e = t.exception()
+            self.metrics.task_failed("background")
             log.error("background task failed", exc_info=(type(e), e, e.__traceback__))
 
     async def _start(self) -> None:
@@ -294,16 +296,17 @@ class Daemon:
             return
         self.reflector = refl
 
-    async def _start_server(self, s: cfg.ServerSection) -> None:
+    async def _start_server(self, s: cfg.ServerSection) -> bool:
         factory = self._server_factory or (lambda sec: ControlServers(sec, self))
-        srv = factory(s)
         try:
+            srv = factory(s)
             await srv.start()
-        except OSError as e:
+        except Exception as e:  # a taken port (OSError), a key file broken since it was checked
             # The server is one feature among several: keep measuring, say why it is off.
-            log.error("O/TWAMP server not started", extra={"error": str(e)})
-            return
+            log.error("O/TWAMP server not started", extra={"error": str(e) or type(e).__name__})
+            return False
         self.server = srv
+        return True
 
     def _setup_binder(self) -> None:
         from agent.sessions import bound
@@ -366,13 +369,15 @@ class Daemon:
                         self.policies.apply(ev)
                         self.runtime.on_event(ev)  # after the table applied it (RekeyTracker's contract)
                     self._sas_changed()
-                return
+                # The kernel's stream does not end by itself: following it again beats going
+                # silently blind to rekeys and deletes.
+                log.warning("SA event stream ended, following it again", extra={"retry_s": backoff})
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("SA event stream failed, retrying", extra={"error": str(e), "retry_s": backoff})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _refresh_sas(self) -> None:
         """Every sa_refresh_interval: the counters of the measured SAs (targeted GETSA);
@@ -485,7 +490,7 @@ class Daemon:
         m = self.metrics.session(spec.key, spec.tunnel, spec.origin)
         slot = _Slot(spec, m)
         self.slots[spec.key] = slot
-        slot.task = asyncio.ensure_future(self._supervise(slot, delay))
+        self._supervise_slot(slot, delay)
         log.info("session added", extra={"session": spec.key, "peer": str(spec.address), "origin": spec.origin})
 
     async def _stop_slot(self, key: str) -> None:
@@ -507,6 +512,28 @@ class Daemon:
         self.metrics.drop_tunnel(key)
         log.info("session removed", extra={"session": key})
 
+    def _supervise_slot(self, slot: _Slot, delay: float = 0.0) -> None:
+        slot.task = asyncio.ensure_future(self._supervise(slot, delay))
+        slot.task.add_done_callback(lambda t, slot=slot: self._supervisor_done(slot, t))
+
+    def _supervisor_done(self, slot: _Slot, t: asyncio.Task) -> None:
+        """A session's supervisor loop only ends when the session is removed: any other end
+        (a bug, an unforeseen error) is logged, counted, and supervision starts again, with
+        backoff, so one bad peer never silently stops being measured."""
+        if t.cancelled() or slot.stopping or self.slots.get(slot.spec.key) is not slot:
+            return
+        e = t.exception()
+        slot.crashes += 1
+        slot.metrics.up = False
+        slot.metrics.restarts += 1
+        self.metrics.task_failed("session")
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(slot.crashes, 16))
+        log.error("session supervisor ended unexpectedly, restarting it",
+                  extra={"session": slot.spec.key, "error": (str(e) or type(e).__name__) if e else "returned",
+                         "retry_s": round(delay, 1)},
+                  exc_info=(type(e), e, e.__traceback__) if e is not None else None)
+        self._supervise_slot(slot, delay)
+
     def _make_runner(self, spec: SessionSpec, m: SessionMetrics) -> SessionRunner:
         if self._runner_factory is not None:
             return self._runner_factory(spec, m)
@@ -518,26 +545,32 @@ class Daemon:
         if delay:
             await asyncio.sleep(delay)
         while not slot.stopping:
-            runner = self._make_runner(slot.spec, slot.metrics)
-            slot.runner = runner
-            started = time.monotonic()
+            started, cycles = time.monotonic(), slot.metrics.cycles
+            runner: SessionRunner | None = None
             try:
+                # Inside the try: making a runner reads the peer's key file, which an operator
+                # may have broken since the config was checked (KeyFileError): a restart too.
+                runner = self._make_runner(slot.spec, slot.metrics)
+                slot.runner = runner
                 await runner.start()
                 await runner.wait()
                 reason = "ended"
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                reason = str(e) or type(e).__name__  # key-free: BinderRefusal/ControlError promise it
+                reason = str(e) or type(e).__name__  # key-free: BinderRefusal/ControlError/KeyFileError promise it
             finally:
                 slot.metrics.up = False
             if slot.stopping:
                 break
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(runner.stop(), STOP_TIMEOUT)
+            if runner is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(runner.stop(), STOP_TIMEOUT)
             slot.metrics.restarts += 1
-            if time.monotonic() - started > 4 * BACKOFF_MAX:
-                backoff = BACKOFF_MIN  # it ran fine for a while: this is a fresh failure
+            if slot.metrics.cycles > cycles or time.monotonic() - started > 4 * BACKOFF_MAX:
+                # The peer answered (a cycle completed) or it ran fine for a while: it came
+                # back, and this is a fresh failure, retried soon rather than after the old backoff.
+                backoff = BACKOFF_MIN
             delay = backoff * (0.5 + random.random())  # jitter: many sessions must not retry in lockstep
             log.warning("session ended, restarting", extra={"session": key, "reason": reason,
                                                             "retry_s": round(delay, 1)})
@@ -574,7 +607,11 @@ class Daemon:
     # ---- reload -----------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """SIGHUP: re-read the file; on error keep running with the old configuration."""
+        """SIGHUP: re-read the file; on error keep running with the old configuration.
+
+        Validation is what ``xwamp agent --check`` does, key files loaded included: a reload
+        it refuses changes nothing (configuration, server, sessions) and sets
+        xwamp_config_last_reload_successful to 0."""
         if self.config_path is None:
             return False
         try:
@@ -603,12 +640,17 @@ class Daemon:
                     await self._start_exporter(new.exporter)
                 except OSError as e:
                     log.error("exporter not restarted", extra={"error": str(e)})
+        ok = True
         if new.server != old.server:
             if self.server is not None:
                 await self.server.stop()
                 self.server = None
-            if new.server.enabled:
-                await self._start_server(new.server)
+            if new.server.enabled and not await self._start_server(new.server):
+                # Validation passed but the new server would not start (its port is taken):
+                # serve with the previous settings rather than not at all; the reload failed.
+                ok = False
+                if old.server.enabled and await self._start_server(old.server):
+                    log.warning("previous O/TWAMP server restored")
         await self._apply_sessions(self._desired(new))
         if new.reflector != old.reflector:
             if self.reflector is not None:
@@ -616,10 +658,10 @@ class Daemon:
                 self.reflector = None
             if new.reflector.enabled:
                 await self._start_reflector(new.reflector)
-        self.metrics.reloaded(True)
+        self.metrics.reloaded(ok)
         log.info("configuration reloaded", extra={"sessions": len(self.slots)})
         self._notify(f"STATUS={self.status()}")
-        return True
+        return ok
 
 
 def default_sa_source(netns: str | None) -> SASource | None:

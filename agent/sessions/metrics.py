@@ -397,6 +397,7 @@ class Snapshot:
     sa_table: dict[str, int] = field(default_factory=dict)  # MetricsState.sa_table
     reflector: dict[str, int] = field(default_factory=dict)  # STAMP reflector counters (agent.engine.reflector)
     tx_lag: dict = field(default_factory=dict)  # role -> (bounds, counts, sum): agent.engine.txlag.TX_LAG
+    task_failures: dict[str, int] = field(default_factory=dict)  # agent task -> unexpected ends
 
 
 class MetricsState:
@@ -415,6 +416,7 @@ class MetricsState:
         self.server = {"connections_total": 0, "refused_total": 0}
         self.reflector: dict[str, int] = {}  # the [reflector] STAMP endpoint's counters, when enabled
         self.reloads = {"success": 0, "failure": 0}
+        self.task_failures: dict[str, int] = {}  # supervised agent tasks that ended unexpectedly
         self.last_reload_ok = True
         self.last_reload_time = time.time()
         self.start_time = time.time()
@@ -450,6 +452,9 @@ class MetricsState:
     def binder_refused(self, reason: str) -> None:
         k = str(getattr(reason, "value", reason))
         self.binder_refusals[k] = self.binder_refusals.get(k, 0) + 1
+
+    def task_failed(self, task: str) -> None:
+        self.task_failures[task] = self.task_failures.get(task, 0) + 1
 
     def reloaded(self, ok: bool) -> None:
         self.reloads["success" if ok else "failure"] += 1
@@ -490,6 +495,7 @@ class MetricsState:
             sa_table=dict(self.sa_table),
             reflector=dict(self.reflector),
             tx_lag=TX_LAG.snapshot(),
+            task_failures=dict(self.task_failures),
         )
 
 

@@ -32,6 +32,7 @@ def env() -> dict[str, str]:
 def keyfile(directory: Path) -> Path:
     p = directory / "keys"
     p.write_text(f"{USER} {PASSPHRASE}\n")
+    p.chmod(0o600)  # a passphrase file others can read is refused, as ssh does
     return p
 
 

@@ -95,6 +95,7 @@ def test_stamp_authenticated_replay_dropped(tmp_path) -> None:
     key = os.urandom(32)
     kf = tmp_path / "stamp.key"
     kf.write_text(key.hex())
+    kf.chmod(0o600)  # others may not read a key file
     p, port, _ = _reflect(tmp_path, "--auth-key-file", str(kf))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((SOURCE, 0))
