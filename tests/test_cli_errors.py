@@ -228,6 +228,7 @@ def test_output_into_closed_pipe(args: list[str]) -> None:
         os.close(w)
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
     assert p.stderr == ""
-    # 128 + SIGPIPE, what a shell reports for a tool killed by it; argparse's help and
-    # version swallow the error themselves and exit 0
-    assert p.returncode == (0 if "--help" in args or "--version" in args else 141)
+    # 128 + SIGPIPE, what a shell reports for a tool killed by it. argparse's help and version
+    # swallow the write error themselves when stdout is unbuffered (PYTHONUNBUFFERED: exit 0);
+    # buffered, the error surfaces at our flush (141). Either way: quiet, no traceback.
+    assert p.returncode in ((0, 141) if "--help" in args or "--version" in args else (141,))
