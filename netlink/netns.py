@@ -47,6 +47,21 @@ def netns_path(netns: str) -> str:
     return os.path.join(NETNS_RUN_DIR, netns)
 
 
+def enter(netns: str) -> None:
+    """Move the calling thread into network namespace ``netns`` (a name under /run/netns
+    or a path). Called while the process is still single-threaded, it moves the whole
+    process: every socket and thread made afterwards lives there."""
+    path = netns_path(netns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsNotFoundError(errno.ENOENT, f"network namespace {netns!r} not found ({path})") from None
+    try:
+        setns(fd, CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
 def create_socket(family: int, type_: int, proto: int, netns: str | None = None) -> socket.socket:
     """``socket.socket(family, type_, proto)``, created inside ``netns`` if given."""
     if netns is None:

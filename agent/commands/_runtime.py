@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Sequence
@@ -39,22 +38,9 @@ def is_ipsec_mode(name: str) -> bool:
 def enter_netns(netns: str) -> None:
     """Move this (still single-threaded) process into network namespace ``netns``: every
     socket and every thread made afterwards (asyncio's executor too) lives there."""
-    from netlink.errors import NetnsNotFoundError
-    from netlink.netns import (  # one setns(2) wrapper for the package
-        CLONE_NEWNET,
-        netns_path,
-        setns,
-    )
+    from netlink.netns import enter  # one setns(2) wrapper for the package
 
-    path = netns_path(netns)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NetnsNotFoundError(2, f"network namespace {netns!r} not found ({path})") from None
-    try:
-        setns(fd, CLONE_NEWNET)
-    finally:
-        os.close(fd)
+    enter(netns)
 
 
 def netns_entered(command: str, netns: str | None) -> bool:

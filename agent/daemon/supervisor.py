@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
 import time
@@ -707,16 +706,12 @@ class _NetlinkSource:
 
 
 def enter_netns(netns: str | None) -> None:
-    """Move the whole process into a named network namespace (before any socket exists)."""
-    if not netns:
-        return
-    from netlink.netns import netns_path
+    """Move the whole process into a named network namespace (before any socket exists).
+    Through netlink.netns.setns: os.setns exists only from Python 3.12 on."""
+    if netns:
+        from netlink.netns import enter
 
-    fd = os.open(netns_path(netns), os.O_RDONLY)
-    try:
-        os.setns(fd, os.CLONE_NEWNET)
-    finally:
-        os.close(fd)
+        enter(netns)
 
 
 async def serve(config: cfg.Config, config_path: str | None, **kw: Any) -> int:
