@@ -103,3 +103,27 @@ def test_parse_structured_junk(entry) -> None:
         parse_entries({"version": 1, "ike_sas": [entry]})
     except KeySourceError:
         pass
+
+
+def test_permissions_follow_the_key_file_rule(tmp_path) -> None:
+    """The same rule as O/TWAMP key files (agent.control.keyring.check_secret_file): group
+    access is refused on our own file (0640 owned by us serves nobody), others never;
+    a directory or an oversized file is refused with one line, not read."""
+    for mode in (0o640, 0o604, 0o660):
+        with pytest.raises(KeySourceError, match="too open"):
+            FileIKEKeySource(_write(tmp_path, _doc(), mode=mode))
+    with pytest.raises(KeySourceError, match="not a regular file"):
+        FileIKEKeySource(tmp_path)
+    big = _write(tmp_path, _doc())
+    big.write_bytes(b" " * (2 << 20))
+    with pytest.raises(KeySourceError, match="larger than"):
+        FileIKEKeySource(big)
+
+
+def test_group_readable_file_of_another_owner_is_accepted(tmp_path) -> None:
+    """root:xwamp 0640 written by the IKE daemon's hook, read by the agent's user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand the file to another owner")
+    p = _write(tmp_path, _doc(), mode=0o640)
+    os.chown(p, 4242, 4242)
+    assert FileIKEKeySource(p).by_reqid(3) is not None

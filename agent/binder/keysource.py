@@ -56,12 +56,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from agent.binder.ikev2 import DEFAULT_PRF, PRF
+from agent.control.keyring import MAX_KEYFILE, KeyFileError, check_secret_file
 from netlink.secret import Secret
 
 
@@ -253,8 +253,9 @@ def parse_entries(doc: object) -> list[IKEEntry]:
 
 
 class FileIKEKeySource:
-    """The JSON file above. Refuses files readable by group/others (they hold SK_d)
-    unless ``strict_perms=False``. Re-read when the mtime changes; a broken rewrite
+    """The JSON file above. Refuses, unless ``strict_perms=False``, what the O/TWAMP key
+    files refuse (they hold SK_d): not a regular file, open to others, or open to the group
+    while it is our own (root:xwamp 0640, written by the IKE daemon's hook, is fine). Re-read when the mtime changes; a broken rewrite
     keeps the last good content and is reported through ``last_error``."""
 
     def __init__(self, path: str | os.PathLike[str], strict_perms: bool = True) -> None:
@@ -270,10 +271,19 @@ class FileIKEKeySource:
             st = self.path.stat()
             if self._mtime == st.st_mtime_ns:
                 return
-            if self.strict_perms and stat.S_IMODE(st.st_mode) & 0o077:
-                raise KeySourceError(f"{self.path}: readable by group/others; chmod 600")
+            if self.strict_perms:
+                try:
+                    check_secret_file(self.path)
+                except KeyFileError as e:
+                    raise KeySourceError(str(e)) from None
+            with open(self.path, "rb") as f:
+                raw = f.read(MAX_KEYFILE + 1)  # a FIFO or a runaway writer must not fill our memory
+            if len(raw) > MAX_KEYFILE:
+                raise KeySourceError(f"{self.path}: larger than {MAX_KEYFILE} octets")
             try:
-                doc = json.loads(self.path.read_text(encoding="utf-8"))
+                doc = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise KeySourceError(f"{self.path}: not UTF-8") from None
             except json.JSONDecodeError as e:
                 raise KeySourceError(f"{self.path}: not JSON (line {e.lineno})") from None
             self._inner = StaticIKEKeySource(parse_entries(doc))

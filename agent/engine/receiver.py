@@ -63,6 +63,8 @@ class ReceiverCounters(Counters):
     invalid_time: int = 0  # RFC 4656 §4.2: send time more than Timeout off
     bad_error_estimate: int = 0  # RFC 4656 §4.1.2: Multiplier 0, "considered corrupt and discarded"
     over_cap: int = 0  # a session without an expected count that reached MAX_RECORDS
+    after_stop: int = 0  # arrived after Stop-Sessions: the session is over (RFC 4656 §3.8)
+    stop_discarded: int = 0  # records (received or lost) dropped by the §3.8 Timeout window
 
 
 # Records one session keeps when it has no expected count (Number of Packets bounds the
@@ -105,10 +107,18 @@ class OwampReceiver:
         self.crypto = session_crypto(Proto.OWAMP, security, keys)
         self.records: list[ArrivalRecord] = []
         self._seen: set[int] = set()
+        self._stopped = False
+        # RFC 4656 §3.8 window, set by stop(): lost records whose computed send time falls
+        # in [lo, hi] are discarded too; without a schedule, lost seqs from _cut_seq on.
+        self._window: tuple[int, int] | None = None
+        self._cut_seq: int | None = None
 
     def on_packet(self, data: bytes, rx_ns: int, ttl: int | None, rx_source: str = "sw") -> ArrivalRecord | None:
         c = self.counters
         c.received += 1
+        if self._stopped:
+            c.after_stop += 1
+            return None
         try:
             p = decode_sender(data, Proto.OWAMP, self.security, self.crypto)
         except HmacError:
@@ -155,6 +165,52 @@ class OwampReceiver:
         c.recorded += 1
         return rec
 
+    def _send_ns(self, seq: int, timestamp: int, error_estimate: int) -> int:
+        """A packet's computed send time: its §5 scheduled time when the session has a
+        schedule (the same clock for received and lost packets, so trimming biases neither
+        loss nor duplicates), else the sender's Timestamp."""
+        if self._schedule is not None and self._start_ns is not None:
+            return self._start_ns + self._schedule.offset_ns(seq)
+        return (unix_ns_from_ptp if error_estimate & 0x4000 else unix_ns_from_ntp)(timestamp)
+
+    def stop(self, now_ns: int) -> int:
+        """Stop-Sessions received at ``now_ns``. RFC 4656 §3.8: the receiver "MUST discard
+        any packet records -- including lost packet records -- with a (computed) send time
+        that falls between the current time minus Timeout and the current time". Later
+        packets are not recorded (``after_stop``). Returns the records discarded now (lost
+        records in the window are left out by fetch_records). Timeout 0 (no Timeout
+        given): nothing is in the window."""
+        if self._stopped:
+            return 0
+        self._stopped = True
+        if not self._timeout_ns:
+            return 0
+        lo, hi = now_ns - self._timeout_ns, now_ns
+        keep: list[ArrivalRecord] = []
+        cut: int | None = None
+        for r in self.records:
+            if lo <= self._send_ns(r.seq, r.send_timestamp, r.send_error) <= hi:
+                cut = r.seq if cut is None else min(cut, r.seq)
+            else:
+                keep.append(r)
+        dropped = len(self.records) - len(keep)
+        if dropped:
+            self.records[:] = keep  # _seen keeps their seqs: neither a record nor lost
+            self.counters.stop_discarded += dropped
+        self._window = (lo, hi)
+        self._cut_seq = cut
+        return dropped
+
+    def _lost_in_window(self, seq: int) -> bool:
+        if self._window is None:
+            return False
+        if self._schedule is not None and self._start_ns is not None:
+            lo, hi = self._window
+            return lo <= self._start_ns + self._schedule.offset_ns(seq) <= hi
+        # No schedule: a lost packet has no computed send time. Seqs are sent in order,
+        # so one numbered after a record the window discarded was sent within it too.
+        return self._cut_seq is not None and seq > self._cut_seq
+
     def fetch_records(self, begin: int = 0, end: int = 0xFFFFFFFF, next_seqno: int | None = None) -> bytes:
         """Fetch-Session data records for begin <= seq <= end, in arrival order.
 
@@ -179,7 +235,7 @@ class OwampReceiver:
                 next_seqno = 0
             recv_err = self._err.get(time.time_ns())
             for s in range(begin, min(end + 1, next_seqno)):
-                if s not in self._seen:
+                if s not in self._seen and not self._lost_in_window(s):
                     # Lost: Receive Timestamp 0; Send Timestamp the scheduled time when known
                     # (Error Estimate multiplier 1: it must not be 0).
                     sent = 0

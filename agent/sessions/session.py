@@ -442,11 +442,17 @@ class OwampHandler:
                     s.task = loop.create_task(self._send(s))
             srv.start_ack(m.ACCEPT_OK)
         elif isinstance(e, ev.StopRequested):
+            # RFC 4656 §3.8, on receipt: drop the records sent within Timeout of now (the
+            # client waits Timeout before a normal stop, so only a premature one loses any).
+            now = time.time_ns()
+            for s in self.sessions.values():
+                if s.receiver is not None and (n := s.receiver.stop(now)):
+                    log.info("Stop-Sessions: discarded %d records of session %s sent within Timeout "
+                             "(RFC 4656 §3.8)", n, s.sid.hex())
             for d in e.stop.descriptions:
                 if d.sid in self.sessions:
                     self.sessions[d.sid].next_seqno = d.next_seqno
             descs = await self.stop_sessions()
-            await asyncio.sleep(0.1)  # packets already in flight towards us
             srv.send_stop_sessions(m.ACCEPT_OK, descs)
         elif isinstance(e, ev.FetchRequested):
             s = self.sessions.get(e.fetch.sid)
@@ -803,6 +809,7 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
                 break
             await asyncio.sleep(0.01)
         stop = await conn.stop_sessions(1, m.ACCEPT_OK, (m.SessionDescription(fwd.accept.sid, len(sent)),))
+        receiver.stop(time.time_ns())  # §3.8 applies to us as the reverse session's receiver too
         their_sent = opt.count
         if stop is not None:
             for d in stop.descriptions:
