@@ -365,32 +365,85 @@ _SA_ORDER = (
 assert tuple(f.name for f in dataclasses.fields(SA))[: len(_SA_ORDER)] == _SA_ORDER, "records.SA changed order"
 
 
-def _builder(cls: type, order: tuple[str, ...]) -> Callable[..., Any]:
-    """cls(*values) at half the cost: a function that fills the slots through the
-    member descriptors' __set__, one call each, instead of the object.__setattr__
-    calls of the generated frozen __init__ (generated here the way dataclasses
-    generates __init__). SA and Algorithm have no __post_init__, so the result is
-    identical (tests/test_netlink_decode.py checks ``==`` and repr with SA(...)).
-    Fields added to ``cls`` after ``order`` get their declared defaults."""
+def _builder(cls: type, order: tuple[str, ...], lazy: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """cls(*values) at a third of the cost, for a frozen slots dataclass without
+    __post_init__ (SA, Algorithm): the values go into a twin class with the same
+    slots but no frozen __setattr__, where ``o.name = value`` is a plain slot store,
+    and the object then becomes a ``cls`` by __class__ assignment (CPython allows
+    it only between identical layouts, and checks). The result is the object
+    ``cls(...)`` makes (tests/test_netlink_decode.py checks type, ``==`` and repr
+    against SA(...)). Fields in ``lazy`` stay unfilled (the class's __getattr__
+    fills them on first read); fields added to ``cls`` after ``order`` get their
+    declared defaults."""
     fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
-    for f in fields[len(order) :]:
+    rest = [f for f in fields if f.name not in order and f.name not in lazy]
+    for f in rest:
         if f.default is dataclasses.MISSING:  # no default, or a factory (would be shared)
+            assert not lazy, f"{cls.__name__}.{f.name}: no default; update netlink.decode"
             return lambda *values: cls(*values)
-    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    ns.update({f"_set_{n}": cls.__dict__[n].__set__ for n in names})
-    ns.update({f"_dflt_{f.name}": f.default for f in fields[len(order) :]})
-    body = "".join(f"    _set_{n}(o, {n})\n" for n in order)
-    body += "".join(f"    _set_{f.name}(o, _dflt_{f.name})\n" for f in fields[len(order) :])
-    exec(f"def build({', '.join(order)}):\n    o = _new(_cls)\n{body}    return o\n", ns)  # noqa: S102
+    twin = type(f"_{cls.__name__}Fill", cls.__bases__, {"__slots__": cls.__slots__})
+    ns: dict[str, Any] = {"_twin": twin, "_cls": cls}
+    ns.update({f"_dflt_{f.name}": f.default for f in rest})
+    body = "".join(f"    o.{n} = {n}\n" for n in order)
+    body += "".join(f"    o.{f.name} = _dflt_{f.name}\n" for f in rest)
+    exec(f"def build({', '.join(order)}):\n    o = _twin()\n{body}    o.__class__ = _cls\n    return o\n", ns)  # noqa: S102
     return ns["build"]
 
 
-_build_sa = _builder(SA, _SA_ORDER)
+# What _sa fills: crypt/auth/aead are decoded from the _lazy slot on first read, and
+# extra is set only when not empty (records.SA.__getattr__ does the rest).
+_SA_LAZY = ("crypt", "auth", "aead", "extra")
+_SA_EAGER = (*(n for n in _SA_ORDER if n not in _SA_LAZY), "_lazy")
+_build_sa = _builder(SA, _SA_EAGER, _SA_LAZY)
+_set_sa_extra = SA.__dict__["extra"].__set__
 _ALG_ORDER = ("name", "key", "key_bits", "trunc_bits", "icv_bits")
 assert tuple(f.name for f in dataclasses.fields(Algorithm))[:5] == _ALG_ORDER, "records.Algorithm changed order"
 _build_alg = _builder(Algorithm, _ALG_ORDER)
 _set_secret = Secret.__dict__["_b"].__set__  # Secret(b) stores bytes(b) in _b; a slice already is bytes
+
+
+class _SAKeys(Secret):
+    """An SA's algorithm attributes, raw (key bytes included, hence a Secret), until
+    the first read of SA.crypt/auth/aead decodes them (records.SA.__getattr__).
+
+    _sa has checked them already with the same rules as :func:`_algo`, so decoding
+    later cannot fail; most SAs of a big dump never have their keys read."""
+
+    __slots__ = ()
+
+    def decode(self) -> tuple[Algorithm | None, Algorithm | None, Algorithm | None]:
+        data = self._b
+        crypt = auth = aead = None
+        auth_kind = 0
+        for atype, s, e in _attrs(data, 0, len(data)):  # the choices _sa made, made again
+            if atype == C.XFRMA_ALG_CRYPT:
+                crypt = (s, e)
+            elif atype == C.XFRMA_ALG_AUTH_TRUNC:
+                auth, auth_kind = (s, e), atype
+            elif atype == C.XFRMA_ALG_AUTH:
+                if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
+                    auth, auth_kind = (s, e), atype
+            elif atype == C.XFRMA_ALG_AEAD:
+                aead = (s, e)
+        return (
+            _algo(data, crypt[0], crypt[1], C.XFRMA_ALG_CRYPT) if crypt else None,
+            _algo(data, auth[0], auth[1], auth_kind) if auth else None,
+            _algo(data, aead[0], aead[1], C.XFRMA_ALG_AEAD) if aead else None,
+        )
+
+
+_NO_KEYS = _new(_SAKeys)
+_set_secret(_NO_KEYS, b"")  # shared by SAs without algorithms (IPcomp): decodes to three None
+
+
+def _check_algo(data: bytes, off: int, end: int, kind: int) -> None:
+    """What :func:`_algo` would refuse, without building anything."""
+    hdr = 72 if kind == C.XFRMA_ALG_AUTH_TRUNC or kind == C.XFRMA_ALG_AEAD else 68
+    if end - off < hdr:
+        raise XfrmDecodeError(f"algorithm attribute {kind} shorter than its header")
+    bits = _U32.unpack_from(data, off + 64)[0]
+    if off + hdr + ((bits + 7) >> 3) > end:
+        raise XfrmDecodeError(f"algorithm attribute {kind}: key of {bits} bits exceeds the attribute")
 
 
 def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
@@ -405,7 +458,8 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     mark = if_id = encap = replay = None
     crypt_at = auth_at = aead_at = None
     auth_kind = 0
-    extra: dict[str, object] = {}
+    algs_lo = algs_hi = 0  # the span of the algorithm attributes, kept raw for later
+    extra: dict[str, object] | None = None
     unpack_nla = _NLA.unpack_from
     off = a_off
     while a_end - off >= 4:
@@ -415,18 +469,21 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             raise XfrmDecodeError(f"attribute type {atype & C.NLA_TYPE_MASK}: length {alen} overruns its message")
         atype &= C.NLA_TYPE_MASK
         s = off + 4
-        off += (alen + 3) & ~3
-        # Algorithms: remember where, decode once after the loop (the kernel
-        # sends ALG_AUTH and ALG_AUTH_TRUNC for the same key; TRUNC wins).
+        # Algorithms: remember where, check once after the loop (the kernel sends
+        # ALG_AUTH and ALG_AUTH_TRUNC for the same key; TRUNC wins), decode on first read.
         if atype == C.XFRMA_ALG_CRYPT:
             crypt_at = (s, e)
+            algs_lo, algs_hi = algs_lo or off, e
         elif atype == C.XFRMA_ALG_AUTH_TRUNC:
             auth_at, auth_kind = (s, e), atype
+            algs_lo, algs_hi = algs_lo or off, e
         elif atype == C.XFRMA_ALG_AUTH:
             if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
                 auth_at, auth_kind = (s, e), atype
+            algs_lo, algs_hi = algs_lo or off, e
         elif atype == C.XFRMA_ALG_AEAD:
             aead_at = (s, e)
+            algs_lo, algs_hi = algs_lo or off, e
         elif atype == C.XFRMA_REPLAY_VAL:
             if e - s < _REPLAY.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_VAL truncated")
@@ -452,16 +509,31 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             etype, sport, dport, oa = _ENCAP.unpack_from(data, s)
             encap = (etype, _ntohs(sport), _ntohs(dport))
             if any(oa):
+                if extra is None:
+                    extra = {}
                 extra["encap_oa"] = _addr(family, oa)
         elif atype == C.XFRMA_LASTUSED:
             if e - s < 8:
                 raise XfrmDecodeError("XFRMA_LASTUSED truncated")
+            if extra is None:
+                extra = {}
             extra["lastused"] = _U64.unpack_from(data, s)[0]
         elif atype != C.XFRMA_SA:
+            if extra is None:
+                extra = {}
             _sa_extra(data, atype, s, e, family, extra)
-    crypt = _algo(data, crypt_at[0], crypt_at[1], C.XFRMA_ALG_CRYPT) if crypt_at else None
-    auth = _algo(data, auth_at[0], auth_at[1], auth_kind) if auth_at else None
-    aead = _algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD) if aead_at else None
+        off += (alen + 3) & ~3
+    if algs_hi:
+        if crypt_at:
+            _check_algo(data, crypt_at[0], crypt_at[1], C.XFRMA_ALG_CRYPT)
+        if auth_at:
+            _check_algo(data, auth_at[0], auth_at[1], auth_kind)
+        if aead_at:
+            _check_algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD)
+        keys = _new(_SAKeys)
+        _set_secret(keys, data[algs_lo:algs_hi])
+    else:
+        keys = _NO_KEYS
     # Cache lookups inlined (this runs once per SA of a dump); misses take the slow path.
     if family == C.AF_INET:
         d4, spi, proto, s4 = _SA_ID_SADDR4.unpack_from(data, info_off + 56)
@@ -480,7 +552,7 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # Idle SAs installed together share their lifetime_cur (same add_time, no traffic).
     raw = data[info_off + 160 : info_off + 192]
     cur = _cur_raw_cache.get(raw) or _current_raw(raw)
-    return _build_sa(
+    sa = _build_sa(
         family,
         a_src,
         a_dst,
@@ -495,15 +567,15 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         cur,
         stats,
         seq_,
-        crypt,
-        auth,
-        aead,
         mark,
         if_id,
         encap,
-        extra,
         replay,
+        keys,
     )
+    if extra:
+        _set_sa_extra(sa, extra)
+    return sa
 
 
 _U32_EXTRAS = {

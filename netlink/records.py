@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from netlink.secret import Secret
 
@@ -106,9 +107,26 @@ class Mark:
     mask: int
 
 
+class _LazyFields:
+    """SA's one slot that is not a field: how to decode the fields netlink.decode left
+    unfilled (see SA.__getattr__). Not a field, so not in repr, ==, hash or SA(...)."""
+
+    __slots__ = ("_lazy",)
+
+
+_LAZY_ALGS = frozenset(("crypt", "auth", "aead"))
+
+
 @dataclass(frozen=True, slots=True)
-class SA:
-    """One XFRM state (struct xfrm_usersa_info plus its attributes)."""
+class SA(_LazyFields):
+    """One XFRM state (struct xfrm_usersa_info plus its attributes).
+
+    netlink.decode leaves some fields unfilled until first read, which
+    ``__getattr__`` then decodes: ``crypt``/``auth``/``aead`` (most SAs of a
+    50k-SA dump never have their keys read; ``_lazy`` holds the algorithm
+    attributes, inside a :class:`Secret`, validated at decode time) and an
+    empty ``extra``. Records made with ``SA(...)`` have every field filled.
+    """
 
     family: int
     saddr: IPAddress
@@ -132,6 +150,25 @@ class SA:
     encap: tuple[int, int, int] | None = None  # (type, sport, dport) for UDP encapsulation
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     replay: ReplayState | None = None  # anti-replay counters (sequence numbers)
+
+    def __getattr__(self, name: str) -> Any:
+        # Python calls this only when normal lookup fails: here, an unfilled slot.
+        if name in _LAZY_ALGS:
+            lazy = getattr(self, "_lazy", None)
+            if lazy is not None:
+                crypt, auth, aead = lazy.decode()
+                object.__setattr__(self, "crypt", crypt)  # frozen: fill the slots as __init__ does
+                object.__setattr__(self, "auth", auth)
+                object.__setattr__(self, "aead", aead)
+                object.__setattr__(self, "_lazy", None)  # after the fields: a racing reader sees one or the other
+            return object.__getattribute__(self, name)
+        if name == "extra":
+            # No rare attributes: the dict is made on first read, not per SA of a dump.
+            # (Two threads racing here may each get a fresh empty dict; nothing writes to it.)
+            extra: dict[str, object] = {}
+            object.__setattr__(self, "extra", extra)
+            return extra
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def key_id(self) -> tuple[int, int, IPAddress]:
