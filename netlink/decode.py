@@ -142,17 +142,7 @@ def _ip6(key: bytes) -> ipaddress.IPv6Address:
     return a
 
 
-_addr4_cache: dict[int, ipaddress.IPv4Address] = {}
-
-
-def _addr4(value: int) -> ipaddress.IPv4Address:
-    """An IPv4 address from its value (an SA's addresses, unpacked as ints)."""
-    a = _new(_V4)
-    _set_ip4(a, value)
-    if len(_addr4_cache) >= _CACHE_MAX:
-        _addr4_cache.clear()
-    _addr4_cache[value] = a
-    return a
+_addr4_cache: dict[int, ipaddress.IPv4Address] = {}  # an SA's IPv4 addresses by value (filled in _sa)
 
 
 def _addr(family: int, raw: bytes) -> IPAddress:
@@ -436,14 +426,9 @@ _NO_KEYS = _new(_SAKeys)
 _set_secret(_NO_KEYS, b"")  # shared by SAs without algorithms (IPcomp): decodes to three None
 
 
-def _check_algo(data: bytes, off: int, end: int, kind: int) -> None:
-    """What :func:`_algo` would refuse, without building anything."""
-    hdr = 72 if kind == C.XFRMA_ALG_AUTH_TRUNC or kind == C.XFRMA_ALG_AEAD else 68
-    if end - off < hdr:
-        raise XfrmDecodeError(f"algorithm attribute {kind} shorter than its header")
-    bits = _U32.unpack_from(data, off + 64)[0]
-    if off + hdr + ((bits + 7) >> 3) > end:
-        raise XfrmDecodeError(f"algorithm attribute {kind}: key of {bits} bits exceeds the attribute")
+# Algorithm attributes kept for _SAKeys, and their fixed part (xfrm_algo: name[64] and
+# key length in bits; xfrm_algo_auth/xfrm_algo_aead: and the trunc/ICV length).
+_ALGO_HDR = {C.XFRMA_ALG_CRYPT: 68, C.XFRMA_ALG_AUTH: 68, C.XFRMA_ALG_AUTH_TRUNC: 72, C.XFRMA_ALG_AEAD: 72}
 
 
 def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
@@ -456,8 +441,6 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # several of them 2**64-1, only to find the same record again).
     seq_, reqid, family, mode, rwin, flags = _SA_TAIL.unpack_from(data, info_off + 204)
     mark = if_id = encap = replay = None
-    crypt_at = auth_at = aead_at = None
-    auth_kind = 0
     algs_lo = algs_hi = 0  # the span of the algorithm attributes, kept raw for later
     extra: dict[str, object] | None = None
     unpack_nla = _NLA.unpack_from
@@ -469,27 +452,25 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             raise XfrmDecodeError(f"attribute type {atype & C.NLA_TYPE_MASK}: length {alen} overruns its message")
         atype &= C.NLA_TYPE_MASK
         s = off + 4
-        # Algorithms: remember where, check once after the loop (the kernel sends
-        # ALG_AUTH and ALG_AUTH_TRUNC for the same key; TRUNC wins), decode on first read.
-        if atype == C.XFRMA_ALG_CRYPT:
-            crypt_at = (s, e)
-            algs_lo, algs_hi = algs_lo or off, e
-        elif atype == C.XFRMA_ALG_AUTH_TRUNC:
-            auth_at, auth_kind = (s, e), atype
-            algs_lo, algs_hi = algs_lo or off, e
-        elif atype == C.XFRMA_ALG_AUTH:
-            if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
-                auth_at, auth_kind = (s, e), atype
-            algs_lo, algs_hi = algs_lo or off, e
-        elif atype == C.XFRMA_ALG_AEAD:
-            aead_at = (s, e)
-            algs_lo, algs_hi = algs_lo or off, e
+        if atype in _ALGO_HDR:
+            # Algorithms: checked now as _algo would (every one, also an ALG_AUTH that
+            # its ALG_AUTH_TRUNC twin outranks), kept raw, decoded on first read (_SAKeys).
+            hdr = _ALGO_HDR[atype]
+            if e - s < hdr:
+                raise XfrmDecodeError(f"algorithm attribute {atype} shorter than its header")
+            bits = _U32.unpack_from(data, s + 64)[0]
+            if s + hdr + ((bits + 7) >> 3) > e:
+                raise XfrmDecodeError(f"algorithm attribute {atype}: key of {bits} bits exceeds the attribute")
+            if not algs_hi:
+                algs_lo = off
+            algs_hi = e
         elif atype == C.XFRMA_REPLAY_VAL:
             if e - s < _REPLAY.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_VAL truncated")
             if replay is None or not replay.esn:  # an ESN state is the authoritative one
                 oseq, seq, _bitmap = _REPLAY.unpack_from(data, s)
-                replay = _replay((oseq, seq, rwin, False))
+                key = (oseq, seq, rwin, False)
+                replay = _replay_cache.get(key) or _replay(key)
         elif atype == C.XFRMA_REPLAY_ESN_VAL:
             if e - s < _REPLAY_ESN.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_ESN_VAL truncated")
@@ -524,12 +505,6 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             _sa_extra(data, atype, s, e, family, extra)
         off += (alen + 3) & ~3
     if algs_hi:
-        if crypt_at:
-            _check_algo(data, crypt_at[0], crypt_at[1], C.XFRMA_ALG_CRYPT)
-        if auth_at:
-            _check_algo(data, auth_at[0], auth_at[1], auth_kind)
-        if aead_at:
-            _check_algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD)
         keys = _new(_SAKeys)
         _set_secret(keys, data[algs_lo:algs_hi])
     else:
@@ -537,8 +512,20 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # Cache lookups inlined (this runs once per SA of a dump); misses take the slow path.
     if family == C.AF_INET:
         d4, spi, proto, s4 = _SA_ID_SADDR4.unpack_from(data, info_off + 56)
-        a_src = _addr4_cache.get(s4) or _addr4(s4)
-        a_dst = _addr4_cache.get(d4) or _addr4(d4)
+        a_src = _addr4_cache.get(s4)
+        if a_src is None:  # _addr4, inlined
+            a_src = _new(_V4)
+            a_src._ip = s4
+            if len(_addr4_cache) >= _CACHE_MAX:
+                _addr4_cache.clear()
+            _addr4_cache[s4] = a_src
+        a_dst = _addr4_cache.get(d4)
+        if a_dst is None:
+            a_dst = _new(_V4)
+            a_dst._ip = d4
+            if len(_addr4_cache) >= _CACHE_MAX:
+                _addr4_cache.clear()
+            _addr4_cache[d4] = a_dst
     else:
         daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
         spi = _ntohl(spi)
