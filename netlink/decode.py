@@ -69,6 +69,7 @@ _ALGO2 = struct.Struct("=64sII")  # xfrm_algo_auth / xfrm_algo_aead: 72 + key
 _ENCAP = struct.Struct("=HHH2x16s")  # xfrm_encap_tmpl: 24
 _MARK = struct.Struct("=II")
 _U8 = struct.Struct("=B")
+_U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 _U64 = struct.Struct("=Q")
@@ -405,20 +406,25 @@ class _SAKeys(Secret):
         data = self._b
         crypt = auth = aead = None
         auth_kind = 0
-        for atype, s, e in _attrs(data, 0, len(data)):  # the choices _sa made, made again
+        off, end = 0, len(data)
+        unpack_nla = _NLA.unpack_from
+        while end - off >= 4:  # the choices _sa would have made, made again
+            alen, atype = unpack_nla(data, off)
+            atype &= C.NLA_TYPE_MASK
             if atype == C.XFRMA_ALG_CRYPT:
-                crypt = (s, e)
+                crypt = off
             elif atype == C.XFRMA_ALG_AUTH_TRUNC:
-                auth, auth_kind = (s, e), atype
+                auth, auth_kind = off, atype
             elif atype == C.XFRMA_ALG_AUTH:
                 if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
-                    auth, auth_kind = (s, e), atype
+                    auth, auth_kind = off, atype
             elif atype == C.XFRMA_ALG_AEAD:
-                aead = (s, e)
+                aead = off
+            off += (alen + 3) & ~3
         return (
-            _algo(data, crypt[0], crypt[1], C.XFRMA_ALG_CRYPT) if crypt else None,
-            _algo(data, auth[0], auth[1], auth_kind) if auth else None,
-            _algo(data, aead[0], aead[1], C.XFRMA_ALG_AEAD) if aead else None,
+            None if crypt is None else _algo(data, crypt + 4, crypt + _U16.unpack_from(data, crypt)[0], C.XFRMA_ALG_CRYPT),
+            None if auth is None else _algo(data, auth + 4, auth + _U16.unpack_from(data, auth)[0], auth_kind),
+            None if aead is None else _algo(data, aead + 4, aead + _U16.unpack_from(data, aead)[0], C.XFRMA_ALG_AEAD),
         )
 
 
