@@ -154,19 +154,23 @@ class SA(_LazyFields):
     def __getattr__(self, name: str) -> Any:
         # Python calls this only when normal lookup fails: here, an unfilled slot.
         if name in _LAZY_ALGS:
-            lazy = getattr(self, "_lazy", None)
+            try:
+                lazy = _get_lazy(self)
+            except AttributeError:  # made by SA(...): every field is filled
+                lazy = None
             if lazy is not None:
                 crypt, auth, aead = lazy.decode()
-                object.__setattr__(self, "crypt", crypt)  # frozen: fill the slots as __init__ does
-                object.__setattr__(self, "auth", auth)
-                object.__setattr__(self, "aead", aead)
-                object.__setattr__(self, "_lazy", None)  # after the fields: a racing reader sees one or the other
+                # frozen: fill the slots through their descriptors, as netlink.decode does
+                _set_crypt(self, crypt)
+                _set_auth(self, auth)
+                _set_aead(self, aead)
+                _set_lazy(self, None)  # after the fields: a racing reader sees one or the other
             return object.__getattribute__(self, name)
         if name == "extra":
             # No rare attributes: the dict is made on first read, not per SA of a dump.
             # (Two threads racing here may each get a fresh empty dict; nothing writes to it.)
             extra: dict[str, object] = {}
-            object.__setattr__(self, "extra", extra)
+            _set_extra(self, extra)
             return extra
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -180,6 +184,14 @@ class SA(_LazyFields):
         """True when the kernel zeroed every key (lockdown=confidentiality)."""
         algs = [a for a in (self.crypt, self.auth, self.aead) if a is not None and len(a.key)]
         return bool(algs) and all(a.key.is_zero for a in algs)
+
+
+_get_lazy = _LazyFields._lazy.__get__  # type: ignore[attr-defined]
+_set_lazy = _LazyFields._lazy.__set__  # type: ignore[attr-defined]
+_set_crypt = SA.__dict__["crypt"].__set__
+_set_auth = SA.__dict__["auth"].__set__
+_set_aead = SA.__dict__["aead"].__set__
+_set_extra = SA.__dict__["extra"].__set__
 
 
 @dataclass(frozen=True, slots=True)
