@@ -3,8 +3,12 @@
 No sockets, no pyroute2: bytes in, records out, so recorded kernel bytes can
 be decoded anywhere. This is the hot path of a dump (50k SAs), hence
 precompiled ``struct.Struct`` layouts and caches of the parts SAs share
-(addresses, selectors, lifetime configs, algorithm names). The pyroute2
-family in netlink.xfrm describes the same layouts for the generic machinery.
+(addresses, selectors, lifetime configs, algorithm names). An SA's
+algorithms (two Algorithm+Secret+key objects, a quarter of the work) are
+checked here but decoded on first read of SA.crypt/auth/aead (_SAKeys): the
+agent reads the keys of the few SAs it measures, not of the whole table.
+The pyroute2 family in netlink.xfrm describes the same layouts for the
+generic machinery.
 
 Layouts are those of linux/include/uapi/linux/xfrm.h on LP64 targets
 (x86_64, arm64: __u64 8-aligned), checked against sizeof()/offsetof():
