@@ -3,8 +3,12 @@
 No sockets, no pyroute2: bytes in, records out, so recorded kernel bytes can
 be decoded anywhere. This is the hot path of a dump (50k SAs), hence
 precompiled ``struct.Struct`` layouts and caches of the parts SAs share
-(addresses, selectors, lifetime configs, algorithm names). The pyroute2
-family in netlink.xfrm describes the same layouts for the generic machinery.
+(addresses, selectors, lifetime configs, algorithm names). An SA's
+algorithms (two Algorithm+Secret+key objects, a quarter of the work) are
+checked here but decoded on first read of SA.crypt/auth/aead (_SAKeys): the
+agent reads the keys of the few SAs it measures, not of the whole table.
+The pyroute2 family in netlink.xfrm describes the same layouts for the
+generic machinery.
 
 Layouts are those of linux/include/uapi/linux/xfrm.h on LP64 targets
 (x86_64, arm64: __u64 8-aligned), checked against sizeof()/offsetof():
@@ -69,6 +73,7 @@ _ALGO2 = struct.Struct("=64sII")  # xfrm_algo_auth / xfrm_algo_aead: 72 + key
 _ENCAP = struct.Struct("=HHH2x16s")  # xfrm_encap_tmpl: 24
 _MARK = struct.Struct("=II")
 _U8 = struct.Struct("=B")
+_U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 _U64 = struct.Struct("=Q")
@@ -142,17 +147,7 @@ def _ip6(key: bytes) -> ipaddress.IPv6Address:
     return a
 
 
-_addr4_cache: dict[int, ipaddress.IPv4Address] = {}
-
-
-def _addr4(value: int) -> ipaddress.IPv4Address:
-    """An IPv4 address from its value (an SA's addresses, unpacked as ints)."""
-    a = _new(_V4)
-    _set_ip4(a, value)
-    if len(_addr4_cache) >= _CACHE_MAX:
-        _addr4_cache.clear()
-    _addr4_cache[value] = a
-    return a
+_addr4_cache: dict[int, ipaddress.IPv4Address] = {}  # an SA's IPv4 addresses by value (filled in _sa)
 
 
 def _addr(family: int, raw: bytes) -> IPAddress:
@@ -365,32 +360,85 @@ _SA_ORDER = (
 assert tuple(f.name for f in dataclasses.fields(SA))[: len(_SA_ORDER)] == _SA_ORDER, "records.SA changed order"
 
 
-def _builder(cls: type, order: tuple[str, ...]) -> Callable[..., Any]:
-    """cls(*values) at half the cost: a function that fills the slots through the
-    member descriptors' __set__, one call each, instead of the object.__setattr__
-    calls of the generated frozen __init__ (generated here the way dataclasses
-    generates __init__). SA and Algorithm have no __post_init__, so the result is
-    identical (tests/test_netlink_decode.py checks ``==`` and repr with SA(...)).
-    Fields added to ``cls`` after ``order`` get their declared defaults."""
+def _builder(cls: type, order: tuple[str, ...], lazy: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """cls(*values) at a third of the cost, for a frozen slots dataclass without
+    __post_init__ (SA, Algorithm): the values go into a twin class with the same
+    slots but no frozen __setattr__, where ``o.name = value`` is a plain slot store,
+    and the object then becomes a ``cls`` by __class__ assignment (CPython allows
+    it only between identical layouts, and checks). The result is the object
+    ``cls(...)`` makes (tests/test_netlink_decode.py checks type, ``==`` and repr
+    against SA(...)). Fields in ``lazy`` stay unfilled (the class's __getattr__
+    fills them on first read); fields added to ``cls`` after ``order`` get their
+    declared defaults."""
     fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
-    for f in fields[len(order) :]:
+    rest = [f for f in fields if f.name not in order and f.name not in lazy]
+    for f in rest:
         if f.default is dataclasses.MISSING:  # no default, or a factory (would be shared)
+            assert not lazy, f"{cls.__name__}.{f.name}: no default; update netlink.decode"
             return lambda *values: cls(*values)
-    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    ns.update({f"_set_{n}": cls.__dict__[n].__set__ for n in names})
-    ns.update({f"_dflt_{f.name}": f.default for f in fields[len(order) :]})
-    body = "".join(f"    _set_{n}(o, {n})\n" for n in order)
-    body += "".join(f"    _set_{f.name}(o, _dflt_{f.name})\n" for f in fields[len(order) :])
-    exec(f"def build({', '.join(order)}):\n    o = _new(_cls)\n{body}    return o\n", ns)  # noqa: S102
+    twin = type(f"_{cls.__name__}Fill", cls.__bases__, {"__slots__": cls.__slots__})
+    ns: dict[str, Any] = {"_twin": twin, "_cls": cls}
+    ns.update({f"_dflt_{f.name}": f.default for f in rest})
+    body = "".join(f"    o.{n} = {n}\n" for n in order)
+    body += "".join(f"    o.{f.name} = _dflt_{f.name}\n" for f in rest)
+    exec(f"def build({', '.join(order)}):\n    o = _twin()\n{body}    o.__class__ = _cls\n    return o\n", ns)  # noqa: S102
     return ns["build"]
 
 
-_build_sa = _builder(SA, _SA_ORDER)
+# What _sa fills: crypt/auth/aead are decoded from the _lazy slot on first read, and
+# extra is set only when not empty (records.SA.__getattr__ does the rest).
+_SA_LAZY = ("crypt", "auth", "aead", "extra")
+_SA_EAGER = (*(n for n in _SA_ORDER if n not in _SA_LAZY), "_lazy")
+_build_sa = _builder(SA, _SA_EAGER, _SA_LAZY)
+_set_sa_extra = SA.__dict__["extra"].__set__
 _ALG_ORDER = ("name", "key", "key_bits", "trunc_bits", "icv_bits")
 assert tuple(f.name for f in dataclasses.fields(Algorithm))[:5] == _ALG_ORDER, "records.Algorithm changed order"
 _build_alg = _builder(Algorithm, _ALG_ORDER)
 _set_secret = Secret.__dict__["_b"].__set__  # Secret(b) stores bytes(b) in _b; a slice already is bytes
+
+
+class _SAKeys(Secret):
+    """An SA's algorithm attributes, raw (key bytes included, hence a Secret), until
+    the first read of SA.crypt/auth/aead decodes them (records.SA.__getattr__).
+
+    _sa has checked them already with the same rules as :func:`_algo`, so decoding
+    later cannot fail; most SAs of a big dump never have their keys read."""
+
+    __slots__ = ()
+
+    def decode(self) -> tuple[Algorithm | None, Algorithm | None, Algorithm | None]:
+        data = self._b
+        crypt = auth = aead = None
+        auth_kind = 0
+        off, end = 0, len(data)
+        unpack_nla = _NLA.unpack_from
+        while end - off >= 4:  # the choices _sa would have made, made again
+            alen, atype = unpack_nla(data, off)
+            atype &= C.NLA_TYPE_MASK
+            if atype == C.XFRMA_ALG_CRYPT:
+                crypt = off
+            elif atype == C.XFRMA_ALG_AUTH_TRUNC:
+                auth, auth_kind = off, atype
+            elif atype == C.XFRMA_ALG_AUTH:
+                if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
+                    auth, auth_kind = off, atype
+            elif atype == C.XFRMA_ALG_AEAD:
+                aead = off
+            off += (alen + 3) & ~3
+        return (
+            None if crypt is None else _algo(data, crypt + 4, crypt + _U16.unpack_from(data, crypt)[0], C.XFRMA_ALG_CRYPT),
+            None if auth is None else _algo(data, auth + 4, auth + _U16.unpack_from(data, auth)[0], auth_kind),
+            None if aead is None else _algo(data, aead + 4, aead + _U16.unpack_from(data, aead)[0], C.XFRMA_ALG_AEAD),
+        )
+
+
+_NO_KEYS = _new(_SAKeys)
+_set_secret(_NO_KEYS, b"")  # shared by SAs without algorithms (IPcomp): decodes to three None
+
+
+# Algorithm attributes kept for _SAKeys, and their fixed part (xfrm_algo: name[64] and
+# key length in bits; xfrm_algo_auth/xfrm_algo_aead: and the trunc/ICV length).
+_ALGO_HDR = {C.XFRMA_ALG_CRYPT: 68, C.XFRMA_ALG_AUTH: 68, C.XFRMA_ALG_AUTH_TRUNC: 72, C.XFRMA_ALG_AEAD: 72}
 
 
 def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
@@ -403,9 +451,8 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # several of them 2**64-1, only to find the same record again).
     seq_, reqid, family, mode, rwin, flags = _SA_TAIL.unpack_from(data, info_off + 204)
     mark = if_id = encap = replay = None
-    crypt_at = auth_at = aead_at = None
-    auth_kind = 0
-    extra: dict[str, object] = {}
+    algs_lo = algs_hi = 0  # the span of the algorithm attributes, kept raw for later
+    extra: dict[str, object] | None = None
     unpack_nla = _NLA.unpack_from
     off = a_off
     while a_end - off >= 4:
@@ -415,24 +462,25 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             raise XfrmDecodeError(f"attribute type {atype & C.NLA_TYPE_MASK}: length {alen} overruns its message")
         atype &= C.NLA_TYPE_MASK
         s = off + 4
-        off += (alen + 3) & ~3
-        # Algorithms: remember where, decode once after the loop (the kernel
-        # sends ALG_AUTH and ALG_AUTH_TRUNC for the same key; TRUNC wins).
-        if atype == C.XFRMA_ALG_CRYPT:
-            crypt_at = (s, e)
-        elif atype == C.XFRMA_ALG_AUTH_TRUNC:
-            auth_at, auth_kind = (s, e), atype
-        elif atype == C.XFRMA_ALG_AUTH:
-            if auth_kind != C.XFRMA_ALG_AUTH_TRUNC:
-                auth_at, auth_kind = (s, e), atype
-        elif atype == C.XFRMA_ALG_AEAD:
-            aead_at = (s, e)
+        if atype in _ALGO_HDR:
+            # Algorithms: checked now as _algo would (every one, also an ALG_AUTH that
+            # its ALG_AUTH_TRUNC twin outranks), kept raw, decoded on first read (_SAKeys).
+            hdr = _ALGO_HDR[atype]
+            if e - s < hdr:
+                raise XfrmDecodeError(f"algorithm attribute {atype} shorter than its header")
+            bits = _U32.unpack_from(data, s + 64)[0]
+            if s + hdr + ((bits + 7) >> 3) > e:
+                raise XfrmDecodeError(f"algorithm attribute {atype}: key of {bits} bits exceeds the attribute")
+            if not algs_hi:
+                algs_lo = off
+            algs_hi = e
         elif atype == C.XFRMA_REPLAY_VAL:
             if e - s < _REPLAY.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_VAL truncated")
             if replay is None or not replay.esn:  # an ESN state is the authoritative one
                 oseq, seq, _bitmap = _REPLAY.unpack_from(data, s)
-                replay = _replay((oseq, seq, rwin, False))
+                key = (oseq, seq, rwin, False)
+                replay = _replay_cache.get(key) or _replay(key)
         elif atype == C.XFRMA_REPLAY_ESN_VAL:
             if e - s < _REPLAY_ESN.size:
                 raise XfrmDecodeError("XFRMA_REPLAY_ESN_VAL truncated")
@@ -452,21 +500,42 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
             etype, sport, dport, oa = _ENCAP.unpack_from(data, s)
             encap = (etype, _ntohs(sport), _ntohs(dport))
             if any(oa):
+                if extra is None:
+                    extra = {}
                 extra["encap_oa"] = _addr(family, oa)
         elif atype == C.XFRMA_LASTUSED:
             if e - s < 8:
                 raise XfrmDecodeError("XFRMA_LASTUSED truncated")
+            if extra is None:
+                extra = {}
             extra["lastused"] = _U64.unpack_from(data, s)[0]
         elif atype != C.XFRMA_SA:
+            if extra is None:
+                extra = {}
             _sa_extra(data, atype, s, e, family, extra)
-    crypt = _algo(data, crypt_at[0], crypt_at[1], C.XFRMA_ALG_CRYPT) if crypt_at else None
-    auth = _algo(data, auth_at[0], auth_at[1], auth_kind) if auth_at else None
-    aead = _algo(data, aead_at[0], aead_at[1], C.XFRMA_ALG_AEAD) if aead_at else None
+        off += (alen + 3) & ~3
+    if algs_hi:
+        keys = _new(_SAKeys)
+        _set_secret(keys, data[algs_lo:algs_hi])
+    else:
+        keys = _NO_KEYS
     # Cache lookups inlined (this runs once per SA of a dump); misses take the slow path.
     if family == C.AF_INET:
         d4, spi, proto, s4 = _SA_ID_SADDR4.unpack_from(data, info_off + 56)
-        a_src = _addr4_cache.get(s4) or _addr4(s4)
-        a_dst = _addr4_cache.get(d4) or _addr4(d4)
+        a_src = _addr4_cache.get(s4)
+        if a_src is None:  # _addr4, inlined
+            a_src = _new(_V4)
+            a_src._ip = s4
+            if len(_addr4_cache) >= _CACHE_MAX:
+                _addr4_cache.clear()
+            _addr4_cache[s4] = a_src
+        a_dst = _addr4_cache.get(d4)
+        if a_dst is None:
+            a_dst = _new(_V4)
+            a_dst._ip = d4
+            if len(_addr4_cache) >= _CACHE_MAX:
+                _addr4_cache.clear()
+            _addr4_cache[d4] = a_dst
     else:
         daddr, spi, proto, saddr = _SA_ID_SADDR.unpack_from(data, info_off + 56)
         spi = _ntohl(spi)
@@ -480,7 +549,7 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
     # Idle SAs installed together share their lifetime_cur (same add_time, no traffic).
     raw = data[info_off + 160 : info_off + 192]
     cur = _cur_raw_cache.get(raw) or _current_raw(raw)
-    return _build_sa(
+    sa = _build_sa(
         family,
         a_src,
         a_dst,
@@ -495,15 +564,15 @@ def _sa(data: bytes, info_off: int, a_off: int, a_end: int) -> SA:
         cur,
         stats,
         seq_,
-        crypt,
-        auth,
-        aead,
         mark,
         if_id,
         encap,
-        extra,
         replay,
+        keys,
     )
+    if extra:
+        _set_sa_extra(sa, extra)
+    return sa
 
 
 _U32_EXTRAS = {

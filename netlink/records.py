@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from netlink.secret import Secret
 
@@ -106,9 +107,26 @@ class Mark:
     mask: int
 
 
+class _LazyFields:
+    """SA's one slot that is not a field: how to decode the fields netlink.decode left
+    unfilled (see SA.__getattr__). Not a field, so not in repr, ==, hash or SA(...)."""
+
+    __slots__ = ("_lazy",)
+
+
+_LAZY_ALGS = frozenset(("crypt", "auth", "aead"))
+
+
 @dataclass(frozen=True, slots=True)
-class SA:
-    """One XFRM state (struct xfrm_usersa_info plus its attributes)."""
+class SA(_LazyFields):
+    """One XFRM state (struct xfrm_usersa_info plus its attributes).
+
+    netlink.decode leaves some fields unfilled until first read, which
+    ``__getattr__`` then decodes: ``crypt``/``auth``/``aead`` (most SAs of a
+    50k-SA dump never have their keys read; ``_lazy`` holds the algorithm
+    attributes, inside a :class:`Secret`, validated at decode time) and an
+    empty ``extra``. Records made with ``SA(...)`` have every field filled.
+    """
 
     family: int
     saddr: IPAddress
@@ -133,6 +151,29 @@ class SA:
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     replay: ReplayState | None = None  # anti-replay counters (sequence numbers)
 
+    def __getattr__(self, name: str) -> Any:
+        # Python calls this only when normal lookup fails: here, an unfilled slot.
+        if name in _LAZY_ALGS:
+            try:
+                lazy = _get_lazy(self)
+            except AttributeError:  # made by SA(...): every field is filled
+                lazy = None
+            if lazy is not None:
+                crypt, auth, aead = lazy.decode()
+                # frozen: fill the slots through their descriptors, as netlink.decode does
+                _set_crypt(self, crypt)
+                _set_auth(self, auth)
+                _set_aead(self, aead)
+                _set_lazy(self, None)  # after the fields: a racing reader sees one or the other
+            return object.__getattribute__(self, name)
+        if name == "extra":
+            # No rare attributes: the dict is made on first read, not per SA of a dump.
+            # (Two threads racing here may each get a fresh empty dict; nothing writes to it.)
+            extra: dict[str, object] = {}
+            _set_extra(self, extra)
+            return extra
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def key_id(self) -> tuple[int, int, IPAddress]:
         """(spi, proto, daddr): how the kernel itself identifies an SA."""
@@ -143,6 +184,14 @@ class SA:
         """True when the kernel zeroed every key (lockdown=confidentiality)."""
         algs = [a for a in (self.crypt, self.auth, self.aead) if a is not None and len(a.key)]
         return bool(algs) and all(a.key.is_zero for a in algs)
+
+
+_get_lazy = _LazyFields._lazy.__get__  # type: ignore[attr-defined]
+_set_lazy = _LazyFields._lazy.__set__  # type: ignore[attr-defined]
+_set_crypt = SA.__dict__["crypt"].__set__
+_set_auth = SA.__dict__["auth"].__set__
+_set_aead = SA.__dict__["aead"].__set__
+_set_extra = SA.__dict__["extra"].__set__
 
 
 @dataclass(frozen=True, slots=True)

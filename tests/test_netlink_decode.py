@@ -92,6 +92,33 @@ def test_fast_sa_construction_equals_the_dataclass_constructor() -> None:
     assert len({id(sa.extra) for sa in sas}) == len(sas)  # no shared mutable dict
 
 
+def test_algorithms_are_decoded_on_first_read() -> None:
+    """A dump leaves crypt/auth/aead (and an empty extra) unfilled until read: most of a
+    router's SAs never have their keys read. Reading gives what SA(...) holds, once."""
+    import copy
+    import dataclasses
+
+    from netlink.records import SA
+    from netlink.secret import Secret
+
+    for sa in dumped_sas().values():
+        for name in ("crypt", "auth", "aead"):
+            with pytest.raises(AttributeError):
+                SA.__dict__[name].__get__(sa, SA)  # the slot itself: not filled yet
+        lazy = sa._lazy  # type: ignore[attr-defined]
+        assert isinstance(lazy, Secret) and "0x" not in repr(lazy) and lazy.reveal() not in repr(sa).encode()
+        crypt, auth, aead = sa.crypt, sa.auth, sa.aead
+        assert (sa.crypt, sa.auth, sa.aead) == (crypt, auth, aead) and sa.crypt is crypt  # decoded once
+        assert sa._lazy is None  # type: ignore[attr-defined]
+        assert copy.copy(sa) == sa == dataclasses.replace(sa)
+    esp4 = dumped_sas()[0x11111111]
+    assert copy.copy(esp4).crypt == esp4.crypt and esp4 == dumped_sas()[0x11111111]  # == decodes both
+    with pytest.raises(AttributeError):
+        esp4.no_such_field  # type: ignore[attr-defined]  # noqa: B018
+    made = SA(**{f.name: getattr(esp4, f.name) for f in dataclasses.fields(SA)})
+    assert made.crypt is esp4.crypt and getattr(made, "_lazy", None) is None
+
+
 def test_dump_agrees_with_iproute2_text() -> None:
     """The `ip -s xfrm state` output recorded at the same moment is the oracle."""
     text = REC["ip_s_xfrm_state"]
@@ -206,19 +233,32 @@ def test_dump_error_and_interrupt_flags() -> None:
 # --- fuzzing -------------------------------------------------------------------
 
 
+def _read_every_field(records: list) -> None:
+    """repr reads every field, so fields decoded on first read (SA.crypt/auth/aead)
+    are decoded here, outside the try: input that decoded must not fail later."""
+    for rec in records:
+        repr(rec)
+
+
 def _decode_all_ways(buf: bytes) -> None:
     try:
-        decode_messages(buf)
+        msgs = decode_messages(buf)
     except XfrmDecodeError:
         pass
+    else:
+        _read_every_field([m.event for m in msgs if m.event is not None])
+    result = DumpResult()
     try:
-        feed_dump(buf, 77, C.XFRM_MSG_NEWSA, DumpResult())
+        feed_dump(buf, 77, C.XFRM_MSG_NEWSA, result)
     except XfrmDecodeError:
         pass
+    _read_every_field(result.items)
     try:
-        decode_sa(buf[16:])
+        sa = decode_sa(buf[16:])
     except XfrmDecodeError:
         pass
+    else:
+        _read_every_field([sa])
 
 
 def test_every_truncation_of_every_recorded_datagram() -> None:

@@ -216,15 +216,19 @@ def netlink_xfrm(data: bytes) -> None:
     sel, body = data[0] % 4, data[1:]
     try:
         if sel == 0:
-            decode_messages(body)
+            out = [m.event for m in decode_messages(body) if m.event is not None]
         elif sel == 1:
-            feed_dump(body, 77, C.XFRM_MSG_NEWSA if data[0] & 4 else C.XFRM_MSG_NEWPOLICY, DumpResult())
+            result = DumpResult()
+            feed_dump(body, 77, C.XFRM_MSG_NEWSA if data[0] & 4 else C.XFRM_MSG_NEWPOLICY, result)
+            out = list(result.items)
         elif sel == 2:
-            decode_sa(body)
+            out = [decode_sa(body)]
         else:
-            decode_policy(body)
+            out = [decode_policy(body)]
     except XfrmDecodeError:
         return
+    for rec in out:  # repr reads every field: SA.crypt/auth/aead are decoded on first read
+        repr(rec)
 
 
 # --------------------------------------------------------------------------- control server
