@@ -38,6 +38,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.sas import bystander_lines, ip_batch  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -128,25 +131,14 @@ port = {exp}
 def install_sas(ns: str, n: int, tunnels: int) -> float:
     """N bystander SAs (other tunnels of the router) and one SA pair per measured tunnel
     (127.0.0.1 <-> 10.9.0.i, addresses on the netns's lo): one ``ip -batch``."""
-    lines = []
-    for i in range(n):
-        a, b = (i >> 8) & 255, i & 255
-        lines.append(
-            f"xfrm state add src 10.1.{a}.{b} dst 10.2.{a}.{b} proto esp spi {0x10000 + i:#x} reqid {i + 1} "
-            f"mode tunnel auth-trunc 'hmac(sha256)' 0x{i + 1:064x} 128 enc 'cbc(aes)' 0x{i + 1:032x}\n"
-        )
+    lines = bystander_lines(n)
     for t in range(tunnels):
         for j, (src, dst) in enumerate((("127.0.0.1", f"10.9.0.{t + 1}"), (f"10.9.0.{t + 1}", "127.0.0.1"))):
             lines.append(
                 f"xfrm state add src {src} dst {dst} proto esp spi {0x7000000 + 2 * t + j:#x} reqid {900000 + t} "
                 f"mode tunnel auth-trunc 'hmac(sha256)' 0x{t + 1:064x} 128 enc 'cbc(aes)' 0x{t + 1:032x}\n"
             )
-    with tempfile.NamedTemporaryFile("w", dir="/tmp", suffix=".batch", delete=False) as f:
-        f.writelines(lines)
-    t0 = time.perf_counter()
-    subprocess.run(["ip", "-n", ns, "-batch", f.name], check=True)
-    os.unlink(f.name)
-    return time.perf_counter() - t0
+    return ip_batch(ns, lines)
 
 
 def scale_config(tunnels: int, pps: float, count: int, tw: int, exp: int, redump: float) -> str:

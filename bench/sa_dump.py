@@ -21,7 +21,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 import uuid
@@ -29,23 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.sas import bystander_lines, ip_batch  # noqa: E402
 from netlink.client import XfrmClient  # noqa: E402
 
 
 def install(ns: str, n: int) -> float:
-    lines = []
-    for i in range(n):
-        a, b = (i >> 8) & 255, i & 255
-        lines.append(
-            f"xfrm state add src 10.1.{a}.{b} dst 10.2.{a}.{b} proto esp spi {0x10000 + i:#x} reqid {i + 1} "
-            f"mode tunnel auth-trunc 'hmac(sha256)' 0x{i + 1:064x} 128 enc 'cbc(aes)' 0x{i + 1:032x}\n"
-        )
-    with tempfile.NamedTemporaryFile("w", dir="/tmp", suffix=".batch", delete=False) as f:
-        f.writelines(lines)
-    t0 = time.perf_counter()
-    subprocess.run(["ip", "-n", ns, "-batch", f.name], check=True)
-    os.unlink(f.name)
-    return time.perf_counter() - t0
+    return ip_batch(ns, bystander_lines(n))
 
 
 def time_ip(ns: str) -> float:
