@@ -59,7 +59,7 @@ from agent.engine.packets import (
     security_from_mode,
 )
 from agent.engine.receiver import OwampReceiver
-from agent.engine.reflector import ReflectorSession
+from agent.engine.reflector import LATE_T3, ReflectorSession
 from agent.engine.sender import PacketRecord, Schedule, TestSender
 from netlink.secret import Secret
 
@@ -471,7 +471,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 t3 = patch.read_ns(out) if tx is not None else None
             else:
                 # Everything first, the clock last: only T3 is written after the read (followup.T3Patch).
-                out = sess.reflect(data, rx, ttl, int, tos, key, src)
+                out = sess.reflect(data, rx, ttl, LATE_T3, tos, key, src)
                 if out is None:
                     continue
                 out = bytearray(out)
