@@ -179,3 +179,68 @@ def test_reflector_echoing_the_tlv_unfilled_falls_back_to_t3_as_written() -> Non
     settled += fix.pending()
     assert sorted(r.seq for r in settled) == list(range(6))
     assert all(r.follow_up == "unsupported" and r.t3_ns is not None and r.rtt_ns is not None for r in settled)
+
+
+def test_reflector_tx_drain_fast_path_agrees_with_the_general_decoder() -> None:
+    """The endpoint decodes its replies' software TX stamps inline (one recvmsg per reply);
+    every message, ordinary or odd, must come out as timestamping.decode_tx_message says."""
+    import errno
+    import socket
+
+    from agent.engine import timestamping as ts
+    from agent.engine.clock import StampCounters
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    def scm(s0: int, n0: int, s2: int = 0, n2: int = 0) -> tuple[int, int, bytes]:
+        return (socket.SOL_SOCKET, ts.SCM_TIMESTAMPING, struct.pack("=6q", s0, n0, 0, 0, s2, n2))
+
+    def ee(key: int, err: int = errno.ENOMSG, origin: int = ts.SO_EE_ORIGIN_TIMESTAMPING, info: int = 0,
+           level: int = ts.SOL_IP, ctype: int = ts.IP_RECVERR) -> tuple[int, int, bytes]:
+        return (level, ctype, struct.pack("=IBBBBII", err, origin, 0, 0, 0, info, key))
+
+    msgs = [
+        [scm(1_700_000_000, 5), ee(0)],  # the ordinary message
+        [ee(1), scm(1_700_000_001, 999_999_999)],  # other order
+        [scm(1_700_000_002, 7), ee(2, level=ts.SOL_IPV6, ctype=ts.IPV6_RECVERR)],
+        [scm(0, 0, 1_700_000_003, 1), ee(3)],  # hardware slot only: no PHC here
+        [scm(1_700_000_004, 10**9), ee(4)],  # bad nsec
+        [scm(-1, 5), ee(5)],
+        [scm(1_700_000_006, 1), ee(6, err=errno.EHOSTUNREACH, origin=2)],  # an ICMP error, not a stamp
+        [scm(1_700_000_007, 1), ee(7, info=1)],  # SCM_TSTAMP_SCHED
+        [scm(1_700_000_008, 1)],  # no key
+        [ee(9)],  # no stamp
+        [(socket.SOL_SOCKET, ts.SCM_TIMESTAMPING, b"\x01" * 20), ee(10)],  # truncated cmsg
+        [scm(1_700_000_011, 3), ee(11), (socket.SOL_IP, 2, struct.pack("=i", 64))],  # an extra cmsg
+        [],
+    ]
+
+    class Sock:
+        def __init__(self) -> None:
+            self.q = list(msgs)
+
+        def recvmsg(self, _n: int, _anc: int, flags: int) -> tuple:
+            assert flags & socket.MSG_ERRQUEUE
+            if not self.q:
+                raise BlockingIOError
+            return b"", self.q.pop(0), 0, None
+
+    class Tx:
+        def __init__(self) -> None:
+            self.got: list[tuple[int, int, str]] = []
+
+        def on_stamp(self, key: int, ns: int, source: str) -> None:
+            self.got.append((key, ns, source))
+
+    cfg = ts.TimestampingConfig(False, False, True, True, None, 0)
+    want = []
+    for m in msgs:
+        r = ts.decode_tx_message(m, config=cfg, counters=StampCounters())
+        if r is not None:
+            want.append((r[0], r[1].ns, r[1].source.value))
+    assert [k for k, _, _ in want] == [0, 1, 2, 11]
+
+    ep = TwampReflectorEndpoint(("127.0.0.1", 0))
+    ep.sock, ep.ts_config, ep.tx = Sock(), cfg, Tx()  # type: ignore[assignment]
+    ep._drain_tx()
+    assert ep.tx.got == want  # type: ignore[union-attr]
+    ep.sock = None

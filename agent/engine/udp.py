@@ -79,6 +79,13 @@ _TS3 = struct.Struct("=qq")
 _INT = struct.Struct("=i")
 _TX_BITS = ts.SOF_TIMESTAMPING_TX_HARDWARE | ts.SOF_TIMESTAMPING_TX_SOFTWARE
 _REPLY_TX_COUNTERS = StampCounters()  # the reflector's reply TX stamps (agent.engine.followup), by source
+_ERRQ_FLAGS = socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT
+_TS64 = struct.Struct("=qqqqqq").unpack_from  # struct scm_timestamping, 64-bit ABI
+_EXT_ERR = struct.Struct("=IBBBBII").unpack_from  # struct sock_extended_err
+_RECVERR = ((_SOL_IP, ts.IP_RECVERR), (_SOL_IPV6, ts.IPV6_RECVERR))
+_ENOMSG, _ORIGIN_TS, _TSTAMP_SND = errno.ENOMSG, ts.SO_EE_ORIGIN_TIMESTAMPING, ts.SCM_TSTAMP_SND
+_SEQ_AT0 = struct.Struct("!I").unpack_from
+_SSID_AT = struct.Struct("!H").unpack_from
 
 
 def _family_of(host: str) -> int:
@@ -383,8 +390,45 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if tx is None or sock is None or self.ts_config is None:
             return
         # Own counters: xwamp_timestamps_total{direction="tx"} stays the stamps of test packets' T1.
-        for key, stamp in ts.drain_tx_stamps(sock, config=self.ts_config, counters=_REPLY_TX_COUNTERS):
-            tx.on_stamp(key, stamp.ns, stamp.source.value)
+        cfg = self.ts_config
+        on_stamp = tx.on_stamp
+        if cfg.hardware_tx or not ts._LP64:  # PHC conversion and fallback counting: the general decoder
+            for key, stamp in ts.drain_tx_stamps(sock, config=cfg, counters=_REPLY_TX_COUNTERS):
+                on_stamp(key, stamp.ns, stamp.source.value)
+            return
+        # Software TX stamps, one per reply: a recvmsg each, so the decode is inlined for the
+        # common message (SCM_TIMESTAMPING with only the software slot set, and the
+        # IP(V6)_RECVERR sock_extended_err whose ee_data is the OPT_ID key); anything else
+        # goes to timestamping.decode_tx_message, which decides.
+        recvmsg = sock.recvmsg
+        counters = _REPLY_TX_COUNTERS
+        for _ in range(4096):
+            try:
+                _data, anc, _flags, _addr = recvmsg(64, ts.ANCILLARY_BUFSIZE, _ERRQ_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            key = sw = None
+            for level, ctype, cdata in anc:
+                if level == _SOL_SOCKET and ctype == _SCM_TS and len(cdata) >= 48:
+                    s0, n0, _s1, _n1, s2, n2 = _TS64(cdata)
+                    if s2 or n2 or s0 <= 0 or not 0 <= n0 < 1_000_000_000:
+                        break
+                    sw = s0 * 1_000_000_000 + n0
+                elif (level, ctype) in _RECVERR and len(cdata) >= 16:
+                    ee_errno, origin, _t, _c, _p, info, ee_data = _EXT_ERR(cdata)
+                    if ee_errno != _ENOMSG or origin != _ORIGIN_TS or info != _TSTAMP_SND:
+                        break
+                    key = ee_data
+                else:
+                    break
+            else:
+                if key is not None and sw is not None:
+                    counters.tx_sw += 1
+                    on_stamp(key, sw, "sw")
+                    continue
+            got = ts.decode_tx_message(anc, config=cfg, counters=counters)
+            if got is not None:
+                on_stamp(got[0], got[1].ns, got[1].source.value)
 
     def session(self, sid: Hashable) -> ReflectorSession | None:
         s = self._sessions.get(sid)
@@ -486,8 +530,9 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             except OSError:
                 self.send_errors += 1
             else:
-                if tx is not None and t3 is not None:
-                    tx.sent((key, patch.ssid(out)), int.from_bytes(out[:4], "big"), t3)
+                if tx is not None and t3 is not None:  # T3Patch.ssid and the reply's Sequence Number, inlined
+                    a = patch.ssid_at
+                    tx.sent((key, _SSID_AT(out, a)[0] if a is not None else 0), _SEQ_AT0(out)[0], t3)
         if n_sw and hw is None:  # with hardware stamps, agent.engine.timestamping.rx_stamp counted them
             STAMP_COUNTERS.add("rx", "sw", n_sw)
         if n_user:
