@@ -244,3 +244,97 @@ def test_reflector_tx_drain_fast_path_agrees_with_the_general_decoder() -> None:
     ep._drain_tx()
     assert ep.tx.got == want  # type: ignore[union-attr]
     ep.sock = None
+
+
+@pytest.mark.parametrize("sample_ns", [0, 10**12])
+def test_reflector_stamps_follow_up_askers_always_and_others_by_sample(sample_ns: int) -> None:
+    """Per-reply TX stamp requests: with a sample interval longer than the test, a TWAMP-Light
+    sender's replies get one stamp (the first) while a STAMP sender asking Follow-Up gets every
+    reply stamped and answered; interval 0 stamps every reply (socket-wide). The kernel's OPT_ID
+    keys must keep matching the replies they belong to: each follow-up names the previous reply."""
+    import socket
+
+    from agent.engine.txlag import TX_LAG
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    n = 6
+
+    async def main():
+        TX_LAG.reset()
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=ReflectorSession(Proto.STAMP), hardware=False,
+                                    tx_sample_ns=sample_ns)
+        await ep.start()
+        loop = asyncio.get_running_loop()
+        light = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        light.setblocking(False)
+        light.connect(("127.0.0.1", ep.port))
+        try:
+            for i in range(n):  # TWAMP-Light: 41 octets, Error Estimate multiplier 1, no TLVs
+                await loop.sock_sendall(light, struct.pack("!IQH", i, 1, 1) + bytes(27))
+                await loop.sock_recv(light, 2048)
+            light_stamped = ep.tx.stamped if ep.tx else None
+            res = await stamp_session(StampOptions("127.0.0.1", ep.port, count=n, interval=0.01, wait=0.5,
+                                                   follow_up=True))
+        finally:
+            light.close()
+            ep.close()
+        return res, ep, light_stamped
+
+    res, ep, light_stamped = asyncio.run(main())
+    if ep.ts_config is None:
+        pytest.skip("no kernel timestamps on this host")
+    assert ep.tx is not None
+    await_stamps = ep.tx.stamped  # the last reply's stamp may still be on the error queue
+    if sample_ns:
+        assert ep._tx_anc is not None  # per-reply requests on this kernel
+        assert light_stamped == 1
+        assert await_stamps in (n, n + 1)
+    else:
+        assert ep._tx_anc is None and light_stamped == n
+    corrected = [r for r in res.records if r.follow_up == "corrected"]
+    assert len(corrected) >= n - 2 and ep.tx.unmatched == 0  # as above: a loaded host may delay one
+    for r in corrected:
+        assert r.t2_ns < r.t3_user_ns <= r.t3_ns
+    TX_LAG.reset()
+
+
+def test_reflector_falls_back_to_socket_wide_tx_stamps_when_the_kernel_refuses_per_packet_requests() -> None:
+    """A kernel that refuses SO_TIMESTAMPING as a sendmsg control message (EINVAL): the socket
+    asks for TX stamps itself, every reply is stamped from then on, and this reply still goes."""
+    import errno
+    import socket
+
+    from agent.engine import timestamping as ts
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    class Sock:
+        family = socket.AF_INET
+
+        def __init__(self) -> None:
+            self.opts: list[int] = []
+            self.sent: list[tuple] = []
+
+        def sendmsg(self, bufs: list, anc: list, flags: int, addr: tuple) -> int:
+            if any(level == socket.SOL_SOCKET and t == ts.SO_TIMESTAMPING for level, t, _ in anc):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            self.sent.append(("sendmsg", bytes(bufs[0]), anc))
+            return len(bufs[0])
+
+        def sendto(self, data: bytes, addr: tuple) -> int:
+            self.sent.append(("sendto", bytes(data)))
+            return len(data)
+
+        def setsockopt(self, level: int, opt: int, value: int) -> None:
+            assert (level, opt) == (socket.SOL_SOCKET, ts.SO_TIMESTAMPING)
+            self.opts.append(value)
+
+    flags = ts.SOF_TIMESTAMPING_TX_SOFTWARE | ts.SOF_TIMESTAMPING_SOFTWARE | ts.SOF_TIMESTAMPING_OPT_ID
+    ep = TwampReflectorEndpoint(("127.0.0.1", 0))
+    ep.ts_config = ts.TimestampingConfig(False, False, True, True, None, flags)
+    sock = Sock()
+    ep._configure_tx(sock)  # type: ignore[arg-type]
+    assert ep._tx_anc is not None and sock.opts == [flags & ~ts.SOF_TIMESTAMPING_TX_SOFTWARE]
+    ep._send_stamped(sock, b"reply", ("192.0.2.1", 862), None)  # type: ignore[arg-type]
+    assert ep._tx_anc is None and sock.opts[-1] == flags and sock.sent == [("sendto", b"reply")]
+    ep._send_stamped(sock, b"again", ("192.0.2.1", 862), 46)  # type: ignore[arg-type]
+    assert sock.sent[-1] == ("sendmsg", b"again", [(socket.SOL_IP, 1, bytes((46 << 2,)))])

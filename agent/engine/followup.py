@@ -57,6 +57,9 @@ class ReplyTxStamps:
         self.next_key = 0
         self._pending: OrderedDict[int, tuple[Hashable, int, int]] = OrderedDict()
         self._last: OrderedDict[Hashable, LastTx] = OrderedDict()
+        # Streams whose sender asked for Follow-Up Telemetry: their replies are all stamped
+        # (agent.engine.udp stamps the others by sample only). Bounded like _last.
+        self.asking: dict[Hashable, None] = {}
         self.stamped = 0
         self.unmatched = 0
 
@@ -88,6 +91,11 @@ class ReplyTxStamps:
         return self._last.get(stream)
 
     def follow_up(self, stream: Hashable, ptp: bool = False) -> bytes:
+        asking = self.asking
+        if stream not in asking:
+            if len(asking) >= MAX_STREAMS:
+                del asking[next(iter(asking))]
+            asking[stream] = None
         return follow_up_value(self._last.get(stream), ptp)
 
 
