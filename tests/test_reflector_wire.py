@@ -139,3 +139,16 @@ def test_stamp_unauthenticated_reply_octets(use_ptp: bool, stateful: bool) -> No
         want = struct.pack("!IQHHQIQH2xB3x", seq, fmt(now), err, 0x1234, fmt(rx), 70 + i,
                            0xAABBCCDD00112233 + i, 0x0A03, 33) + bytes(i * 4)
         assert out == want, i
+
+
+@pytest.mark.parametrize("use_ptp", [False, True])
+def test_late_t3_patch_octets_across_seconds(use_ptp: bool) -> None:
+    """The adapter's late T3 write (agent.engine.followup.T3Patch) keeps its own per-second cache."""
+    from agent.engine.followup import T3Patch
+
+    p = T3Patch.for_session(Proto.TWAMP, Security.UNAUTH, use_ptp)
+    fmt = ptp if use_ptp else ntp
+    for now in [t for pair in TIMES for t in pair] + [0, 10**9 - 1, -1, S]:
+        buf = bytearray(41)
+        p.patch(buf, now)
+        assert buf == bytes(4) + struct.pack("!Q", fmt(now)) + bytes(29), now

@@ -508,6 +508,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             self._drain_tx()
         tx_anc, tx_at, every = self._tx_anc, self._tx_at, self.tx_sample_ns
         patches = self._patches
+        last_sess: ReflectorSession | None = None
+        patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
         for _ in range(self.batch):
             try:
                 data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
@@ -554,8 +556,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if sess is None:
                         self.unknown_peer += 1
                         continue
-            pe = patches.get(id(sess))
-            patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
+            if sess is not last_sess:  # a batch is mostly one session's packets
+                pe = patches.get(id(sess))
+                patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
+                last_sess = sess
             if patch.offset is None:
                 out = sess.reflect(data, rx, ttl, now, tos, key, src)
                 if out is None:
