@@ -575,11 +575,11 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 patch.patch(out, t3)
             dscp = sess.reply_dscp
             stamped = False
-            if tx is not None and t3 is not None:  # T3Patch.ssid, inlined
-                a = patch.ssid_at
+            # Socket-wide stamps (tx_anc None): every reply; else Follow-Up askers and a sample.
+            if tx is not None and t3 is not None and (tx_anc is None or rx - tx_at >= every or asking):
+                a = patch.ssid_at  # T3Patch.ssid, inlined
                 stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
-                # Socket-wide stamps (tx_anc None): every reply; else Follow-Up askers and a sample.
-                stamped = tx_anc is None or rx - tx_at >= every or (asking and stream in asking)
+                stamped = tx_anc is None or rx - tx_at >= every or stream in asking
             try:
                 if stamped:
                     self._send_stamped(sock, out, addr, dscp)
