@@ -78,10 +78,10 @@ def _second_of(ns: int, ptp: bool) -> tuple[int, int]:
     return ns - rem, (((sec if ptp else sec + NTP_UNIX_OFFSET) & _M32) << 32)
 
 
-# TWAMP authenticated reply after block 0 (RFC 5357 §4.2.1): block 0 enciphered (16 octets),
-# Timestamp, Error Estimate, MBZ, Receive Timestamp, MBZ, Sender Sequence Number, MBZ, Sender
-# Timestamp, Sender Error Estimate, MBZ, Sender TTL, MBZ, then the HMAC (16 of SHA-1's 20
-# octets: "s" truncates). Octets 16..111 of S_REFL_AUTH + HMAC, in one pack.
+# TWAMP authenticated reply (RFC 5357 §4.2.1) in one pack: block 0 as enciphered (16 octets),
+# then S_REFL_AUTH's octets 16..95 (Timestamp, Error Estimate, MBZ, Receive Timestamp, MBZ,
+# Sender Sequence Number, MBZ, Sender Timestamp, Sender Error Estimate, MBZ, Sender TTL, MBZ),
+# then the HMAC at 96 (16 of SHA-1's 20 octets: "s" truncates).
 _S_AUTH_REPLY = struct.Struct("!16sQHH4xQ8xI12xQH6xB15x16s")
 _S_BLOCK0 = struct.Struct("!I12x")  # Sequence Number + 12 MBZ: the only enciphered block
 _S_TS_ERR = struct.Struct("!QH")  # sender Timestamp + Error Estimate at 16 (authenticated)
@@ -204,6 +204,7 @@ class ReflectorSession:
             self._scrypto = StampCrypto(stamp_key)  # unauthenticated base, HMAC TLV still checked
         # The per-packet functions are closures over what they need (no attribute lookups,
         # no per-packet allocations beyond the reply); the methods are the general paths.
+        # Settings they bind (proto, security, ptp, stateful, keys, reflect) are fixed here.
         if proto is Proto.TWAMP and security is Security.UNAUTH:
             self.reflect = self._fast_twamp_unauth()  # type: ignore[method-assign]
         elif proto is Proto.TWAMP:
