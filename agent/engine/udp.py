@@ -367,7 +367,9 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         # TX stamps asked per reply: SO_TIMESTAMPING as a sendmsg control message overrides the TX
         # recording flags for that one write, "to sample timestamps for each write" (kernel commit
         # c14ac945, Linux 4.7; Documentation/networking/timestamping §1.3.4); reporting flags and
-        # OPT_ID stay on the socket, and OPT_ID keys then count the stamped packets only.
+        # OPT_ID stay on the socket, and OPT_ID keys then count the stamped packets only. So while
+        # _tx_anc is set nothing may put TX bits back on this socket: ReplyTxStamps.sent() is called
+        # for the stamped replies only, and every later key would name the wrong reply.
         try:
             sock.setsockopt(_SOL_SOCKET, ts.SO_TIMESTAMPING, cfg.flags & ~_TX_BITS)
         except OSError:
