@@ -291,7 +291,8 @@ def capacity(kind: str, n: int, out: mp.Queue) -> None:
 
 def run_capacity(kinds: list[str], n: int) -> None:
     print(f"\ndrain capacity ({n} queued packets answered back to back; best of 3):")
-    print(f"{'server':8s} {'pps (wall)':>12s} {'pps per CPU-second':>20s}")
+    print(f"{'server':8s} {'pps (wall)':>12s} {'pps per CPU-second':>20s} {'vs echo':>8s}")
+    echo = 0.0
     for kind in kinds:
         best = (0.0, 0.0)
         for _ in range(3):
@@ -301,7 +302,10 @@ def run_capacity(kinds: list[str], n: int) -> None:
             got = q.get(timeout=120)
             p.join()
             best = max(best, got, key=lambda x: x[1])
-        print(f"{kind:8s} {best[0]:>12.0f} {best[1]:>20.0f}", flush=True)
+        if kind == "echo":
+            echo = best[1]
+        rel = f"{best[1] / echo:.2f}" if echo else "-"
+        print(f"{kind:8s} {best[0]:>12.0f} {best[1]:>20.0f} {rel:>8s}", flush=True)
 
 
 # ------------------------------------------------------------------ STAMP sender path

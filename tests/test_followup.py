@@ -179,3 +179,162 @@ def test_reflector_echoing_the_tlv_unfilled_falls_back_to_t3_as_written() -> Non
     settled += fix.pending()
     assert sorted(r.seq for r in settled) == list(range(6))
     assert all(r.follow_up == "unsupported" and r.t3_ns is not None and r.rtt_ns is not None for r in settled)
+
+
+def test_reflector_tx_drain_fast_path_agrees_with_the_general_decoder() -> None:
+    """The endpoint decodes its replies' software TX stamps inline (one recvmsg per reply);
+    every message, ordinary or odd, must come out as timestamping.decode_tx_message says."""
+    import errno
+    import socket
+
+    from agent.engine import timestamping as ts
+    from agent.engine.clock import StampCounters
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    def scm(s0: int, n0: int, s2: int = 0, n2: int = 0) -> tuple[int, int, bytes]:
+        return (socket.SOL_SOCKET, ts.SCM_TIMESTAMPING, struct.pack("=6q", s0, n0, 0, 0, s2, n2))
+
+    def ee(key: int, err: int = errno.ENOMSG, origin: int = ts.SO_EE_ORIGIN_TIMESTAMPING, info: int = 0,
+           level: int = ts.SOL_IP, ctype: int = ts.IP_RECVERR) -> tuple[int, int, bytes]:
+        return (level, ctype, struct.pack("=IBBBBII", err, origin, 0, 0, 0, info, key))
+
+    msgs = [
+        [scm(1_700_000_000, 5), ee(0)],  # the ordinary message
+        [ee(1), scm(1_700_000_001, 999_999_999)],  # other order
+        [scm(1_700_000_002, 7), ee(2, level=ts.SOL_IPV6, ctype=ts.IPV6_RECVERR)],
+        [scm(0, 0, 1_700_000_003, 1), ee(3)],  # hardware slot only: no PHC here
+        [scm(1_700_000_004, 10**9), ee(4)],  # bad nsec
+        [scm(-1, 5), ee(5)],
+        [scm(1_700_000_006, 1), ee(6, err=errno.EHOSTUNREACH, origin=2)],  # an ICMP error, not a stamp
+        [scm(1_700_000_007, 1), ee(7, info=1)],  # SCM_TSTAMP_SCHED
+        [scm(1_700_000_008, 1)],  # no key
+        [ee(9)],  # no stamp
+        [(socket.SOL_SOCKET, ts.SCM_TIMESTAMPING, b"\x01" * 20), ee(10)],  # truncated cmsg
+        [scm(1_700_000_011, 3), ee(11), (socket.SOL_IP, 2, struct.pack("=i", 64))],  # an extra cmsg
+        [],
+    ]
+
+    class Sock:
+        def __init__(self) -> None:
+            self.q = list(msgs)
+
+        def recvmsg(self, _n: int, _anc: int, flags: int) -> tuple:
+            assert flags & socket.MSG_ERRQUEUE
+            if not self.q:
+                raise BlockingIOError
+            return b"", self.q.pop(0), 0, None
+
+    class Tx:
+        def __init__(self) -> None:
+            self.got: list[tuple[int, int, str]] = []
+
+        def on_stamp(self, key: int, ns: int, source: str) -> None:
+            self.got.append((key, ns, source))
+
+    cfg = ts.TimestampingConfig(False, False, True, True, None, 0)
+    want = []
+    for m in msgs:
+        r = ts.decode_tx_message(m, config=cfg, counters=StampCounters())
+        if r is not None:
+            want.append((r[0], r[1].ns, r[1].source.value))
+    assert [k for k, _, _ in want] == [0, 1, 2, 11]
+
+    ep = TwampReflectorEndpoint(("127.0.0.1", 0))
+    ep.sock, ep.ts_config, ep.tx = Sock(), cfg, Tx()  # type: ignore[assignment]
+    ep._drain_tx()
+    assert ep.tx.got == want  # type: ignore[union-attr]
+    ep.sock = None
+
+
+@pytest.mark.parametrize("sample_ns", [0, 10**12])
+def test_reflector_stamps_follow_up_askers_always_and_others_by_sample(sample_ns: int) -> None:
+    """Per-reply TX stamp requests: with a sample interval longer than the test, a TWAMP-Light
+    sender's replies get one stamp (the first) while a STAMP sender asking Follow-Up gets every
+    reply stamped and answered; interval 0 stamps every reply (socket-wide). The kernel's OPT_ID
+    keys must keep matching the replies they belong to: each follow-up names the previous reply."""
+    import socket
+
+    from agent.engine.txlag import TX_LAG
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    n = 6
+
+    async def main():
+        TX_LAG.reset()
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=ReflectorSession(Proto.STAMP), hardware=False,
+                                    tx_sample_ns=sample_ns)
+        await ep.start()
+        loop = asyncio.get_running_loop()
+        light = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        light.setblocking(False)
+        light.connect(("127.0.0.1", ep.port))
+        try:
+            for i in range(n):  # TWAMP-Light: 41 octets, Error Estimate multiplier 1, no TLVs
+                await loop.sock_sendall(light, struct.pack("!IQH", i, 1, 1) + bytes(27))
+                await loop.sock_recv(light, 2048)
+            light_stamped = ep.tx.stamped if ep.tx else None
+            res = await stamp_session(StampOptions("127.0.0.1", ep.port, count=n, interval=0.01, wait=0.5,
+                                                   follow_up=True))
+        finally:
+            light.close()
+            ep.close()
+        return res, ep, light_stamped
+
+    res, ep, light_stamped = asyncio.run(main())
+    if ep.ts_config is None:
+        pytest.skip("no kernel timestamps on this host")
+    assert ep.tx is not None
+    await_stamps = ep.tx.stamped  # the last reply's stamp may still be on the error queue
+    if sample_ns:
+        assert ep._tx_anc is not None  # per-reply requests on this kernel
+        assert light_stamped == 1
+        assert await_stamps in (n, n + 1)
+    else:
+        assert ep._tx_anc is None and light_stamped == n
+    corrected = [r for r in res.records if r.follow_up == "corrected"]
+    assert len(corrected) >= n - 2 and ep.tx.unmatched == 0  # as above: a loaded host may delay one
+    for r in corrected:
+        assert r.t2_ns < r.t3_user_ns <= r.t3_ns
+    TX_LAG.reset()
+
+
+def test_reflector_falls_back_to_socket_wide_tx_stamps_when_the_kernel_refuses_per_packet_requests() -> None:
+    """A kernel that refuses SO_TIMESTAMPING as a sendmsg control message (EINVAL): the socket
+    asks for TX stamps itself, every reply is stamped from then on, and this reply still goes."""
+    import errno
+    import socket
+
+    from agent.engine import timestamping as ts
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    class Sock:
+        family = socket.AF_INET
+
+        def __init__(self) -> None:
+            self.opts: list[int] = []
+            self.sent: list[tuple] = []
+
+        def sendmsg(self, bufs: list, anc: list, flags: int, addr: tuple) -> int:
+            if any(level == socket.SOL_SOCKET and t == ts.SO_TIMESTAMPING for level, t, _ in anc):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            self.sent.append(("sendmsg", bytes(bufs[0]), anc))
+            return len(bufs[0])
+
+        def sendto(self, data: bytes, addr: tuple) -> int:
+            self.sent.append(("sendto", bytes(data)))
+            return len(data)
+
+        def setsockopt(self, level: int, opt: int, value: int) -> None:
+            assert (level, opt) == (socket.SOL_SOCKET, ts.SO_TIMESTAMPING)
+            self.opts.append(value)
+
+    flags = ts.SOF_TIMESTAMPING_TX_SOFTWARE | ts.SOF_TIMESTAMPING_SOFTWARE | ts.SOF_TIMESTAMPING_OPT_ID
+    ep = TwampReflectorEndpoint(("127.0.0.1", 0))
+    ep.ts_config = ts.TimestampingConfig(False, False, True, True, None, flags)
+    sock = Sock()
+    ep._configure_tx(sock)  # type: ignore[arg-type]
+    assert ep._tx_anc is not None and sock.opts == [flags & ~ts.SOF_TIMESTAMPING_TX_SOFTWARE]
+    ep._send_stamped(sock, b"reply", ("192.0.2.1", 862), None)  # type: ignore[arg-type]
+    assert ep._tx_anc is None and sock.opts[-1] == flags and sock.sent == [("sendto", b"reply")]
+    ep._send_stamped(sock, b"again", ("192.0.2.1", 862), 46)  # type: ignore[arg-type]
+    assert sock.sent[-1] == ("sendmsg", b"again", [(socket.SOL_IP, 1, bytes((46 << 2,)))])

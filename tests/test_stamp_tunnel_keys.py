@@ -179,3 +179,27 @@ timeout = 0.3
     assert 'xwamp_stamp_reflector_packets_total{result="bad_hmac"} 0.0' in body
     assert re.search(r'xwamp_session_rebinds_total\{name="t",peer="127.0.0.2",reqid="7",protocol="stamp"\} 1.0',
                      body)
+
+
+def test_keyed_reflector_checks_each_packets_hmac_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key search verifies the packet; the base reflector does not verify it again (one
+    HMAC-SHA-256 to check, one to sign the reply). A tampered packet is still dropped."""
+    from agent.engine.crypto import StampCrypto
+
+    ab, ba = _pair(0xA1, 0xB1)
+    _t, sender, refl, _c = _views([ab, ba])
+    key, _tag = sender.sender_key(SND, REF)
+    r = refl.reflector()
+    pkt = _packet(key, 1)
+    calls = []
+    real = StampCrypto.mac
+    monkeypatch.setattr(StampCrypto, "mac", lambda self, *parts: calls.append(1) or real(self, *parts))
+    out = _reflect(r, pkt)
+    assert out is not None and len(calls) == 2
+    h = hmac.HMAC(_spec_key(ab, ba), hashes.SHA256())
+    h.update(out[:96])
+    assert out[96:112] == h.finalize()[:16]
+    bad = bytearray(_packet(key, 2))
+    bad[20] ^= 1
+    assert _reflect(r, bytes(bad)) is None and r.counters.bad_hmac == 1
+    assert r._verified is None

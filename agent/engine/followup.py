@@ -57,6 +57,9 @@ class ReplyTxStamps:
         self.next_key = 0
         self._pending: OrderedDict[int, tuple[Hashable, int, int]] = OrderedDict()
         self._last: OrderedDict[Hashable, LastTx] = OrderedDict()
+        # Streams whose sender asked for Follow-Up Telemetry: their replies are all stamped
+        # (agent.engine.udp stamps the others by sample only). Bounded like _last.
+        self.asking: dict[Hashable, None] = {}
         self.stamped = 0
         self.unmatched = 0
 
@@ -88,6 +91,11 @@ class ReplyTxStamps:
         return self._last.get(stream)
 
     def follow_up(self, stream: Hashable, ptp: bool = False) -> bytes:
+        asking = self.asking
+        if stream not in asking:
+            if len(asking) >= MAX_STREAMS:
+                del asking[next(iter(asking))]
+            asking[stream] = None
         return follow_up_value(self._last.get(stream), ptp)
 
 
@@ -115,10 +123,11 @@ class T3Patch:
     """Per session format: where its replies carry T3 (``read_at``; None when enciphered),
     whether nothing covers it so it can be written last (``offset``), and the SSID (STAMP)."""
 
-    __slots__ = ("offset", "read_at", "ssid_at", "ptp")
+    __slots__ = ("offset", "read_at", "ssid_at", "ptp", "_sec")
 
     def __init__(self, offset: int | None, read_at: int | None, ssid_at: int | None, ptp: bool) -> None:
         self.offset, self.read_at, self.ssid_at, self.ptp = offset, read_at, ssid_at, ptp
+        self._sec = (-(1 << 62), 0)  # (Unix ns at the start of the last second written, its seconds half)
 
     @classmethod
     def for_session(cls, proto: Proto, security: Security, ptp: bool, reflector_span: int = 16) -> "T3Patch":
@@ -133,8 +142,17 @@ class T3Patch:
         return cls(None, None, None, ptp)  # encrypted: T3 is under the cipher
 
     def patch(self, reply: bytearray, now_ns: int) -> None:
-        """Write ``now_ns`` as the reply's Timestamp (T3), in place."""
-        ts = ptp_from_unix_ns(now_ns) if self.ptp else ntp_from_unix_ns(now_ns)
+        """Write ``now_ns`` as the reply's Timestamp (T3), in place. Per packet, right after the
+        clock read: the seconds half is kept per second (as timefmt does), the fraction is
+        RFC 4656 §4.1.2's 2**-32 s rounded down, or RFC 8186's nanoseconds."""
+        start, hi = self._sec
+        rem = now_ns - start
+        if not 0 <= rem < 1_000_000_000:
+            ts = ptp_from_unix_ns(now_ns) if self.ptp else ntp_from_unix_ns(now_ns)
+            rem = now_ns % 1_000_000_000
+            self._sec = (now_ns - rem, ts & 0xFFFFFFFF00000000)
+        else:
+            ts = hi | (rem if self.ptp else (rem << 32) // 1_000_000_000)
         _Q.pack_into(reply, self.offset, ts)
 
     def read_ns(self, reply: bytes | bytearray) -> int | None:

@@ -54,9 +54,13 @@ class TunnelKeyedReflector(ReflectorSession):
                 self.key_results["current" if i == 0 else "previous"] += 1
                 if self._on_verified is not None:
                     self._on_verified(host, cr)
-            else:
-                self.key_results["mismatch" if cands else "no_sa"] += 1
-                self._scrypto = self._nobody  # counted as bad_hmac and dropped by the base reflector
+                self._verified = cr  # this packet's HMAC is checked: the base reflector need not again
+                try:
+                    return self._plain(data, rx_ns, ttl, now_ns, tos, peer, rx_source)
+                finally:
+                    self._verified = None
+            self.key_results["mismatch" if cands else "no_sa"] += 1
+            self._scrypto = self._nobody  # counted as bad_hmac and dropped by the base reflector
         return self._plain(data, rx_ns, ttl, now_ns, tos, peer, rx_source)
 
     @staticmethod

@@ -9,7 +9,9 @@ why) for short, malformed or unauthentic input; it never raises on packet conten
 
 * T2 (Receive Timestamp) is ``rx_ns``: the kernel RX stamp where the adapter had one.
 * T3 (Timestamp) is read from ``now_ns()`` as late as possible, after everything
-  else is computed, just before the HMAC/encryption that must cover it.
+  else is computed, just before the HMAC/encryption that must cover it. An adapter that
+  writes T3 itself into the finished reply (agent.engine.followup.T3Patch) passes
+  :data:`LATE_T3`: the field is then left 0 and no clock is read.
   T2 and T3 are never copied into one another.
 * Sender TTL is ``ttl``, the real received TTL / Hop Limit (255 when unknown).
 * The sender's Timestamp and Error Estimate go into the Sender Timestamp /
@@ -19,6 +21,7 @@ why) for short, malformed or unauthentic input; it never raises on packet conten
 from __future__ import annotations
 
 import hmac as _hmac
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -33,6 +36,7 @@ from agent.engine.packets import (
     AUTH_SENDER_BASE,
     S_REFL_AUTH,
     S_REFL_UNAUTH,
+    S_SEQ,
     S_SENDER_AUTH,
     S_SENDER_UNAUTH,
     S_STAMP_REFL_UNAUTH,
@@ -48,12 +52,39 @@ from agent.engine.packets import (
     Security,
     session_crypto,
 )
-from agent.engine.timefmt import ntp_from_unix_ns, ptp_from_unix_ns
+from agent.engine.timefmt import NTP_UNIX_OFFSET, ntp_from_unix_ns, ptp_from_unix_ns
 from agent.engine.txlag import widened_error
 from netlink.secret import Secret
 
 NowNs = Callable[[], int]
 _compare = _hmac.compare_digest
+_NS = 1_000_000_000
+_M32 = 0xFFFFFFFF
+
+
+def LATE_T3() -> int:
+    """``now_ns`` for an adapter that writes T3 into the built reply itself: the reflector
+    leaves the Timestamp field 0 and reads no clock (agent.engine.followup.T3Patch)."""
+    return 0
+
+
+def _second_of(ns: int, ptp: bool) -> tuple[int, int]:
+    """(Unix ns at the start of ``ns``'s second, the timestamp's seconds half shifted << 32):
+    RFC 4656 §4.1.2 NTP seconds since 1900, or RFC 8186 truncated PTP seconds (Unix epoch).
+    The fast paths keep one per session: T2 and T3 of a packet share their second, and the
+    divmod and epoch shift are most of a conversion's cost; the fraction is then
+    ``(rem << 32) // 10**9`` (NTP, 2**-32 s units, rounded down) or ``rem`` (PTP, ns)."""
+    sec, rem = divmod(ns, _NS)
+    return ns - rem, (((sec if ptp else sec + NTP_UNIX_OFFSET) & _M32) << 32)
+
+
+# TWAMP authenticated reply (RFC 5357 §4.2.1) in one pack: block 0 as enciphered (16 octets),
+# then S_REFL_AUTH's octets 16..95 (Timestamp, Error Estimate, MBZ, Receive Timestamp, MBZ,
+# Sender Sequence Number, MBZ, Sender Timestamp, Sender Error Estimate, MBZ, Sender TTL, MBZ),
+# then the HMAC at 96 (16 of SHA-1's 20 octets: "s" truncates).
+_S_AUTH_REPLY = struct.Struct("!16sQHH4xQ8xI12xQH6xB15x16s")
+_S_BLOCK0 = struct.Struct("!I12x")  # Sequence Number + 12 MBZ: the only enciphered block
+_S_TS_ERR = struct.Struct("!QH")  # sender Timestamp + Error Estimate at 16 (authenticated)
 
 
 @dataclass(slots=True)
@@ -155,6 +186,7 @@ class ReflectorSession:
         self._seqs: dict[tuple[Hashable, int], int] = {}
         self._window = ReplayWindow()  # authenticated TWAMP: one sender per session
         self._windows: dict[tuple[Hashable, int], ReplayWindow] = {}  # authenticated STAMP: per (peer, SSID)
+        self._verified: StampCrypto | None = None  # set only while reflecting a packet already verified with it
         self.max_peers = 65536  # stateful STAMP: (peer, SSID) counters kept at most
         self._ts = ptp_from_unix_ns if ptp else ntp_from_unix_ns
         # RFC 4656 §4.1.2: the estimate covers T3's lag behind the real send too (agent.engine.txlag).
@@ -170,8 +202,17 @@ class ReflectorSession:
             self._fast = self._tcrypto.fast_ops()
         if crypto is None and stamp_key is not None and proto is Proto.STAMP:
             self._scrypto = StampCrypto(stamp_key)  # unauthenticated base, HMAC TLV still checked
-        if proto is Proto.TWAMP:
-            self.reflect = self._twamp_unauth if security is Security.UNAUTH else self._twamp_auth  # type: ignore[method-assign]
+        # The per-packet functions are closures over what they need (no attribute lookups,
+        # no per-packet allocations beyond the reply); the methods are the general paths.
+        # Settings they bind (proto, security, ptp, stateful, keys, reflect) are fixed here.
+        if proto is Proto.TWAMP and security is Security.UNAUTH:
+            self.reflect = self._fast_twamp_unauth()  # type: ignore[method-assign]
+        elif proto is Proto.TWAMP:
+            tc = self._tcrypto
+            fast = tc is not None and not tc.encrypted and tc.reflector_span == 16
+            self.reflect = self._fast_twamp_auth() if fast else self._twamp_auth  # type: ignore[method-assign]
+        elif security is Security.UNAUTH:
+            self.reflect = self._fast_stamp_unauth()  # type: ignore[method-assign]
         else:
             self.reflect = self._stamp  # type: ignore[method-assign]
 
@@ -200,30 +241,140 @@ class ReflectorSession:
 
     # ------------------------------------------------------------------ TWAMP
 
-    def _twamp_unauth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
-                      peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+    def _fast_twamp_unauth(self) -> Callable[..., bytes | None]:
+        """RFC 5357 §4.2.1 unauthenticated reply: Sequence Number, Timestamp (T3), Error Estimate,
+        MBZ, Receive Timestamp (T2), the sender's Sequence Number, Timestamp and Error Estimate
+        copied, MBZ, Sender TTL, then the padding (:meth:`_padding`)."""
         c = self.counters
-        c.received += 1
-        self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
-        n = len(data)
-        if n < TWAMP_SENDER_MIN:
-            c.short += 1
-            return None
-        sseq, sts, serr = S_SENDER_UNAUTH.unpack_from(data)
-        if not serr & 0xFF:  # RFC 4656 §4.1.2 (RFC 5357 reuses it): Multiplier 0 = corrupt, discard
-            c.bad_error_estimate += 1
-            return None
-        seq = self.seq
-        self.seq = (seq + 1) & 0xFFFFFFFF
-        err = self._err.get(rx_ns)
-        ts = self._ts
-        t2 = ts(rx_ns)
-        if ttl is None:
-            ttl = TTL_UNKNOWN
-        t3 = ts(now_ns())
-        head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
-        c.reflected += 1
-        return head + self._padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
+        err_get = self._err.get
+        ptp = self.ptp
+        pack = S_REFL_UNAUTH.pack
+        unpack = S_SENDER_UNAUTH.unpack_from
+        padding = self._padding
+        plain = self._reflect is None  # no Reflect Octets: a 41-octet reply has no padding
+        late = LATE_T3
+        start, hi = _second_of(time.time_ns(), ptp)
+
+        def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+                    peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+            nonlocal start, hi
+            c.received += 1
+            self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+            n = len(data)
+            if n < TWAMP_SENDER_MIN:
+                c.short += 1
+                return None
+            # RFC 4656 §4.1.2 (RFC 5357 reuses it): Multiplier (octet 13) 0 = corrupt, discard.
+            if not data[13]:
+                c.bad_error_estimate += 1
+                return None
+            sseq, sts, serr = unpack(data)
+            seq = self.seq
+            self.seq = (seq + 1) & _M32
+            err = err_get(rx_ns)
+            rem = rx_ns - start
+            if not 0 <= rem < _NS:
+                start, hi = _second_of(rx_ns, ptp)
+                rem = rx_ns - start
+            t2 = hi | (rem if ptp else (rem << 32) // _NS)
+            if ttl is None:
+                ttl = TTL_UNKNOWN
+            if now_ns is late:
+                t3 = 0
+            else:
+                now = now_ns()
+                rem = now - start
+                if 0 <= rem < _NS:
+                    t3 = hi | (rem if ptp else (rem << 32) // _NS)
+                else:  # another second than T2's: convert without moving the cache
+                    t3 = ptp_from_unix_ns(now) if ptp else ntp_from_unix_ns(now)
+            head = pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
+            c.reflected += 1
+            if plain and n <= TWAMP_REFLECTOR_BASE:
+                return head
+            return head + padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
+
+        return reflect
+
+    def _fast_twamp_auth(self) -> Callable[..., bytes | None]:
+        """RFC 5357 authenticated mode with the 16-octet reflector span (agent.engine.crypto): only
+        block 0 (Sequence Number + MBZ) is enciphered and MACed, both ways. The reply's block 0
+        depends on its Sequence Number only, so it is built alone and the rest packed after it
+        in one go, HMAC included. Encrypted mode and the 96-octet span use :meth:`_twamp_auth`."""
+        c = self.counters
+        err_get = self._err.get
+        ptp = self.ptp
+        enc, dec, mac = self._fast
+        window = self._window
+        wmask = ReplayWindow._MASK
+        pack = _S_AUTH_REPLY.pack
+        block0 = _S_BLOCK0.pack
+        seq_of = S_SEQ.unpack_from
+        ts_err = _S_TS_ERR.unpack_from
+        padding = self._padding
+        plain = self._reflect is None
+        compare = _compare
+        late = LATE_T3
+        start, hi = _second_of(time.time_ns(), ptp)
+
+        def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+                    peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+            nonlocal start, hi
+            c.received += 1
+            self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+            n = len(data)
+            if n < AUTH_SENDER_BASE:
+                c.short += 1
+                return None
+            p0 = dec(data[:16])
+            h = mac()
+            h.update(p0)
+            if not compare(h.finalize()[:16], data[32:48]):
+                c.bad_hmac += 1
+                return None
+            # RFC 4656 §4.1.2 (RFC 5357 reuses it): Multiplier (octet 25) 0 = corrupt, discard.
+            if not data[25]:
+                c.bad_error_estimate += 1
+                return None
+            sseq = seq_of(p0)[0]
+            top = window.top
+            if top is not None and (sseq - top) & _M32 == 1:  # the next one: ReplayWindow.fresh, inlined
+                window.bits = ((window.bits << 1) | 1) & wmask
+                window.top = sseq
+            elif not window.fresh(sseq):
+                c.replayed += 1
+                return None
+            sts, serr = ts_err(data, 16)
+            seq = self.seq
+            self.seq = (seq + 1) & _M32
+            err = err_get(rx_ns)
+            rem = rx_ns - start
+            if not 0 <= rem < _NS:
+                start, hi = _second_of(rx_ns, ptp)
+                rem = rx_ns - start
+            t2 = hi | (rem if ptp else (rem << 32) // _NS)
+            if ttl is None:
+                ttl = TTL_UNKNOWN
+            b0 = block0(seq)
+            h = mac()
+            h.update(b0)
+            ct0 = enc(b0)
+            tag = h.finalize()
+            pad = b"" if plain and n <= AUTH_REFLECTOR_BASE else padding(data, AUTH_SENDER_BASE, AUTH_REFLECTOR_BASE)
+            if now_ns is late:
+                t3 = 0
+            else:
+                now = now_ns()
+                rem = now - start
+                if 0 <= rem < _NS:
+                    t3 = hi | (rem if ptp else (rem << 32) // _NS)
+                else:  # another second than T2's: convert without moving the cache
+                    t3 = ptp_from_unix_ns(now) if ptp else ntp_from_unix_ns(now)
+            out = pack(ct0, t3, err, 0, t2, sseq, sts, serr, ttl, tag)
+            c.reflected += 1
+            return out + pad if pad else out
+
+        return reflect
 
     def _twamp_auth(self, data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
@@ -264,7 +415,7 @@ class ReflectorSession:
         if ttl is None:
             ttl = TTL_UNKNOWN
         pad = self._padding(data, AUTH_SENDER_BASE, AUTH_REFLECTOR_BASE)
-        t3 = ts(now_ns())
+        t3 = 0 if now_ns is LATE_T3 else ts(now_ns())
         body = S_REFL_AUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, ttl)
         h = mac()
         c.reflected += 1
@@ -331,7 +482,8 @@ class ReflectorSession:
         if auth:
             sc = self._scrypto
             assert sc is not None
-            if not sc.verify(data[96:112], data[:96]):
+            # agent.engine.keyed_reflector found the key by checking this very packet's HMAC.
+            if sc is not self._verified and not sc.verify(data[96:112], data[:96]):
                 c.bad_hmac += 1
                 return None
             sseq, sts, serr, ssid = S_STAMP_SENDER_AUTH.unpack_from(data)
@@ -351,7 +503,7 @@ class ReflectorSession:
         if extra and extra.count(0) != len(extra):
             self._stream = (peer, ssid)
             extra = self._stamp_tlvs(extra, data, seq, rx_source, tos, err)
-        t3 = ts(now_ns())
+        t3 = 0 if now_ns is LATE_T3 else ts(now_ns())
         c.reflected += 1
         if auth:
             body = S_REFL_AUTH.pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl)
@@ -359,6 +511,67 @@ class ReflectorSession:
             assert sc is not None
             return body + sc.mac(body) + extra
         return S_STAMP_REFL_UNAUTH.pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl) + extra
+
+    def _fast_stamp_unauth(self) -> Callable[..., bytes | None]:
+        """RFC 8762 §4.3.1 unauthenticated STAMP reply (44 octets), then the sender's TLVs answered
+        (RFC 8972, :meth:`_stamp_tlvs`) or its zero padding reflected. Shorter requests take the
+        general path (:meth:`_stamp`: TWAMP-Light fallback or ``short``)."""
+        c = self.counters
+        err_get = self._err.get
+        ptp = self.ptp
+        pack = S_STAMP_REFL_UNAUTH.pack
+        unpack = S_STAMP_SENDER_UNAUTH.unpack_from
+        general = self._stamp
+        stateful = self.stateful
+        seqs = self._seqs
+        tlvs = self._stamp_tlvs
+        late = LATE_T3
+        start, hi = _second_of(time.time_ns(), ptp)
+
+        def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+                    peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+            nonlocal start, hi
+            if len(data) < STAMP_BASE:
+                return general(data, rx_ns, ttl, now_ns, tos, peer, rx_source)
+            c.received += 1
+            self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+            sseq, sts, serr, ssid = unpack(data)
+            if stateful:  # RFC 8762 §4.3.1: own counter per (sender, SSID); bounded state
+                key = (peer, ssid)
+                seq = seqs.get(key)
+                if seq is None:
+                    seq = 0
+                    if len(seqs) >= self.max_peers:  # forget the oldest sender
+                        del seqs[next(iter(seqs))]
+                seqs[key] = (seq + 1) & _M32
+            else:  # stateless: copy the sender's sequence number
+                seq = sseq
+            err = err_get(rx_ns)
+            rem = rx_ns - start
+            if not 0 <= rem < _NS:
+                start, hi = _second_of(rx_ns, ptp)
+                rem = rx_ns - start
+            t2 = hi | (rem if ptp else (rem << 32) // _NS)
+            if ttl is None:
+                ttl = TTL_UNKNOWN
+            extra = data[STAMP_BASE:]
+            self.reply_dscp = self.dscp
+            if extra and extra.count(0) != len(extra):
+                self._stream = (peer, ssid)
+                extra = tlvs(extra, data, seq, rx_source, tos, err)
+            if now_ns is late:
+                t3 = 0
+            else:
+                now = now_ns()
+                rem = now - start
+                if 0 <= rem < _NS:
+                    t3 = hi | (rem if ptp else (rem << 32) // _NS)
+                else:  # another second than T2's: convert without moving the cache
+                    t3 = ptp_from_unix_ns(now) if ptp else ntp_from_unix_ns(now)
+            c.reflected += 1
+            return pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl) + extra
+
+        return reflect
 
     def _stamp_tlvs(self, extra: bytes, data: bytes, seq: int, rx_source: str, tos: int | None, err: int) -> bytes:
         sync = _tlv.SYNC_NTP if err & 0x8000 else _tlv.SYNC_FREE_RUNNING
@@ -395,7 +608,7 @@ class ReflectorSession:
         err = self._err.get(rx_ns)
         ts = self._ts
         t2 = ts(rx_ns)
-        t3 = ts(now_ns())
+        t3 = 0 if now_ns is LATE_T3 else ts(now_ns())
         head = S_REFL_UNAUTH.pack(seq, t3, err, 0, t2, sseq, sts, serr, TTL_UNKNOWN if ttl is None else ttl)
         self.counters.reflected += 1
         return head + self._padding(data, TWAMP_SENDER_MIN, TWAMP_REFLECTOR_BASE)
@@ -410,4 +623,4 @@ class ReflectorSession:
         return len(self._seqs)
 
 
-__all__ = ["ReflectorSession", "ReflectorCounters", "NowNs"]
+__all__ = ["ReflectorSession", "ReflectorCounters", "NowNs", "LATE_T3"]

@@ -59,7 +59,7 @@ from agent.engine.packets import (
     security_from_mode,
 )
 from agent.engine.receiver import OwampReceiver
-from agent.engine.reflector import ReflectorSession
+from agent.engine.reflector import LATE_T3, ReflectorSession
 from agent.engine.sender import PacketRecord, Schedule, TestSender
 from netlink.secret import Secret
 
@@ -77,8 +77,17 @@ _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_TS = ts.SCM_TIMESTAMPING
 _TS3 = struct.Struct("=qq")
 _INT = struct.Struct("=i")
+_U32 = struct.Struct("=I")
+TX_SAMPLE_NS = 1_000_000  # the reflector's TX stamps beyond Follow-Up askers: one reply per ms at most
 _TX_BITS = ts.SOF_TIMESTAMPING_TX_HARDWARE | ts.SOF_TIMESTAMPING_TX_SOFTWARE
 _REPLY_TX_COUNTERS = StampCounters()  # the reflector's reply TX stamps (agent.engine.followup), by source
+_ERRQ_FLAGS = socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT
+_TS64 = struct.Struct("=qqqqqq").unpack_from  # struct scm_timestamping, 64-bit ABI
+_EXT_ERR = struct.Struct("=IBBBBII").unpack_from  # struct sock_extended_err
+_RECVERR = ((_SOL_IP, ts.IP_RECVERR), (_SOL_IPV6, ts.IPV6_RECVERR))
+_ENOMSG, _ORIGIN_TS, _TSTAMP_SND = errno.ENOMSG, ts.SO_EE_ORIGIN_TIMESTAMPING, ts.SCM_TSTAMP_SND
+_SEQ_AT0 = struct.Struct("!I").unpack_from
+_SSID_AT = struct.Struct("!H").unpack_from
 
 
 def _family_of(host: str) -> int:
@@ -323,11 +332,16 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
     def __init__(self, local_addr: tuple[str, int] = ("::", DEFAULT_PORT), *, default: ReflectorSession | None = None,
                  iface: str | None = None, hardware: bool = True, recv_tos: bool | None = None, batch: int = 512,
                  log_interval: float = 10.0, now_ns: Callable[[], int] = time.time_ns, tx_stamps: bool = True,
-                 late_t3: bool = True) -> None:
-        """``tx_stamps``: keep each reply's kernel TX stamp (Follow-Up Telemetry for STAMP senders
+                 late_t3: bool = True, tx_sample_ns: int = TX_SAMPLE_NS) -> None:
+        """``tx_stamps``: keep replies' kernel TX stamps (Follow-Up Telemetry for STAMP senders
         that ask, RFC 8972 §4.7; the T3 lag histogram). ``late_t3``: build each reply completely,
         then read the clock and write only T3, where no HMAC/cipher covers it (docs/timestamping.md);
-        False reads the clock inside the reflector, before the last steps (the old path)."""
+        False reads the clock inside the reflector, before the last steps (the old path).
+
+        ``tx_sample_ns``: which replies are stamped. Every reply of a session whose sender asked
+        for Follow-Up Telemetry, and one other reply per ``tx_sample_ns`` of receive time (the lag
+        histogram and the Error Estimate's lag bound need a sample, not every reply); each stamp
+        costs a recvmsg on the error queue, about as much as answering. 0: every reply."""
         if recv_tos is None:
             recv_tos = default is not None and default.proto is Proto.STAMP  # CoS TLV needs it
         super().__init__(local_addr, iface=iface, hardware=hardware, recv_tos=recv_tos, batch=batch,
@@ -338,6 +352,47 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         self.tx: ReplyTxStamps | None = ReplyTxStamps() if tx_stamps else None
         self.late_t3 = late_t3
         self._patches: dict[int, tuple[ReflectorSession, T3Patch]] = {}
+        self.tx_sample_ns = tx_sample_ns
+        self._tx_anc: list[tuple[int, int, bytes]] | None = None  # per-reply TX stamp request (cmsg)
+        self._tx_at = -(1 << 62)  # receive time of the last packet whose reply was stamped
+
+    def _configure(self, sock: socket.socket) -> None:
+        super()._configure(sock)
+        self._configure_tx(sock)
+
+    def _configure_tx(self, sock: socket.socket) -> None:
+        cfg = self.ts_config
+        if self.tx is None or cfg is None or not self.tx_sample_ns or not cfg.flags & _TX_BITS:
+            return
+        # TX stamps asked per reply: SO_TIMESTAMPING as a sendmsg control message overrides the TX
+        # recording flags for that one write, "to sample timestamps for each write" (kernel commit
+        # c14ac945, Linux 4.7; Documentation/networking/timestamping §1.3.4); reporting flags and
+        # OPT_ID stay on the socket, and OPT_ID keys then count the stamped packets only. So while
+        # _tx_anc is set nothing may put TX bits back on this socket: ReplyTxStamps.sent() is called
+        # for the stamped replies only, and every later key would name the wrong reply.
+        try:
+            sock.setsockopt(_SOL_SOCKET, ts.SO_TIMESTAMPING, cfg.flags & ~_TX_BITS)
+        except OSError:
+            return  # keep the socket-wide TX stamps: every reply
+        self._tx_anc = [(_SOL_SOCKET, ts.SO_TIMESTAMPING, _U32.pack(cfg.flags & _TX_BITS))]
+
+    def _send_stamped(self, sock: socket.socket, out: bytes | bytearray, addr: tuple, dscp: int | None) -> None:
+        anc = self._tx_anc
+        if anc is not None:
+            try:
+                sock.sendmsg([out], anc if dscp is None else anc + [self._dscp_cmsg(sock, addr, dscp)], 0, addr)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL or self.ts_config is None:
+                    raise
+                # A kernel without per-packet requests: TX stamps on the socket, for every reply.
+                log.info("no per-packet TX stamp requests (%s): every reply is stamped", e)
+                sock.setsockopt(_SOL_SOCKET, ts.SO_TIMESTAMPING, self.ts_config.flags)
+                self._tx_anc = None
+        if dscp is None:
+            sock.sendto(out, addr)
+        else:
+            self._send_with_dscp(sock, out, addr, dscp)
 
     def add_session(self, sid: Hashable, peer: tuple[str, int] | None, mode: int = MODE_UNAUTHENTICATED,
                     keys: TestKeys | None = None, *, proto: Proto = Proto.TWAMP, ptp: bool = False,
@@ -383,8 +438,45 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if tx is None or sock is None or self.ts_config is None:
             return
         # Own counters: xwamp_timestamps_total{direction="tx"} stays the stamps of test packets' T1.
-        for key, stamp in ts.drain_tx_stamps(sock, config=self.ts_config, counters=_REPLY_TX_COUNTERS):
-            tx.on_stamp(key, stamp.ns, stamp.source.value)
+        cfg = self.ts_config
+        on_stamp = tx.on_stamp
+        if cfg.hardware_tx or not ts._LP64:  # PHC conversion and fallback counting: the general decoder
+            for key, stamp in ts.drain_tx_stamps(sock, config=cfg, counters=_REPLY_TX_COUNTERS):
+                on_stamp(key, stamp.ns, stamp.source.value)
+            return
+        # Software TX stamps, one per reply: a recvmsg each, so the decode is inlined for the
+        # common message (SCM_TIMESTAMPING with only the software slot set, and the
+        # IP(V6)_RECVERR sock_extended_err whose ee_data is the OPT_ID key); anything else
+        # goes to timestamping.decode_tx_message, which decides.
+        recvmsg = sock.recvmsg
+        counters = _REPLY_TX_COUNTERS
+        for _ in range(4096):
+            try:
+                _data, anc, _flags, _addr = recvmsg(64, ts.ANCILLARY_BUFSIZE, _ERRQ_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            key = sw = None
+            for level, ctype, cdata in anc:
+                if level == _SOL_SOCKET and ctype == _SCM_TS and len(cdata) >= 48:
+                    s0, n0, _s1, _n1, s2, n2 = _TS64(cdata)
+                    if s2 or n2 or s0 <= 0 or not 0 <= n0 < 1_000_000_000:
+                        break
+                    sw = s0 * 1_000_000_000 + n0
+                elif (level, ctype) in _RECVERR and len(cdata) >= 16:
+                    ee_errno, origin, _t, _c, _p, info, ee_data = _EXT_ERR(cdata)
+                    if ee_errno != _ENOMSG or origin != _ORIGIN_TS or info != _TSTAMP_SND:
+                        break
+                    key = ee_data
+                else:
+                    break
+            else:
+                if key is not None and sw is not None:
+                    counters.tx_sw += 1
+                    on_stamp(key, sw, "sw")
+                    continue
+            got = ts.decode_tx_message(anc, config=cfg, counters=counters)
+            if got is not None:
+                on_stamp(got[0], got[1].ns, got[1].source.value)
 
     def session(self, sid: Hashable) -> ReflectorSession | None:
         s = self._sessions.get(sid)
@@ -413,9 +505,13 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         v6 = sock.family == socket.AF_INET6
         n_sw = n_user = 0
         tx = self.tx
+        asking = tx.asking if tx is not None else {}
         if tx is not None:
             self._drain_tx()
+        tx_anc, tx_at, every = self._tx_anc, self._tx_at, self.tx_sample_ns
         patches = self._patches
+        last_sess: ReflectorSession | None = None
+        patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
         for _ in range(self.batch):
             try:
                 data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
@@ -462,8 +558,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if sess is None:
                         self.unknown_peer += 1
                         continue
-            pe = patches.get(id(sess))
-            patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
+            if sess is not last_sess:  # a batch is mostly one session's packets
+                pe = patches.get(id(sess))
+                patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
+                last_sess = sess
             if patch.offset is None:
                 out = sess.reflect(data, rx, ttl, now, tos, key, src)
                 if out is None:
@@ -471,23 +569,33 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 t3 = patch.read_ns(out) if tx is not None else None
             else:
                 # Everything first, the clock last: only T3 is written after the read (followup.T3Patch).
-                out = sess.reflect(data, rx, ttl, int, tos, key, src)
+                out = sess.reflect(data, rx, ttl, LATE_T3, tos, key, src)
                 if out is None:
                     continue
                 out = bytearray(out)
                 t3 = now()
                 patch.patch(out, t3)
+            dscp = sess.reply_dscp
+            stamped = False
+            # Socket-wide stamps (tx_anc None): every reply; else Follow-Up askers and a sample.
+            if tx is not None and t3 is not None and (tx_anc is None or rx - tx_at >= every or asking):
+                a = patch.ssid_at  # T3Patch.ssid, inlined
+                stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                stamped = tx_anc is None or rx - tx_at >= every or stream in asking
             try:
-                dscp = sess.reply_dscp
-                if dscp is None:
+                if stamped:
+                    self._send_stamped(sock, out, addr, dscp)
+                    tx_anc, tx_at = self._tx_anc, rx
+                elif dscp is None:
                     sendto(out, addr)
                 else:
                     self._send_with_dscp(sock, out, addr, dscp)
             except OSError:
                 self.send_errors += 1
             else:
-                if tx is not None and t3 is not None:
-                    tx.sent((key, patch.ssid(out)), int.from_bytes(out[:4], "big"), t3)
+                if stamped:  # the reply's Sequence Number, for the Follow-Up answer
+                    tx.sent(stream, _SEQ_AT0(out)[0], t3)  # type: ignore[union-attr]
+        self._tx_at = tx_at
         if n_sw and hw is None:  # with hardware stamps, agent.engine.timestamping.rx_stamp counted them
             STAMP_COUNTERS.add("rx", "sw", n_sw)
         if n_user:
@@ -500,14 +608,16 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 self._rl.maybe(c, ("bad_hmac", "short", "unknown_peer", "malformed_tlv", "replayed", "tlv_over_cap"))
 
     @staticmethod
-    def _send_with_dscp(sock: socket.socket, data: bytes, addr: tuple, dscp: int) -> None:
-        """RFC 8972 §4.4: the reflected packet carries the DSCP1 the sender asked for."""
+    def _dscp_cmsg(sock: socket.socket, addr: tuple, dscp: int) -> tuple[int, int, bytes]:
         tos = (dscp & 0x3F) << 2
         if sock.family == socket.AF_INET6 and not addr[0].startswith("::ffff:"):
-            anc = [(_SOL_IPV6, IPV6_TCLASS, _INT.pack(tos))]
-        else:
-            anc = [(_SOL_IP, IP_TOS, bytes((tos,)))]
-        sock.sendmsg([data], anc, 0, addr)
+            return (_SOL_IPV6, IPV6_TCLASS, _INT.pack(tos))
+        return (_SOL_IP, IP_TOS, bytes((tos,)))
+
+    @classmethod
+    def _send_with_dscp(cls, sock: socket.socket, data: bytes | bytearray, addr: tuple, dscp: int) -> None:
+        """RFC 8972 §4.4: the reflected packet carries the DSCP1 the sender asked for."""
+        sock.sendmsg([data], [cls._dscp_cmsg(sock, addr, dscp)], 0, addr)
 
 
 class OwampReceiverEndpoint(_DatagramEndpoint):
