@@ -189,7 +189,7 @@ def decode_ancillary(anc: list, hw_config: ts.TimestampingConfig | None) -> tupl
                 ttl = _INT.unpack_from(data)[0]
             elif ctype == IPV6_TCLASS and len(data) >= 4:
                 tos = _INT.unpack_from(data)[0] & 0xFF
-    if hw_config is not None and hw_config.hardware_rx:
+    if hw_config is not None and hw_config.raw_hardware:
         st = ts.rx_stamp(anc, config=hw_config)
         if st is not None:
             return st.ns, st.source.value, ttl, tos
@@ -405,7 +405,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             return
         recvmsg, sendto = sock.recvmsg, sock.sendto
         cfg = self.ts_config
-        hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        hw = cfg if (cfg is not None and cfg.raw_hardware) else None
         now = self.now_ns
         default = self.default
         by_peer = self._by_peer
@@ -538,7 +538,7 @@ class OwampReceiverEndpoint(_DatagramEndpoint):
         if sock is None:
             return
         cfg = self.ts_config
-        hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        hw = cfg if (cfg is not None and cfg.raw_hardware) else None
         n_sw = n_user = 0
         for _ in range(self.batch):
             try:
@@ -581,7 +581,7 @@ class _SenderSocket:
 
     def on_readable(self) -> None:
         sock, sender = self.sock, self.sender
-        hw = self.cfg if (self.cfg is not None and self.cfg.hardware_rx) else None
+        hw = self.cfg if (self.cfg is not None and self.cfg.raw_hardware) else None
         n_sw = n_user = 0
         while True:
             try:

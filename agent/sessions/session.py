@@ -620,15 +620,9 @@ class PingResult:
 def _hardware_stamps(iface: str | None) -> bool:
     """Opt in to hardware stamps on ``iface``: the NIC is configured (TX on; RX all, else
     ntp-all, else software RX) unless someone else's config is in place."""
-    if not iface:
-        return False
     from agent.engine import timestamping as ts
 
-    try:
-        ts.configure_nic(iface)
-    except (OSError, ValueError, ts.UnsupportedArchitecture) as e:
-        log.warning("%s: cannot configure hardware stamping (%s): software stamps", iface, e)
-    return True
+    return ts.hardware_opt_in(iface)
 
 
 def _duration_ntp(s: float) -> int:
@@ -787,7 +781,8 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
         sent = await udp.run_twamp_sender(
             ("", 0), (str(peer_ip), fwd.accept.port), conn.cli.mode, fwd.test_keys, count=opt.count,
             schedule=schedule_from_slots(fwd.accept.sid, (slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock,
-            hardware=False, start_ns=start_ns, stop=stop)  # late: catch up, later packets stay on schedule
+            iface=opt.iface, hardware=_hardware_stamps(opt.iface), start_ns=start_ns,
+            stop=stop)  # late: catch up, later packets stay on schedule
         loop = asyncio.get_running_loop()
         end = loop.time() + opt.wait + opt.interval
         # RFC 4656 §3.8: the receiver "MUST discard any packet records ... with a (computed)
