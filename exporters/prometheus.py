@@ -189,6 +189,8 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
     for d in ("tx", "rx"):
         for src in ("hw", "sw", "user"):
             stamps.add_metric([d, src], s.stamps.get(f"{d}_{src}", 0))
+    for src in ("hw", "sw"):  # the reflector's TX stamps of our STAMP replies, via Follow-Up Telemetry
+        stamps.add_metric(["t3", src], s.stamps.get(f"t3_{src}", 0))
     yield stamps
     if s.tx_lag:
         # agent.engine.txlag: kernel TX stamp minus the timestamp written in the packet (T3 / T1).

@@ -139,6 +139,9 @@ class SessionTemplate:
     dscp: int = 0
     count: int = 60  # packets per cycle; loss and reordering are settled per cycle
     timeout: float = 2.0  # seconds to wait for a reply after the last packet of a cycle
+    # Hardware timestamps from this NIC's PHC (docs/timestamping.md): its stamping is switched on
+    # if off (TX on; RX all, else ntp-all, else software RX) and put back at shutdown.
+    iface: str | None = None
 
     @property
     def effective_port(self) -> int:
@@ -157,6 +160,7 @@ class ReflectorSection:
     stateful: bool = True  # RFC 8762 §4.3.1: own sequence numbers per sender and SSID
     mode: str = "unauth"  # unauth | auth (keyfile: the HMAC key, hex) | auth+ipsec-bound (wire-format §9)
     keyfile: str | None = None
+    iface: str | None = None  # hardware stamps (T2 RX where the filter allows, T3 TX for Follow-Up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +306,16 @@ def _check_mode(v: str, protocol: str) -> str | None:
     return None
 
 
+def _check_iface(name: str) -> str | None:
+    """An interface name as the kernel allows it (IFNAMSIZ 16 with the NUL; no '/', no blanks).
+    Whether it exists is known only in the agent's netns, at start: a missing one is logged and
+    its sessions keep software stamps."""
+    if not 0 < len(name.encode()) <= 15 or "/" in name or ":" in name or not name.isprintable() \
+            or any(c.isspace() for c in name) or name in (".", ".."):
+        return f"{name!r} is not an interface name"
+    return None
+
+
 def _check_file(path: str) -> str | None:
     if not os.path.exists(path):
         return f"{path!r} does not exist"
@@ -353,12 +367,13 @@ def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
         dscp=vd.int_range("dscp", base.dscp, 0, 63),
         count=vd.int_range("count", base.count, 1, 1_000_000),
         timeout=vd.positive("timeout", base.timeout, 60.0),
+        iface=vd.get("iface", str, base.iface, _check_iface),
     )
     return t
 
 
 _SESSION_KEYS = ("protocol", "port", "mode", "keyfile", "user", "interval", "schedule",
-                 "padding", "dscp", "count", "timeout")
+                 "padding", "dscp", "count", "timeout", "iface")
 
 
 def _buckets(vd: _V, key: str) -> tuple[float, ...]:
@@ -561,6 +576,7 @@ def _reflector(r: _V) -> ReflectorSection:
         stateful=r.get("stateful", bool, True),
         mode=mode,
         keyfile=r.get("keyfile", str, None, _check_file),
+        iface=r.get("iface", str, None, _check_iface),
     )
     if sec.mode == "auth" and sec.keyfile is None:
         raise r.err("keyfile", "mode 'auth' needs keyfile (the HMAC key, hex)")

@@ -248,6 +248,16 @@ class Daemon:
         if self.exporter is not None:
             await self.exporter.close()
             self.exporter = None
+        self._restore_nics()
+
+    def _restore_nics(self) -> None:
+        """Put back the NIC stamping configs the ``iface`` keys switched on (unless ptp4l has
+        taken them over since): the NIC is left as we found it."""
+        from agent.engine import timestamping as ts
+
+        with contextlib.suppress(Exception):
+            for iface in ts.restore_nic_configs():
+                log.info("NIC hardware stamping put back", extra={"iface": iface})
 
     async def _watchdog(self, interval: float) -> None:
         # The ping comes from the loop itself: a wedged loop stops it and systemd restarts us.
