@@ -124,6 +124,53 @@ def rx_workaround_on(igb: IgbPair):
                 ethtool.set_hwtstamp(n.ifname, ethtool.HwTstampConfig(0, ethtool.HWTSTAMP_TX_OFF, 0))
 
 
+# ---- the PHC conversion error in the Error Estimate ------------------------------------------------
+
+def _read_phc(index: int) -> tuple[int, int, int]:
+    """(CLOCK_REALTIME before, PHC, CLOCK_REALTIME after): a PHC reading bracketed by the system clock."""
+    fd = os.open(f"/dev/ptp{index}", os.O_RDONLY)
+    try:
+        clk = ((~fd) << 3) | 3  # FD_TO_CLOCKID (include/linux/posix-timers.h)
+        t0 = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        p = time.clock_gettime_ns(clk)
+        t1 = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        return t0, p, t1
+    finally:
+        os.close(fd)
+
+
+def test_phc_conversion_error_bounds_real_readings_and_enters_the_error_estimate(igb: IgbPair) -> None:
+    """On the real PHCs: the bound PhcClock publishes covers the error of converting PHC readings
+    bracketed by CLOCK_REALTIME, and ClockErrorCache adds it to the Error Estimate (RFC 4656 §4.1.2)."""
+    from agent.engine import clock
+    from agent.engine import timestamping as ts
+
+    rows = []
+    for nic in (igb.a, igb.b):
+        phc = ts.phc_clock(nic.phc)
+        worst = 0
+        for _ in range(12):  # ~2.4 s: past two refreshes, so the drift is measured, not assumed
+            t0, p, t1 = _read_phc(nic.phc)
+            rt = phc.to_realtime(p)
+            bound = phc.conversion_error_ns
+            # The reading happened within [t0, t1]: its conversion lies there, give or take the bound.
+            assert t0 - bound <= rt <= t1 + bound, (nic.ifname, t0, rt, t1, bound)
+            worst = max(worst, max(t0 - rt, rt - t1, 0))
+            time.sleep(0.2)
+        rows.append((nic.ifname, phc.method, phc.uncertainty_ns, phc.conversion_error_ns, worst))
+        assert phc._prev is not None, "no drift measured in 2.4 s"
+    published = clock.conversion_error_s()
+    assert published * 1e9 == max(r[3] for r in rows)
+    cache = clock.ClockErrorCache()
+    est, st = cache.estimate(), cache.state()
+    assert cache.extra_error_s == published
+    base = st.error_seconds() if st.synced else max(st.maxerror_us * 1e-6, 1.0)
+    assert est == ErrorEstimate.from_seconds(base + published, synced=st.synced)
+    print("\nPHC -> CLOCK_REALTIME: " + "; ".join(
+        f"{i} via {m}: window/2 {u} ns, published bound {b} ns, worst reading outside its bracket {w} ns"
+        for i, m, u, b, w in rows) + f"; Error Estimate {est.seconds:.9f} s (clock {base:.6f} s + {published * 1e9:.0f} ns)")
+
+
 # ---- xwamp stamp -> xwamp reflect ---------------------------------------------------------------
 
 def _start_reflect(nic: Nic, duration: int) -> tuple[subprocess.Popen, int]:
