@@ -92,3 +92,26 @@ def test_raw_hardware_needs_the_flag_and_a_phc() -> None:
     assert ts.TimestampingConfig(False, True, True, True, 0, f).raw_hardware  # hardware TX only: RX used if it comes
     assert not ts.TimestampingConfig(False, False, True, True, None, 0).raw_hardware
     assert not ts.TimestampingConfig(False, True, True, True, None, f).raw_hardware
+
+
+def test_agent_metrics_carry_stamp_sources_and_reply_tx_stamps() -> None:
+    """The agent's exporter sees the process-wide counters, the Follow-Up T3 sources and its own
+    reflector's reply TX stamps (the supervisor used to build MetricsState without any)."""
+    from agent.daemon.supervisor import Daemon
+    from agent.engine.clock import STAMP_COUNTERS
+    from agent.engine.udp import REPLY_TX_COUNTERS
+    from exporters.prometheus import render
+
+    before = REPLY_TX_COUNTERS.tx_hw
+    REPLY_TX_COUNTERS.tx_hw += 2
+    STAMP_COUNTERS.t3_hw += 3
+    try:
+        snap = Daemon(cfg.parse({}), exporter=False).metrics.snapshot()
+        assert snap.stamps["reply_hw"] == before + 2 and snap.stamps["t3_hw"] >= 3
+        assert snap.clock_synced is not None
+        text = render(snap)[0].decode()
+        assert f'xwamp_timestamps_total{{direction="reply",source="hw"}} {before + 2}' in text
+        assert "xwamp_clock_synchronized" in text
+    finally:
+        REPLY_TX_COUNTERS.tx_hw -= 2
+        STAMP_COUNTERS.t3_hw -= 3

@@ -79,6 +79,7 @@ _TS3 = struct.Struct("=qq")
 _INT = struct.Struct("=i")
 _TX_BITS = ts.SOF_TIMESTAMPING_TX_HARDWARE | ts.SOF_TIMESTAMPING_TX_SOFTWARE
 _REPLY_TX_COUNTERS = StampCounters()  # the reflector's reply TX stamps (agent.engine.followup), by source
+REPLY_TX_COUNTERS = _REPLY_TX_COUNTERS  # exported as xwamp_timestamps_total{direction="reply"}
 
 
 def _family_of(host: str) -> int:

@@ -351,6 +351,7 @@ iface = "{igb.a.ifname}"
               f"{igb.b.ifname}) {b0}")
         assert a0.get(("rx", "sw"), 0) >= 1 and not a0.get(("rx", "hw")), a0
         assert b0.get(("rx", "sw"), 0) >= 1 and not b0.get(("rx", "hw")), b0
+        assert b0.get(("reply", "hw"), 0) >= 8, b0  # B's own count of the hardware TX stamps it reported
         with rx_workaround_on(igb) as clearer:
             a1 = _wait_for("agents: T4 and T2 from hardware with the RX workaround",
                            lambda: ((s := _scrape(igb.a.ns, 19862)).get(("rx", "hw"), 0) >= 4
