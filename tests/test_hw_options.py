@@ -115,3 +115,64 @@ def test_agent_metrics_carry_stamp_sources_and_reply_tx_stamps() -> None:
     finally:
         REPLY_TX_COUNTERS.tx_hw -= 2
         STAMP_COUNTERS.t3_hw -= 3
+
+
+@pytest.mark.parametrize("protocol", ["twamp", "owamp", "stamp"])
+def test_agent_peer_iface_reaches_the_sender(tmp_path, monkeypatch, protocol: str) -> None:
+    """A peer's ``iface`` is switched on once and reaches every cycle's test socket (hardware=True);
+    lo has no PHC, so the packets still flow with software stamps. Real sessions on loopback."""
+    from agent.daemon import supervisor as dm
+    from agent.engine import udp
+    from tests.test_daemon import FakeSAs, _free_port, until
+
+    real = udp.run_twamp_sender
+    seen: list[tuple[object, object]] = []
+
+    async def spy(*a, **kw):
+        seen.append((kw.get("iface"), kw.get("hardware")))
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(udp, "run_twamp_sender", spy)
+    opted: list[str] = []
+    monkeypatch.setattr(ts, "configure_nic", lambda iface: opted.append(iface))
+    monkeypatch.setattr(ts, "_OPTED_IN", set())
+    tw, ow, st = _free_port(), _free_port(), _free_port()
+    port = {"twamp": tw, "owamp": ow, "stamp": st}[protocol]
+    path = tmp_path / "x.toml"
+    path.write_text(f"""
+[server]
+listen = ["127.0.0.1"]
+twamp_port = {tw}
+owamp_port = {ow}
+[reflector]
+enabled = true
+listen = ["127.0.0.1"]
+port = {st}
+iface = "lo"
+[exporter]
+port = 0
+[[peers]]
+name = "self"
+address = "127.0.0.1"
+protocol = "{protocol}"
+port = {port}
+interval = 0.01
+count = 5
+timeout = 0.3
+iface = "lo"
+""")
+
+    async def main():
+        d = dm.Daemon(cfg.load(path), str(path), sa_source=FakeSAs([]), notify=lambda *a: True)
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 20)
+        m = d.metrics.sessions["peer:self"]
+        await until(lambda: m.cycles >= 2, 30)
+        d.request_stop()
+        assert await asyncio.wait_for(task, 20) == 0
+        return m
+
+    m = asyncio.run(main())
+    assert m.received >= 5
+    assert ("lo", True) in seen and all(s == ("lo", True) for s in seen if s[0] is not None), seen
+    assert opted == ["lo"]  # once per process, whatever the cycles and the [reflector]
