@@ -248,6 +248,14 @@ def test_stamp_cli_hardware_t1_t3_then_t2_t4_with_rx_workaround(igb: IgbPair) ->
         assert t2m1.get("sw", 0) >= 8 and not t2m1.get("hw"), t2m1  # T2: neither does B
         assert "refused RX filters all and ntp-all" in shipped["stderr"], shipped["stderr"]
         assert _check_one_timescale(shipped) >= 8
+        with netns(igb.a.ns):
+            a_cfg = ethtool.get_hwtstamp(igb.a.ifname)
+        with netns(igb.b.ns):
+            b_cfg = ethtool.get_hwtstamp(igb.b.ifname)
+        assert a_cfg is not None and a_cfg.is_off, a_cfg  # stamp put A back as it found it
+        # reflect switched B on while it runs: TX on, RX none (all and ntp-all refused)
+        assert b_cfg is not None and b_cfg.tx_type == ethtool.HWTSTAMP_TX_ON, b_cfg
+        assert b_cfg.rx_filter == ethtool.HWTSTAMP_FILTER_NONE, b_cfg
         with rx_workaround_on(igb) as clearer:
             fixed = _stamp(igb, port)
         src2, t2m2 = fixed["summary"]["stamp_sources"], _t2_methods(fixed)
