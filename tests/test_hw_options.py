@@ -22,6 +22,7 @@ def _err(doc: dict) -> str:
 
 
 def test_iface_keys_reach_the_config() -> None:
+    assert cfg.parse({"server": {"iface": "eth2"}}).server.iface == "eth2"
     c = cfg.parse({"peers": [{"address": "192.0.2.2", "iface": "eth0"},
                              {"address": "192.0.2.3", "protocol": "stamp", "iface": "enp1s0f1"}],
                    "discovery": {"iface": "eth1"}, "reflector": {"enabled": True, "iface": "eth0"}})
@@ -37,12 +38,14 @@ def test_iface_keys_reach_the_config() -> None:
     ({"peers": [{"address": "192.0.2.2", "iface": 3}]}, "peers[0].iface"),
     ({"discovery": {"iface": "eth 0"}}, "discovery.iface"),
     ({"reflector": {"iface": "eth0:1"}}, "reflector.iface"),
+    ({"server": {"iface": "a b"}}, "server.iface"),
 ])
 def test_bad_iface_is_one_line(doc: dict, key: str) -> None:
     assert f"xwamp.toml: {key}: " in _err(doc)
 
 
-@pytest.mark.parametrize("cmd", [["ping", HOST], ["stamp", HOST], ["reflect", "--port", "0", "--duration", "1"]])
+@pytest.mark.parametrize("cmd", [["ping", HOST], ["stamp", HOST], ["reflect", "--port", "0", "--duration", "1"],
+                                 ["server", "--twamp-port", "0", "--owamp-port", "0", "--duration", "1"]])
 def test_cli_unknown_iface(cmd: list[str]) -> None:
     line = assert_one_line(xwamp(*cmd, "--iface", "nosuchif0"), "--iface nosuchif0", "no interface named")
     assert line.startswith(f"xwamp {cmd[0]}: ")
@@ -133,6 +136,16 @@ def test_agent_peer_iface_reaches_the_sender(tmp_path, monkeypatch, protocol: st
         return await real(*a, **kw)
 
     monkeypatch.setattr(udp, "run_twamp_sender", spy)
+    from agent.sessions import session
+
+    real_ep = session._started_endpoint
+    endpoints: list[object] = []
+
+    async def spy_ep(cls, host, port, ports=None, iface=None):
+        endpoints.append((cls.__name__, iface))
+        return await real_ep(cls, host, port, ports, iface)
+
+    monkeypatch.setattr(session, "_started_endpoint", spy_ep)
     opted: list[str] = []
     monkeypatch.setattr(ts, "configure_nic", lambda iface: opted.append(iface))
     monkeypatch.setattr(ts, "_OPTED_IN", set())
@@ -144,6 +157,7 @@ def test_agent_peer_iface_reaches_the_sender(tmp_path, monkeypatch, protocol: st
 listen = ["127.0.0.1"]
 twamp_port = {tw}
 owamp_port = {ow}
+iface = "lo"
 [reflector]
 enabled = true
 listen = ["127.0.0.1"]
@@ -175,4 +189,7 @@ iface = "lo"
     m = asyncio.run(main())
     assert m.received >= 5
     assert ("lo", True) in seen and all(s == ("lo", True) for s in seen if s[0] is not None), seen
-    assert opted == ["lo"]  # once per process, whatever the cycles and the [reflector]
+    assert opted == ["lo"]  # once per process, whatever the cycles, [server] and [reflector]
+    # The server's side of TWAMP/OWAMP (its reflector / receiver endpoints; our OWAMP receiver) too.
+    if protocol != "stamp":
+        assert endpoints and all(e[1] == "lo" for e in endpoints), endpoints

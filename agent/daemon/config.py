@@ -98,6 +98,7 @@ class ServerSection:
     max_rate_per_client: float = 4000.0  # test packets/s over all sessions of one client address
     max_connections_per_prefix: int = 32  # control connections from one /24 or /64
     test_ports: tuple[int, int] = (8760, 9960)  # UDP test ports, like twampd's testports (>= 1024)
+    iface: str | None = None  # hardware stamps on the test sessions peers ask of us (docs/timestamping.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +479,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         max_rate_per_client=s.positive("max_rate_per_client", 4000.0, 1e7),
         max_connections_per_prefix=s.int_range("max_connections_per_prefix", 32, 1, 100_000),
         test_ports=_port_range(s, "test_ports", (8760, 9960)),
+        iface=s.get("iface", str, None, _check_iface),
     )
     if server.keyfile is not None and "modes" not in s.table:
         # Keys configured and no modes given: plain unauth is not offered (issue 11 item 9).
