@@ -189,6 +189,11 @@ def agent_families(s: Snapshot) -> Iterator[Metric]:
     for d in ("tx", "rx"):
         for src in ("hw", "sw", "user"):
             stamps.add_metric([d, src], s.stamps.get(f"{d}_{src}", 0))
+    for src in ("hw", "sw"):
+        # t3: the peer reflector's TX stamps of our STAMP samples, via its Follow-Up Telemetry;
+        # reply: our own reflector's TX stamps of its replies (what our Follow-Up answers carry).
+        stamps.add_metric(["t3", src], s.stamps.get(f"t3_{src}", 0))
+        stamps.add_metric(["reply", src], s.stamps.get(f"reply_{src}", 0))
     yield stamps
     if s.tx_lag:
         # agent.engine.txlag: kernel TX stamp minus the timestamp written in the packet (T3 / T1).

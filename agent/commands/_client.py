@@ -12,6 +12,7 @@ from agent.commands._runtime import (
     EXIT_GREETING_REFUSED,
     GREETING_REFUSALS,
     ipsec_modes,
+    iface_usable,
     ipsec_runtime,
     is_ipsec_mode,
     netns_entered,
@@ -142,7 +143,7 @@ def run_client(name: str, args: argparse.Namespace, session: Callable[[Any], Awa
     if any(is_ipsec_mode(w) for w in wanted):
         # the user asking for ALT2 by name is the consent wire-format §4.3 wants
         session = _with_binder(session, allow_alt2=any(w.endswith("+ipsec-alt2") for w in wanted))
-    if not netns_entered(name, getattr(args, "netns", None)):
+    if not netns_entered(name, getattr(args, "netns", None)) or not iface_usable(name, getattr(args, "iface", None)):
         return 2, None
     try:
         return 0, asyncio.run(session(opt))

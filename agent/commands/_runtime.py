@@ -56,6 +56,22 @@ def netns_entered(command: str, netns: str | None) -> bool:
     return True
 
 
+def iface_usable(command: str, iface: str | None) -> bool:
+    """``--iface``: it must name an interface of the (entered) netns; else one line
+    ``xwamp COMMAND: --iface X: no interface named 'X'`` and False (exit 2). Whether the NIC
+    stamps in hardware is not an error: software stamps where it cannot, as logged."""
+    if not iface:
+        return True
+    import socket
+
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        print(f"xwamp {command}: --iface {iface}: no interface named {iface!r}", file=sys.stderr)
+        return False
+    return True
+
+
 async def open_follower(netns: str | None) -> "XfrmFollower":
     """The live SA table and policies (netlink), kept current. Tests replace this."""
     from agent.sessions.bound import XfrmFollower

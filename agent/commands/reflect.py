@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--t3", choices=("late", "early"), default="late",
                    help="late (default): build the reply, then read the clock and write only T3 where no HMAC covers "
                         "it; early: read it inside the reflector, before the last steps (for measurements)")
-    p.add_argument("--iface", type=A.interface, help="interface for hardware RX timestamps (default: software stamps)")
+    p.add_argument("--iface", metavar="IF", help="hardware timestamps from this NIC's PHC: T2 where its RX filter "
+                                                 "stamps our packets, T3 (Follow-Up) from its TX stamps; switches its "
+                                                 "stamping on when off, puts it back at exit (docs/timestamping.md)")
     p.add_argument("--ptp", action="store_true", help="write PTP-format timestamps (RFC 8186, Z=1)")
     p.add_argument("--duration", type=A.DURATION, default=0.0, help="stop after this many seconds (default: run until ^C)")
     p.add_argument("--log-interval", type=A.POSITIVE_DURATION, default=10.0, help="seconds between reports of dropped packets")
@@ -66,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if key is not None and args.key_from_tunnel:
         print("xwamp reflect: --auth-key-file and --key-from-tunnel exclude each other", file=sys.stderr)
         return 2
-    from agent.commands._runtime import netns_entered
+    from agent.commands._runtime import iface_usable, netns_entered
 
-    if not netns_entered("reflect", args.netns):
+    if not netns_entered("reflect", args.netns) or not iface_usable("reflect", args.iface):
         return 2
+    from agent.engine import timestamping as ts
+
+    hardware = ts.hardware_opt_in(args.iface)  # same fallback rules as ping: software where it cannot
     session = ReflectorSession(
         Proto.STAMP,
         Security.AUTH if key is not None else Security.UNAUTH,
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         ptp=args.ptp,
     )
     ep = TwampReflectorEndpoint((args.listen, args.port), default=session, iface=args.iface,
-                                hardware=args.iface is not None, log_interval=args.log_interval,
+                                hardware=hardware, log_interval=args.log_interval,
                                 late_t3=args.t3 == "late")
 
     async def main() -> None:
@@ -121,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         ep.close()
+        if hardware:
+            ts.restore_nic_configs()  # the NIC as we found it
         c = ep.counters()
         for k, v in getattr(ep.default, "key_results", {}).items():
             c[f"tunnel_key_{k}"] = v

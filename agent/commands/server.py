@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="close control connections not set up this long after connecting")
     p.add_argument("--empty-test-timeout", type=A.POSITIVE_DURATION, default=10.0,
                    help="close control connections started with no test session after this long")
+    p.add_argument("--iface", metavar="IF", help="hardware timestamps from this NIC's PHC for the test sessions "
+                                                 "(switches its stamping on when off, puts it back at exit; software "
+                                                 "stamps where it cannot; docs/timestamping.md)")
     p.add_argument("--duration", type=A.DURATION, default=0.0, help="exit after this many seconds (default: run until ^C)")
     p.set_defaults(func=run)
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from agent.commands._runtime import ipsec_runtime, netns_entered, wait_until_stopped
+    from agent.commands._runtime import iface_usable, ipsec_runtime, netns_entered, wait_until_stopped
     from agent.control import modes as md
     from agent.control.aio import ControlListener, ListenerLimits
     from agent.control.authguard import AUTH_GUARD
@@ -186,8 +189,14 @@ def run(args: argparse.Namespace) -> int:
             if follower is not None:
                 await follower.close()
 
-    if not netns_entered("server", args.netns):
+    if not netns_entered("server", args.netns) or not iface_usable("server", args.iface):
         return 2
+    from agent.engine import timestamping as ts
+
+    if ts.hardware_opt_in(args.iface):  # same fallback rules as ping: software where it cannot
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, test_iface=args.iface)
     try:
         asyncio.run(main())
     except XfrmError as e:
@@ -200,4 +209,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        if args.iface:
+            ts.restore_nic_configs()  # the NIC as we found it
     return 0

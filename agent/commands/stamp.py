@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "cos=DSCP1, direct-measurement, access-report[=ID,CODE], follow-up, hmac")
     p.add_argument("--no-follow-up", dest="follow_up", action="store_false", default=True,
                    help="do not ask for Follow-Up Telemetry (RFC 8972 §4.7; asked by default)")
+    p.add_argument("--iface", metavar="IF", help="hardware timestamps from this NIC's PHC (T1; T4 where its RX "
+                                                 "filter stamps our packets); switches its stamping on when off, puts "
+                                                 "it back at exit; software stamps where it cannot (docs/timestamping.md)")
     p.add_argument("--wait", type=A.DURATION, default=2.0, help="seconds to wait for late replies (default 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="summary only")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from agent.commands._runtime import netns_entered
+    from agent.commands._runtime import iface_usable, netns_entered
     from agent.control.keyring import read_hmac_key
     from agent.sessions.stamp import StampOptions, stamp_session
     from netlink.secret import Secret
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("TWAMP-Light format carries no key")
     except ValueError as e:
         return fail(str(e))
-    if not netns_entered("stamp", args.netns):
+    if not netns_entered("stamp", args.netns) or not iface_usable("stamp", args.iface):
         return 2
 
     answers_seen: dict[int, list] = {}
@@ -195,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
         print(reply_line(rec, args.host, ans), flush=True)
 
     async def main():
+        from agent.engine import timestamping as ts
+
+        if ts.hardware_opt_in(args.iface):  # same fallback rules as ping: software where it cannot
+            opt.iface = args.iface
         if args.key_from_tunnel:
             from agent.sessions.stamp_keys import tunnel_stamp_session
 
@@ -209,7 +216,13 @@ def run(args: argparse.Namespace) -> int:
     from agent.binder.keys import BinderRefusal
 
     try:
-        res = asyncio.run(main())
+        try:
+            res = asyncio.run(main())
+        finally:
+            if args.iface:
+                from agent.engine import timestamping as ts
+
+                ts.restore_nic_configs()  # the NIC as we found it
     except BinderRefusal as e:  # one line: which pair is missing or unusable (SPIs, never keys)
         print(f"xwamp stamp: no tunnel key: {e}", file=sys.stderr)
         return 3

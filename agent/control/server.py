@@ -95,6 +95,9 @@ class ServerConfig:
     # UDP test ports (first, last) the server binds; like twampd's testports. Never below
     # 1024: a peer must not make us squat IKE (500/4500), DNS or NTP (issue 11 row 5).
     test_ports: tuple[int, int] = DEFAULT_TEST_PORTS
+    # NIC whose hardware stamps the test sessions' sockets use (None: software stamps); the
+    # command or agent switched its stamping on (agent.engine.timestamping.hardware_opt_in).
+    test_iface: str | None = None
     # Plain unauthenticated mode (no key mode): False when the server has keys and was not
     # asked for it (a keyed or IPsec-bound unauth mode still works).
     allow_plain_unauth: bool = True

@@ -98,6 +98,7 @@ class ServerSection:
     max_rate_per_client: float = 4000.0  # test packets/s over all sessions of one client address
     max_connections_per_prefix: int = 32  # control connections from one /24 or /64
     test_ports: tuple[int, int] = (8760, 9960)  # UDP test ports, like twampd's testports (>= 1024)
+    iface: str | None = None  # hardware stamps on the test sessions peers ask of us (docs/timestamping.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,9 @@ class SessionTemplate:
     dscp: int = 0
     count: int = 60  # packets per cycle; loss and reordering are settled per cycle
     timeout: float = 2.0  # seconds to wait for a reply after the last packet of a cycle
+    # Hardware timestamps from this NIC's PHC (docs/timestamping.md): its stamping is switched on
+    # if off (TX on; RX all, else ntp-all, else software RX) and put back at shutdown.
+    iface: str | None = None
 
     @property
     def effective_port(self) -> int:
@@ -157,6 +161,7 @@ class ReflectorSection:
     stateful: bool = True  # RFC 8762 §4.3.1: own sequence numbers per sender and SSID
     mode: str = "unauth"  # unauth | auth (keyfile: the HMAC key, hex) | auth+ipsec-bound (wire-format §9)
     keyfile: str | None = None
+    iface: str | None = None  # hardware stamps (T2 RX where the filter allows, T3 TX for Follow-Up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +307,16 @@ def _check_mode(v: str, protocol: str) -> str | None:
     return None
 
 
+def _check_iface(name: str) -> str | None:
+    """An interface name as the kernel allows it (IFNAMSIZ 16 with the NUL; no '/', no blanks).
+    Whether it exists is known only in the agent's netns, at start: a missing one is logged and
+    its sessions keep software stamps."""
+    if not 0 < len(name.encode()) <= 15 or "/" in name or ":" in name or not name.isprintable() \
+            or any(c.isspace() for c in name) or name in (".", ".."):
+        return f"{name!r} is not an interface name"
+    return None
+
+
 def _check_file(path: str) -> str | None:
     if not os.path.exists(path):
         return f"{path!r} does not exist"
@@ -353,12 +368,13 @@ def _session(vd: _V, base: SessionTemplate) -> SessionTemplate:
         dscp=vd.int_range("dscp", base.dscp, 0, 63),
         count=vd.int_range("count", base.count, 1, 1_000_000),
         timeout=vd.positive("timeout", base.timeout, 60.0),
+        iface=vd.get("iface", str, base.iface, _check_iface),
     )
     return t
 
 
 _SESSION_KEYS = ("protocol", "port", "mode", "keyfile", "user", "interval", "schedule",
-                 "padding", "dscp", "count", "timeout")
+                 "padding", "dscp", "count", "timeout", "iface")
 
 
 def _buckets(vd: _V, key: str) -> tuple[float, ...]:
@@ -463,6 +479,7 @@ def parse(doc: dict[str, Any], source: str = "<config>") -> Config:
         max_rate_per_client=s.positive("max_rate_per_client", 4000.0, 1e7),
         max_connections_per_prefix=s.int_range("max_connections_per_prefix", 32, 1, 100_000),
         test_ports=_port_range(s, "test_ports", (8760, 9960)),
+        iface=s.get("iface", str, None, _check_iface),
     )
     if server.keyfile is not None and "modes" not in s.table:
         # Keys configured and no modes given: plain unauth is not offered (issue 11 item 9).
@@ -561,6 +578,7 @@ def _reflector(r: _V) -> ReflectorSection:
         stateful=r.get("stateful", bool, True),
         mode=mode,
         keyfile=r.get("keyfile", str, None, _check_file),
+        iface=r.get("iface", str, None, _check_iface),
     )
     if sec.mode == "auth" and sec.keyfile is None:
         raise r.err("keyfile", "mode 'auth' needs keyfile (the HMAC key, hex)")

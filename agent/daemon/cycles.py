@@ -20,6 +20,14 @@ REBIND_TIMEOUT = 10.0  # after a rekey, the peer may need a moment to see the ne
 _bind_ids = itertools.count(1)
 
 
+def _hw(iface: str | None) -> bool:
+    """``iface`` set: hardware stamps from it, its stamping switched on once per process (the
+    supervisor puts it back at shutdown); software stamps where it cannot (logged)."""
+    from agent.engine import timestamping as ts
+
+    return ts.hardware_opt_in(iface)
+
+
 class SessionStopped(Exception):
     """The session's SA binding ended it (reason first: ``sa_deleted: spi...``); key-free."""
 
@@ -162,7 +170,7 @@ class CycleRunner:
                     self._sender = asyncio.ensure_future(udp.run_twamp_sender(
                         ("", 0), (str(peer_ip), acc.accept.port), mode, acc.test_keys, count=t.count,
                         interval=t.interval, schedule=t.schedule, padding=pad, timeout=t.timeout, sock=sock,
-                        hardware=False))
+                        iface=t.iface, hardware=_hw(t.iface)))
                     if action.done():  # decided while we set up: no packets on a dead pair
                         self._sender.cancel()
                     records = None
@@ -203,7 +211,7 @@ class CycleRunner:
         while not self._stopping:
             opt = PingOptions(host=str(self.spec.address), port=t.effective_port, count=t.count, interval=t.interval,
                               schedule=t.schedule, padding=t.padding, dscp=t.dscp, wanted=t.modes,
-                              key_id=t.user or "", key_source=self.key_source, wait=t.timeout)
+                              key_id=t.user or "", key_source=self.key_source, wait=t.timeout, iface=t.iface)
             ow = await owping(opt)
             self.metrics.up = True
             self.metrics.observe_owamp(ow.forward_records, ow.forward.sent, ow.reverse_records, ow.reverse.sent)
@@ -244,7 +252,7 @@ class CycleRunner:
                 self.metrics.sa_keyed = True
             opt = StampOptions(str(self.spec.address), t.effective_port, count=t.count, interval=t.interval,
                                schedule=t.schedule, padding=t.padding, dscp=t.dscp, local_addr=local, key=key,
-                               wait=t.timeout, follow_up=True)
+                               wait=t.timeout, follow_up=True, iface=t.iface if _hw(t.iface) else None)
             stop = asyncio.Event()
             self._sender = asyncio.ensure_future(stamp_session(opt, stop=stop))
             try:

@@ -49,6 +49,7 @@ class ControlServers:
         from agent.control.aio import ControlListener, ListenerLimits
         from agent.control.authguard import AUTH_GUARD
         from agent.control.server import ServerConfig
+        from agent.engine import timestamping as ts
         from agent.sessions import session
 
         s = self.section
@@ -78,6 +79,7 @@ class ControlServers:
             conf = ServerConfig(modes=self._modes(twamp), max_sessions=s.max_sessions_per_connection,
                                 max_packets=s.max_packets, max_padding=s.max_padding,
                                 max_rate=s.max_rate, test_ports=s.test_ports, auth_guard=AUTH_GUARD,
+                                test_iface=s.iface if ts.hardware_opt_in(s.iface) else None,
                                 # plain unauth only when configured explicitly next to a keyfile (item 9)
                                 allow_plain_unauth="unauth" in s.modes)
             lst = ControlListener(handler, twamp=twamp, hosts=hosts, port=port, config=conf, key_source=ks,

@@ -21,6 +21,7 @@ class StampReflectors:
         self.endpoints: list = []
 
     async def start(self) -> None:
+        from agent.engine import timestamping as ts
         from agent.engine.packets import Proto, Security
         from agent.engine.reflector import ReflectorSession
         from agent.engine.udp import TwampReflectorEndpoint
@@ -41,7 +42,10 @@ class StampReflectors:
                 else:
                     sess = ReflectorSession(Proto.STAMP, Security.AUTH if key is not None else Security.UNAUTH,
                                             stamp_key=key, stateful=s.stateful)
-                ep = TwampReflectorEndpoint((addr, s.port), default=sess, hardware=False)
+                # [reflector] iface: T2 from the PHC where its RX filter stamps our packets, and
+                # the replies' hardware TX stamps as Follow-Up T3 (RFC 8972 §4.7).
+                hw = ts.hardware_opt_in(s.iface)
+                ep = TwampReflectorEndpoint((addr, s.port), default=sess, iface=s.iface if hw else None, hardware=hw)
                 await ep.start()
                 self.endpoints.append(ep)
                 log.info("STAMP reflector listening", extra={"listen": addr, "port": ep.port, "mode": s.mode,

@@ -43,7 +43,7 @@ from agent.daemon.discovery import (
     newest_sa,
 )
 from agent.daemon.servers import ControlServers
-from agent.sessions.metrics import MetricsState, SessionMetrics
+from agent.sessions.metrics import MetricsState, SessionMetrics, default_clock, default_stamps
 from netlink.records import SA, IPAddress
 from netlink.table import SATable
 
@@ -142,7 +142,10 @@ class Daemon:
         self.runtime: Any = None  # agent.sessions.bound.BinderRuntime
         self._rfc7717: tuple[Any, Any] | None = None  # (agent section, RFC7717KeySource)
         self.binder: Any = None
-        self.metrics = metrics or MetricsState(config.exporter.buckets, config.exporter.ipdv_buckets)
+        # The process-wide stamp sources and the clock's estimate: without them the exporter showed
+        # xwamp_timestamps_total as zeros and no xwamp_clock_* at all (docs/metrics.md promises both).
+        self.metrics = metrics or MetricsState(config.exporter.buckets, config.exporter.ipdv_buckets,
+                                               stamps=default_stamps(), clock=default_clock())
         self._runner_factory = runner_factory
         self._server_factory = server_factory
         self._sa_source = sa_source
@@ -248,6 +251,16 @@ class Daemon:
         if self.exporter is not None:
             await self.exporter.close()
             self.exporter = None
+        self._restore_nics()
+
+    def _restore_nics(self) -> None:
+        """Put back the NIC stamping configs the ``iface`` keys switched on (unless ptp4l has
+        taken them over since): the NIC is left as we found it."""
+        from agent.engine import timestamping as ts
+
+        with contextlib.suppress(Exception):
+            for iface in ts.restore_nic_configs():
+                log.info("NIC hardware stamping put back", extra={"iface": iface})
 
     async def _watchdog(self, interval: float) -> None:
         # The ping comes from the loop itself: a wedged loop stops it and systemd restarts us.

@@ -144,26 +144,54 @@ def read_clock_state() -> ClockState:
     return decode_timex(tx, rc)
 
 
+# Hardware stamps are PHC readings converted to CLOCK_REALTIME (agent.engine.timestamping.PhcClock);
+# the conversion adds its own error to every stamp taken that way. Each PHC in use publishes its
+# current bound here (ns, by PHC index); the Error Estimate adds the largest (ClockErrorCache).
+_CONVERSION_ERROR_NS: dict[int, int] = {}
+
+
+def set_conversion_error(phc_index: int, ns: int | None) -> None:
+    """Publish (or with None withdraw) the PHC → CLOCK_REALTIME conversion error bound of one PHC."""
+    if ns is None:
+        _CONVERSION_ERROR_NS.pop(phc_index, None)
+    else:
+        _CONVERSION_ERROR_NS[phc_index] = max(0, int(ns))
+
+
+def conversion_error_s() -> float:
+    """The largest conversion error bound of the PHCs this process converts stamps with (0 without)."""
+    return max(_CONVERSION_ERROR_NS.values(), default=0) / 1e9
+
+
 class ClockErrorCache:
     """The Error Estimate, refreshed at most every ``refresh_s`` (not a syscall per packet).
 
     The daemons update the kernel state every few seconds at best, so a 1 s cache
     loses nothing. Thread-safe enough: a racing refresh just reads twice.
+
+    ``extra_error_s`` is added to the clock's own error: refreshed with the state from the
+    PHC conversion error bounds (:func:`conversion_error_s`) when ``phc`` is true, plus
+    ``fixed_extra_s``. RFC 4656 §4.1.2: the Error Estimate is that of the timestamp, and a
+    timestamp taken on a PHC is only as good as its relation to CLOCK_REALTIME.
     """
 
-    def __init__(self, refresh_s: float = 1.0, bound: bool = False, reader=read_clock_state) -> None:
+    def __init__(self, refresh_s: float = 1.0, bound: bool = False, reader=None, *,
+                 phc: bool = True, fixed_extra_s: float = 0.0) -> None:
         self.refresh_s = refresh_s
         self.bound = bound
-        self._reader = reader
+        self._reader = reader if reader is not None else read_clock_state
         self._state: ClockState | None = None
         self._at = -1e18
-        self.extra_error_s = 0.0  # e.g. PHC→CLOCK_REALTIME conversion uncertainty
+        self.phc = phc
+        self.fixed_extra_s = fixed_extra_s
+        self.extra_error_s = fixed_extra_s  # + the PHC→CLOCK_REALTIME conversion error bound
 
     def state(self) -> ClockState:
         now = time.monotonic()
         if self._state is None or now - self._at >= self.refresh_s:
             self._state = self._reader()
             self._at = now
+            self.extra_error_s = self.fixed_extra_s + (conversion_error_s() if self.phc else 0.0)
         return self._state
 
     def estimate(self, ptp: bool = False) -> ErrorEstimate:
@@ -192,6 +220,10 @@ class StampCounters:
     tx_hw: int = 0
     tx_sw: int = 0
     tx_user: int = 0
+    # T3 of our STAMP samples as the reflector's Follow-Up Telemetry reported it (RFC 8972 §4.7):
+    # its hardware or kernel TX stamp of the reply (agent.sessions.stamp.FollowUpCorrector).
+    t3_hw: int = 0
+    t3_sw: int = 0
     hw_fallback: int = 0
     phc_unconverted: int = 0  # hardware stamps dropped: no PHC→REALTIME relation available
     hw_rx_refused: int = 0  # NICs whose driver refused RX filters all and ntp-all: software RX, hardware TX

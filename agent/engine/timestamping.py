@@ -48,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.engine.clock import STAMP_COUNTERS, StampCounters
+from agent.engine.clock import STAMP_COUNTERS, StampCounters, set_conversion_error
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,13 @@ class TimestampingConfig:
     phc_index: int | None
     flags: int  # the SOF_TIMESTAMPING_* value set on the socket
 
+    @property
+    def raw_hardware(self) -> bool:
+        """The socket reports raw hardware stamps (hardware RX or TX was planned). A hardware RX
+        stamp that arrives is then used even when the granted filter does not promise one (a
+        driver stamping more than it says, or ptp4l's filter matching our packets)."""
+        return bool(self.flags & SOF_TIMESTAMPING_RAW_HARDWARE) and self.phc_index is not None
+
 
 # ---- ancillary buffer ----------------------------------------------------------------------
 
@@ -236,6 +243,8 @@ PTP_SYS_OFFSET_EXTENDED = _ioc(_IOC_READ | _IOC_WRITE, 9, 16 + PTP_MAX_SAMPLES *
 # A free-running oscillator is within ±100 ppm of nominal; two samples further apart than
 # this in rate saw a step, not drift.
 MAX_PHC_DRIFT = 500e-6
+# ... and within this of CLOCK_REALTIME's rate: the drift assumed before it is measured.
+FREE_RUN_DRIFT = 100e-6
 
 
 def _ptp_ns(buf: bytes | bytearray, off: int) -> int:
@@ -267,7 +276,9 @@ class PhcClock:
         self._last: tuple[int, int] = self._measure()
         self._measured_at = time.monotonic_ns()
         self._slope = 0.0
+        self._prev_uncertainty_ns: int | None = None  # of the sample the slope was taken from
         self.steps = 0  # clock steps seen (not drift): each restarts the drift estimate
+        self.publish = False  # phc_clock(): put conversion_error_ns into the Error Estimate (clock.py)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -302,6 +313,7 @@ class PhcClock:
 
     def refresh(self) -> None:
         with self._lock:
+            prev_u = self.uncertainty_ns
             phc, off = self._measure()
             self._measured_at = time.monotonic_ns()
             lphc, loff = self._last
@@ -312,11 +324,30 @@ class PhcClock:
                 log.info("PHC %d: step of %.6f s against CLOCK_REALTIME; drift estimate reset",
                          self.index, (off - loff) / 1e9)
                 self._slope, self._prev, self._last = 0.0, None, (phc, off)
+                self._prev_uncertainty_ns = None
             elif phc - lphc > self.refresh_ns // 10:
                 self._slope = (off - loff) / (phc - lphc)
                 self._prev, self._last = self._last, (phc, off)
+                self._prev_uncertainty_ns = prev_u
             else:
                 self._last = (phc, off)
+            if self.publish:
+                set_conversion_error(self.index, self.conversion_error_ns)
+
+    @property
+    def conversion_error_ns(self) -> int:
+        """A bound on the error of :meth:`to_realtime` until the next refresh, for the Error Estimate.
+
+        The offset sample is off by at most its half window (``uncertainty_ns``; 0 for a
+        precise cross-timestamp). The drift is the slope between two samples Δ apart, each off
+        by its half window, extrapolated at most ``refresh_ns`` past the last one: its error
+        adds (u_last + u_prev) × refresh / Δ. Before two samples (start, after a step) the drift
+        is unknown: a free-running oscillator's ±FREE_RUN_DRIFT over ``refresh_ns`` instead."""
+        u = self.uncertainty_ns
+        if self._prev is None or self._prev_uncertainty_ns is None:
+            return u + round(FREE_RUN_DRIFT * self.refresh_ns)
+        span = max(self._last[0] - self._prev[0], 1)
+        return u + -(-(u + self._prev_uncertainty_ns) * self.refresh_ns // span)
 
     @property
     def offset_ns(self) -> int:
@@ -341,9 +372,14 @@ _PHC_LOCK = threading.Lock()
 
 
 def phc_clock(index: int) -> PhcClock:
+    """The PHC this process converts hardware stamps with; its conversion error bound goes
+    into the Error Estimate we send (agent.engine.clock.conversion_error_s)."""
     with _PHC_LOCK:
         if index not in _PHCS:
-            _PHCS[index] = PhcClock(index)
+            phc = PhcClock(index)
+            phc.publish = True
+            set_conversion_error(index, phc.conversion_error_ns)
+            _PHCS[index] = phc
         return _PHCS[index]
 
 
@@ -375,7 +411,8 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
         if not cur.is_off:
             _NIC_CHANGED.setdefault(iface, before)
             _NIC_APPLIED[iface] = cur
-    elif not cur.is_off:
+    elif not cur.is_off and _NIC_APPLIED.get(iface) != cur and iface not in _KEPT_LOGGED:
+        _KEPT_LOGGED.add(iface)  # once per NIC: the agent opens a socket per cycle
         log.info("%s: keeping the existing hwtstamp config %s (ptp4l/chrony?)", iface, cur.to_dict())
     # PTP/NTP-only filters do not stamp our UDP packets: those get software stamps.
     hw_rx = cur.rx_filter in (ethtool.HWTSTAMP_FILTER_ALL, ethtool.HWTSTAMP_FILTER_SOME)
@@ -393,6 +430,7 @@ def _hardware_plan(iface: str, configure_nic: bool) -> tuple[bool, bool, int | N
 
 _NIC_CHANGED: dict[str, object] = {}  # iface -> the hwtstamp_config we found (always "off")
 _NIC_APPLIED: dict[str, object] = {}  # iface -> the hwtstamp_config the driver applied for us
+_KEPT_LOGGED: set[str] = set()  # NICs whose foreign config we said we keep
 
 
 @dataclass(frozen=True)
@@ -462,6 +500,26 @@ def configure_nic(iface: str) -> NicStampPlan | None:
     return NIC_PLANS.get(iface)
 
 
+def hardware_opt_in(iface: str | None) -> bool:
+    """The explicit opt-in of ``--iface`` and the agent's ``iface`` keys: switch the NIC's
+    stamping on (:func:`configure_nic`) once per process, keeping someone else's config. Never
+    raises: a NIC that cannot be configured leaves software stamps, said in the log. Returns
+    whether the caller should ask for hardware stamps on its sockets (``iface`` given)."""
+    if not iface:
+        return False
+    if iface in _OPTED_IN:
+        return True  # decided already (another session of this process opted in)
+    _OPTED_IN.add(iface)
+    try:
+        configure_nic(iface)
+    except (OSError, ValueError, UnsupportedArchitecture) as e:
+        log.warning("%s: cannot configure hardware stamping (%s): software stamps", iface, e)
+    return True
+
+
+_OPTED_IN: set[str] = set()
+
+
 def restore_nic_configs() -> list[str]:
     """Put back the hwtstamp configs enable_timestamping(configure_nic=True) changed, unless
     someone (ptp4l) has changed them since; call at agent shutdown. Returns the ifaces restored."""
@@ -481,6 +539,7 @@ def restore_nic_configs() -> list[str]:
         except (OSError, ValueError) as e:
             log.warning("%s: could not restore hwtstamp config: %s", iface, e)
         del _NIC_CHANGED[iface]
+    _OPTED_IN.clear()
     return done
 
 

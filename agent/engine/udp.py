@@ -88,6 +88,7 @@ _RECVERR = ((_SOL_IP, ts.IP_RECVERR), (_SOL_IPV6, ts.IPV6_RECVERR))
 _ENOMSG, _ORIGIN_TS, _TSTAMP_SND = errno.ENOMSG, ts.SO_EE_ORIGIN_TIMESTAMPING, ts.SCM_TSTAMP_SND
 _SEQ_AT0 = struct.Struct("!I").unpack_from
 _SSID_AT = struct.Struct("!H").unpack_from
+REPLY_TX_COUNTERS = _REPLY_TX_COUNTERS  # exported as xwamp_timestamps_total{direction="reply"}
 
 
 def _family_of(host: str) -> int:
@@ -198,7 +199,7 @@ def decode_ancillary(anc: list, hw_config: ts.TimestampingConfig | None) -> tupl
                 ttl = _INT.unpack_from(data)[0]
             elif ctype == IPV6_TCLASS and len(data) >= 4:
                 tos = _INT.unpack_from(data)[0] & 0xFF
-    if hw_config is not None and hw_config.hardware_rx:
+    if hw_config is not None and hw_config.raw_hardware:
         st = ts.rx_stamp(anc, config=hw_config)
         if st is not None:
             return st.ns, st.source.value, ttl, tos
@@ -497,7 +498,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             return
         recvmsg, sendto = sock.recvmsg, sock.sendto
         cfg = self.ts_config
-        hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        hw = cfg if (cfg is not None and cfg.raw_hardware) else None
         now = self.now_ns
         default = self.default
         by_peer = self._by_peer
@@ -648,7 +649,7 @@ class OwampReceiverEndpoint(_DatagramEndpoint):
         if sock is None:
             return
         cfg = self.ts_config
-        hw = cfg if (cfg is not None and cfg.hardware_rx) else None
+        hw = cfg if (cfg is not None and cfg.raw_hardware) else None
         n_sw = n_user = 0
         for _ in range(self.batch):
             try:
@@ -691,7 +692,7 @@ class _SenderSocket:
 
     def on_readable(self) -> None:
         sock, sender = self.sock, self.sender
-        hw = self.cfg if (self.cfg is not None and self.cfg.hardware_rx) else None
+        hw = self.cfg if (self.cfg is not None and self.cfg.raw_hardware) else None
         n_sw = n_user = 0
         while True:
             try:

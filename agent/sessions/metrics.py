@@ -513,6 +513,15 @@ def default_clock() -> Callable[[], tuple[float, bool] | None]:
 
 
 def default_stamps() -> Callable[[], dict[str, int]]:
+    """Process-wide stamp sources (agent.engine.clock.STAMP_COUNTERS), plus the reflector's TX
+    stamps of its replies (what its Follow-Up Telemetry reports as T3) as ``reply_hw``/``reply_sw``."""
     from agent.engine.clock import STAMP_COUNTERS
+    from agent.engine.udp import REPLY_TX_COUNTERS
 
-    return STAMP_COUNTERS.snapshot
+    def read() -> dict[str, int]:
+        out = STAMP_COUNTERS.snapshot()
+        r = REPLY_TX_COUNTERS.snapshot()
+        out["reply_hw"], out["reply_sw"] = r["tx_hw"], r["tx_sw"]
+        return out
+
+    return read

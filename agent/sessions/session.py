@@ -82,13 +82,14 @@ def _note_port(requested: int, got: int, ports: tuple[int, int] | None) -> None:
         log.info("test port %d requested outside %d-%d (or busy): offering %d", requested, ports[0], ports[1], got)
 
 
-async def _started_endpoint(cls: type, host: str, port: int, ports: tuple[int, int] | None = None):
+async def _started_endpoint(cls: type, host: str, port: int, ports: tuple[int, int] | None = None,
+                            iface: str | None = None):
     """A started endpoint of ``cls`` on the requested port if it is free and in ``ports``,
     else on another port of ``ports`` (RFC 5357 §3.5 lets Accept-Session name the port
     the reflector uses; RFC 4656 §3.5: a port the server configures itself "SHOULD be
     disregarded" in the request)."""
     for p in test_port_candidates(port, ports):
-        ep = cls((host, p), hardware=False)
+        ep = cls((host, p), iface=iface, hardware=bool(iface))  # ServerConfig.test_iface: hardware stamps
         try:
             await ep.start()
         except OSError:
@@ -117,12 +118,14 @@ def _bound_test_socket(host: str, port: int, ports: tuple[int, int] | None, dscp
     raise OSError(f"no free UDP port in {ports[0]}-{ports[1]}" if ports else "no UDP port")
 
 
-async def _reflector_endpoint(host: str, port: int, ports: tuple[int, int] | None = None) -> TwampReflectorEndpoint:
-    return await _started_endpoint(TwampReflectorEndpoint, host, port, ports)
+async def _reflector_endpoint(host: str, port: int, ports: tuple[int, int] | None = None,
+                              iface: str | None = None) -> TwampReflectorEndpoint:
+    return await _started_endpoint(TwampReflectorEndpoint, host, port, ports, iface)
 
 
-async def _receiver_endpoint(host: str, port: int, ports: tuple[int, int] | None = None) -> OwampReceiverEndpoint:
-    return await _started_endpoint(OwampReceiverEndpoint, host, port, ports)
+async def _receiver_endpoint(host: str, port: int, ports: tuple[int, int] | None = None,
+                             iface: str | None = None) -> OwampReceiverEndpoint:
+    return await _started_endpoint(OwampReceiverEndpoint, host, port, ports, iface)
 
 
 def _seconds(ntp_duration: int) -> float:
@@ -261,7 +264,8 @@ class TwampHandler:
             peer_ip, local_ip = _control_ips(srv, req)
             sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)
             try:
-                ep = await _reflector_endpoint(str(local_ip), req.receiver_port, srv.config.test_ports)
+                ep = await _reflector_endpoint(str(local_ip), req.receiver_port, srv.config.test_ports,
+                                               srv.config.test_iface)
             except OSError as err:
                 log.info("cannot open a reflector port: %s", err)
                 srv.accept_session(m.ACCEPT_TEMPORARY_LIMIT)
@@ -418,7 +422,8 @@ class OwampHandler:
             try:
                 if req.conf_receiver:  # we receive what the client sends
                     sender_ip, _ = req.resolved_addresses(peer_ip, local_ip)
-                    ep = await _receiver_endpoint(str(local_ip), req.receiver_port, srv.config.test_ports)
+                    ep = await _receiver_endpoint(str(local_ip), req.receiver_port, srv.config.test_ports,
+                                                  srv.config.test_iface)
                     s = _OwSession(e.sid, req, receiver_ep=ep, peer=(str(sender_ip), req.sender_port))
                     port = ep.port
                 else:  # we send to the client's receiver
@@ -495,7 +500,8 @@ class OwampHandler:
         await udp.run_twamp_sender(
             ("", 0), s.dest, self.srv.mode, self.srv.test_keys(s.sid), count=req.num_packets,
             schedule=schedule_from_slots(s.sid, req.slots), padding=req.padding_length, proto=Proto.OWAMP,
-            sock=s.send_sock, hardware=False, start_ns=at, stop=s.stop,  # at None: now; recent past: catch up
+            sock=s.send_sock, iface=self.srv.config.test_iface, hardware=bool(self.srv.config.test_iface),
+            start_ns=at, stop=s.stop,  # at None: now; recent past: catch up
             progress=s.progress, keep_records=False)  # a count, not 2**20 records (issue 11 row 3)
         s.sent = s.progress.sent
 
@@ -626,15 +632,9 @@ class PingResult:
 def _hardware_stamps(iface: str | None) -> bool:
     """Opt in to hardware stamps on ``iface``: the NIC is configured (TX on; RX all, else
     ntp-all, else software RX) unless someone else's config is in place."""
-    if not iface:
-        return False
     from agent.engine import timestamping as ts
 
-    try:
-        ts.configure_nic(iface)
-    except (OSError, ValueError, ts.UnsupportedArchitecture) as e:
-        log.warning("%s: cannot configure hardware stamping (%s): software stamps", iface, e)
-    return True
+    return ts.hardware_opt_in(iface)
 
 
 def _duration_ntp(s: float) -> int:
@@ -767,7 +767,7 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
         slot = m.Slot.seconds(m.Slot.EXPONENTIAL if opt.schedule == "poisson" else m.Slot.FIXED, opt.interval)
         pad = opt.padding or 0
         send_sock = udp.open_udp_socket((str(local_ip), 0), dscp=opt.dscp or None)
-        recv_ep = await _receiver_endpoint(str(local_ip), 0)
+        recv_ep = await _receiver_endpoint(str(local_ip), 0, None, opt.iface if _hardware_stamps(opt.iface) else None)
         # RFC 4656 §3.5: Start Time is when sending begins (never before Start-Sessions); a
         # short lead keeps it in the future while the requests and Start-Sessions go out.
         start_ns = time.time_ns() + int(START_LEAD_S * _NS)
@@ -793,7 +793,8 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
         sent = await udp.run_twamp_sender(
             ("", 0), (str(peer_ip), fwd.accept.port), conn.cli.mode, fwd.test_keys, count=opt.count,
             schedule=schedule_from_slots(fwd.accept.sid, (slot,)), padding=pad, proto=Proto.OWAMP, sock=send_sock,
-            hardware=False, start_ns=start_ns, stop=stop)  # late: catch up, later packets stay on schedule
+            iface=opt.iface, hardware=_hardware_stamps(opt.iface), start_ns=start_ns,
+            stop=stop)  # late: catch up, later packets stay on schedule
         loop = asyncio.get_running_loop()
         end = loop.time() + opt.wait + opt.interval
         # RFC 4656 §3.8: the receiver "MUST discard any packet records ... with a (computed)

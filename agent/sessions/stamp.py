@@ -15,6 +15,7 @@ from typing import Callable
 
 from agent.engine import tlv as _tlv
 from agent.engine import udp
+from agent.engine.clock import STAMP_COUNTERS
 from agent.engine.followup import parse_follow_up
 from agent.engine.packets import MODE_AUTHENTICATED, MODE_UNAUTHENTICATED, Proto
 from agent.engine.sender import PacketRecord
@@ -38,6 +39,9 @@ class StampOptions:
     tlvs: list[_tlv.Tlv] = field(default_factory=list)
     wait: float = 2.0
     follow_up: bool = False  # RFC 8972 §4.7 Follow-Up Telemetry: correct T3 of earlier samples
+    # Hardware stamps from this NIC's PHC (T1 TX; T4 RX where its filter stamps our packets).
+    # The caller switches the NIC's stamping on (agent.engine.timestamping.hardware_opt_in).
+    iface: str | None = None
 
     def validate(self) -> None:
         if self.count < 1 or self.interval < 0:
@@ -130,6 +134,7 @@ class FollowUpCorrector:
                 if prev.t2_ns is not None and 0 <= ns - prev.t2_ns <= FUT_MAX_RESIDENCE_NS:
                     prev.t3_ns, prev.t3_source, prev.follow_up = ns, src, "corrected"
                     self.corrected += 1
+                    STAMP_COUNTERS.add("t3", src)  # xwamp_timestamps_total{direction="t3"}
                 else:
                     self.rejected += 1
                 out.insert(0, prev)
@@ -182,7 +187,8 @@ async def stamp_session(opt: StampOptions, on_record: Callable[[PacketRecord], N
     records = await udp.run_twamp_sender(
         local, (opt.host, opt.port), mode, None, count=opt.count, interval=opt.interval,
         schedule=opt.schedule, padding=pad, dscp=opt.dscp or None, proto=proto, stamp_key=opt.key,
-        ssid=opt.ssid, tlvs=tlvs, timeout=opt.wait, hardware=False, on_record=settle, sock=sock,
+        ssid=opt.ssid, tlvs=tlvs, timeout=opt.wait, iface=opt.iface, hardware=bool(opt.iface),
+        on_record=settle, sock=sock,
         stop=stop)
     if fix is not None:
         for r in fix.pending():

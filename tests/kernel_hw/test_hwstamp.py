@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.engine import ethtool
 from agent.engine import timestamping as ts
 from agent.engine.clock import StampCounters
 
@@ -69,7 +70,8 @@ def test_doctor_reports_phc_filters_and_discipline(igb: IgbPair) -> None:
 
 def test_ping_t1_hardware_as_shipped(igb: IgbPair) -> None:
     srv = subprocess.Popen(["ip", "netns", "exec", igb.b.ns, sys.executable, "-m", "agent", "server", "--listen",
-                            igb.b.addr, "--protocol", "twamp", "--twamp-port", "0", "--duration", "150"],
+                            igb.b.addr, "--protocol", "twamp", "--twamp-port", "0", "--duration", "150",
+                            "--iface", igb.b.ifname],
                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None
@@ -78,10 +80,18 @@ def test_ping_t1_hardware_as_shipped(igb: IgbPair) -> None:
         port = line.split(" port ")[1].split(",")[0]
         r = xwamp(igb.a.ns, "ping", igb.b.addr, "--port", port, "--iface", igb.a.ifname, "-c", "20", "-i", "0.1",
                   "--wait", "2", "--timeout", "30", "--json")
+        with netns(igb.b.ns):
+            b_cfg = ethtool.get_hwtstamp(igb.b.ifname)
     finally:
         srv.terminate()
-        srv.wait(30)
+        srv_err = srv.communicate(timeout=60)[1]
     assert r.returncode == 0, r.stderr
+    # xwamp server --iface: B switched on for the reflector sessions (TX on; RX none, refused),
+    # put back at exit.
+    assert b_cfg is not None and b_cfg.tx_type == ethtool.HWTSTAMP_TX_ON, b_cfg
+    assert "refused RX filters all and ntp-all" in srv_err and "Traceback" not in srv_err, srv_err
+    with netns(igb.b.ns):
+        assert ethtool.get_hwtstamp(igb.b.ifname).is_off
     doc = json.loads(r.stdout)
     sources = doc["summary"]["stamp_sources"]
     print(f"\nxwamp ping --iface {igb.a.ifname}: stamp sources {sources}")
