@@ -803,9 +803,12 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
         # Stop-Sessions message", complete being "Timeout after the scheduled time for the
         # last sequence number" (plus "a small increment"). Our last packet's send time is at
         # or after its scheduled time, so Stop-Sessions goes no earlier than that + Timeout.
+        # A stop (Ctrl-C) ends our sending at once but still waits out Timeout after the last
+        # packet we did send: a premature Stop-Sessions would make the server discard them.
         fwd_done_ns = max((r.t1_ns for r in sent), default=time.time_ns()) + int(opt.wait * _NS) + STOP_MARGIN_NS
-        while not (stop and stop.is_set()):
-            rev_done = len(receiver.records) >= opt.count or loop.time() >= end
+        while True:
+            rev_done = (stop is not None and stop.is_set()) or len(receiver.records) >= opt.count \
+                or loop.time() >= end
             if rev_done and time.time_ns() >= fwd_done_ns:
                 break
             await asyncio.sleep(0.01)
@@ -820,7 +823,11 @@ async def owping(opt: PingOptions, stop: asyncio.Event | None = None) -> OwpingR
         if fetched.ack.accept != m.ACCEPT_OK:
             raise ControlError(f"Fetch-Session refused: {m.ACCEPT_NAMES[fetched.ack.accept]}")
         rev_records = fetch_records(receiver, 0, 0xFFFFFFFF, their_sent)
-        return OwpingResult(one_way_stats(fetched.records, len(sent)), one_way_stats(rev_records, their_sent),
+        # Our receiver writes a record, received or lost, for every seq below Next Seqno but
+        # those §3.8 discarded (sent within Timeout of the stop): they are not lost, they
+        # are out of the measurement, so the reverse direction's count is the records'.
+        rev_sent = len({r.seq for r in rev_records})
+        return OwpingResult(one_way_stats(fetched.records, len(sent)), one_way_stats(rev_records, rev_sent),
                             conn.cli.mode, fetched.records, rev_records, receiver.counters.as_dict())
     finally:
         if send_sock is not None:
