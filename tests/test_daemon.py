@@ -739,3 +739,40 @@ def test_sources_without_targeted_lookups_fall_back_to_redumps(tmp_path: Path) -
         assert await asyncio.wait_for(task, 10) == 0
 
     asyncio.run(main())
+
+
+def test_full_dump_freezes_the_table_and_the_next_one_releases_what_died(tmp_path: Path) -> None:
+    """The table's records are kept out of the cyclic collector's full passes (gc.freeze
+    after a full dump), and a re-dump unfreezes first, so cyclic garbage that was alive at
+    the last freeze is collected then, not kept for ever (an agent re-dumps every 10 min)."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    h = Harness(tmp_path, SCALE)
+    h.sas = src = CountingSAs([make_sa(LOCAL, "192.0.2.10", spi=0x100, reqid=5), *_bystanders(50)])
+    cycle = Node()
+    cycle.me = cycle  # alive at the first freeze; garbage (a cycle) soon after
+    dead = weakref.ref(cycle)
+
+    async def main() -> None:
+        nonlocal cycle
+        d = h.daemon()
+        task = asyncio.ensure_future(d.run())
+        try:
+            await asyncio.wait_for(d.ready.wait(), 10)
+            assert gc.get_freeze_count() > 0
+            cycle = None
+            gc.collect()
+            assert dead() is not None  # frozen: not collected
+            src.queue.put_nowait(XfrmEvent(EventKind.OVERFLOW))
+            await until(lambda: d.metrics.sa_table["redumps_overrun"] == 1)
+            assert dead() is None and gc.get_freeze_count() > 0
+            d.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
