@@ -76,7 +76,7 @@ async def _answer(kind: str, packets: list[bytes], batched: bool, monkeypatch, s
     await ep.start()
     ep._loop.remove_reader(ep.sock.fileno())  # type: ignore[union-attr]  # driven by hand below
     if batched:
-        ep._mb = ep._batch_buffers()
+        ep._mb, ep._queued = ep._batch_buffers(), True
         assert ep._mb is not None
     client = socket.socket(family, socket.SOCK_DGRAM)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)

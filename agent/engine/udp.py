@@ -109,6 +109,17 @@ _CMSG_HDR = struct.Struct("=" + ("Q" if struct.calcsize("P") == 8 else "I") + "i
 _CMSG_ALIGN = struct.calcsize("P") - 1
 
 
+_MMSG_LOGGED: list[bool] = []
+
+
+def _no_mmsg_once(e: BaseException | None = None) -> None:
+    """One log line per process, however many endpoints fall back."""
+    if not _MMSG_LOGGED:
+        _MMSG_LOGGED.append(True)
+        log.info("reflector: no recvmmsg/sendmmsg (%s): one recvmsg and sendto per packet",
+                 e if e is not None else "not in libc")
+
+
 def _cmsgs(buf: memoryview, off: int, length: int) -> list[tuple[int, int, bytes]]:
     """The control messages in ``buf[off:off+length]`` as socket.recvmsg lists them."""
     anc = []
@@ -392,12 +403,15 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         self._tx_anc: list[tuple[int, int, bytes]] | None = None  # per-reply TX stamp request (cmsg)
         self._tx_at = -(1 << 62)  # receive time of the last packet whose reply was stamped
         self.mmsg = mmsg and _mmsg.available()
+        if mmsg and not self.mmsg:
+            _no_mmsg_once()
         self._mb: _mmsg.MmsgBuffers | None = None  # allocated at the first wakeup with a queue
         self._addrs: dict[bytes, tuple[tuple, tuple]] = {}  # raw sockaddr -> (peer key, address)
         self.truncated = 0  # longer than RECV_BUF (MSG_TRUNC): dropped
         self.ctrunc = 0  # control messages cut short (MSG_CTRUNC): answered with what arrived
         self.bad_address = 0  # a source that is not AF_INET / AF_INET6 (batched path)
         self.batched = 0  # replies sent by sendmmsg
+        self._queued = False  # the last wakeup found more than one packet: recvmmsg first
 
     def _configure(self, sock: socket.socket) -> None:
         super()._configure(sock)
@@ -538,14 +552,29 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         return total
 
     def _on_readable(self) -> None:
-        mb = self._mb
-        if mb is not None:
-            self._on_readable_batch(mb)
-        elif self._on_readable_single() > 1 and self.mmsg:
-            self._mb = self._batch_buffers()  # a queue: from the next wakeup on, batched
+        # Batching pays only when packets queue up (bench/reflector.py: one packet per wakeup costs
+        # ~0.7 us more through ctypes). So: per packet until a wakeup finds a second packet, then
+        # recvmmsg/sendmmsg for the rest of it and for every later wakeup that still finds more
+        # than one; buffers are allocated at the first queue (idle endpoints never hold them).
+        if self._queued:
+            mb = self._mb
+            if mb is not None:
+                self._queued = self._on_readable_batch(mb) > 1
+                return
+        if not self.mmsg:
+            self._on_readable_single(self.batch)
+        elif self._on_readable_single(2) == 2:
+            mb = self._mb
+            if mb is None:
+                mb = self._mb = self._batch_buffers()
+            if mb is not None:
+                self._queued = True
+                self._on_readable_batch(mb)
+            else:
+                self._on_readable_single(self.batch)
 
-    def _on_readable_single(self) -> int:
-        """recvmsg and sendto per packet; the packets received."""
+    def _on_readable_single(self, limit: int) -> int:
+        """recvmsg and sendto per packet, up to ``limit`` packets; the packets received."""
         sock = self.sock
         if sock is None:
             return 0
@@ -566,7 +595,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         patches = self._patches
         last_sess: ReflectorSession | None = None
         patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
-        for _ in range(self.batch):
+        for _ in range(limit):
             try:
                 data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
             except (BlockingIOError, InterruptedError):
@@ -689,7 +718,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
     def _no_mmsg(self, e: BaseException) -> None:
         self.mmsg = False
         self._mb = None
-        log.info("no recvmmsg/sendmmsg (%s): one recvmsg and sendto per packet", e)
+        self._queued = False
+        _no_mmsg_once(e)
 
     def _addr_of(self, name: bytes) -> tuple[tuple, tuple] | None:
         """(peer key, address tuple as socket.recvmsg gives it) of a raw sockaddr; None for
@@ -710,22 +740,25 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         got = addrs[name] = (key, addr)
         return got
 
-    def _flush(self, mb: "_mmsg.MmsgBuffers", pend: list[int], pend_patch: list[T3Patch]) -> None:
-        """Write one late T3 into every pending reply, then sendmmsg them (runs of adjacent slots);
-        a message the kernel refuses is counted in send_errors and the rest retried after it."""
+    def _flush(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int]]) -> None:
+        """Write one late T3 into every pending reply (slot, T3Patch, address, length), then
+        sendmmsg them in runs of adjacent slots. A message the kernel refuses (ENOBUFS, EAGAIN,
+        EPERM...) is counted in send_errors and the rest retried after it, as sendmmsg(2) asks;
+        ENOSYS sends the rest one by one and falls back for good."""
         t3 = self.now_ns()
         out, size, pack, last, v = mb.out, mb.size, _T3_AT.pack_into, None, 0
-        for i, p in zip(pend, pend_patch):
+        for i, p, _a, _n in pend:
             if p is not last:
                 v, last = p.value(t3), p
             pack(out, i * size + p.offset, v)  # type: ignore[operator]
         send = mb.send
         k, n = 0, len(pend)
         while k < n:
-            start = pend[k]
+            start = pend[k][0]
             run = 1
-            while k + run < n and pend[k + run] == start + run:
+            while k + run < n and pend[k + run][0] == start + run:
                 run += 1
+            first = k
             k += run
             while run:
                 sent, err = send(start, run)
@@ -733,21 +766,35 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     self.batched += sent
                     start += sent
                     run -= sent
-                elif err != errno.EINTR:  # ENOBUFS, EAGAIN, ECONNREFUSED...: that reply is lost, counted
+                elif err == errno.ENOSYS:
+                    self._no_mmsg(OSError(err, "sendmmsg"))
+                    self._send_each(mb, pend[first + (start - pend[first][0]):])
+                    pend.clear()
+                    return
+                elif err != errno.EINTR:  # that reply is lost, counted; the kernel may take the next
                     self.send_errors += 1
                     start += 1
                     run -= 1
         pend.clear()
-        pend_patch.clear()
 
-    def _on_readable_batch(self, mb: "_mmsg.MmsgBuffers") -> None:
+    def _send_each(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int]]) -> None:
+        sock, out, size = self.sock, mb.out, mb.size
+        for i, _p, addr, n in pend:
+            try:
+                if sock is None:
+                    raise OSError(errno.EBADF, "closed")
+                sock.sendto(out[i * size : i * size + n], addr)
+            except OSError:
+                self.send_errors += 1
+
+    def _on_readable_batch(self, mb: "_mmsg.MmsgBuffers") -> int:
         """The per-packet path's logic over recvmmsg batches. Replies whose T3 can be written last
         (T3Patch.offset), with no DSCP of their own and no TX stamp asked, are copied into send
         slots and go out in one sendmmsg after one clock read; the others flush what is pending
         (order kept) and take the per-packet send, TX-stamp bookkeeping unchanged."""
         sock = self.sock
         if sock is None:
-            return
+            return 0
         cfg = self.ts_config
         hw = cfg if (cfg is not None and cfg.raw_hardware) else None
         fast = hw is None and ts._LP64
@@ -771,8 +818,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         iov, iov_at, iov_len = _mmsg.IOV, _mmsg.IOV_LEN_AT, _mmsg.IOV_LEN.pack_into
         cm2, cm3 = _CM_TS_TTL.unpack_from, _CM_TS_TTL_TOS.unpack_from
         addrs = self._addrs
-        pend: list[int] = []
-        pend_patch: list[T3Patch] = []
+        pend: list[tuple[int, T3Patch, tuple, int]] = []  # replies in send slots, in arrival order
         total = 0
         while total < self.batch:
             try:
@@ -864,15 +910,15 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     else:
                         batch = False
                     if batch:
-                        omv[d0 : d0 + len(out)] = out
-                        iov_len(siov, i * iov + iov_at, len(out))
-                        pend.append(i)
-                        pend_patch.append(patch)
+                        n = len(out)
+                        omv[d0 : d0 + n] = out
+                        iov_len(siov, i * iov + iov_at, n)
+                        pend.append((i, patch, addr, n))
                         continue
                     out = bytearray(out)
                     t3 = None  # read below, after the flush
                 if pend:
-                    self._flush(mb, pend, pend_patch)  # replies leave in the order their requests came
+                    self._flush(mb, pend)  # replies leave in the order their requests came
                 if patch.offset is not None:
                     t3 = now()
                     patch.patch(out, t3)  # type: ignore[arg-type]
@@ -896,7 +942,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if stamped:  # the reply's Sequence Number, for the Follow-Up answer
                         tx.sent(stream, _SEQ_AT0(out)[0], t3)  # type: ignore[union-attr]
             if pend:
-                self._flush(mb, pend, pend_patch)
+                self._flush(mb, pend)
             if got < vlen:  # the queue is empty (level-triggered: a later packet wakes us again)
                 break
         self._tx_at = tx_at
@@ -909,7 +955,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if self._rl.due():
             self._log_drops()
         if not self.mmsg:  # ENOSYS: what is still queued goes the per-packet way
-            self._on_readable_single()
+            self._on_readable_single(self.batch)
+        return total
 
     @staticmethod
     def _dscp_cmsg(sock: socket.socket, addr: tuple, dscp: int) -> tuple[int, int, bytes]:
