@@ -152,3 +152,78 @@ def test_address_cache_matches_recvmsg() -> None:
     assert ep._addr_of(sin6) == (("192.0.2.9", 862), ("::ffff:192.0.2.9", 862, 5, 3))
     assert ep._addr_of(struct.pack("=H", socket.AF_UNIX) + bytes(14)) is None
     assert ep._addr_of(b"\x02") is None
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool) -> None:
+    """Replies stamped by sample (one per 50 µs of receive time: some stamped, most not) ride in
+    sendmmsg with their own SO_TIMESTAMPING cmsg. The kernel numbers only the stamped datagrams
+    (OPT_ID): every stamp must find its reply (none unmatched, none left pending), and each comes
+    after the T3 written into that reply."""
+    from agent.engine.followup import ReplyTxStamps
+
+    async def run() -> tuple[ReplyTxStamps, list[tuple[int, int]], int]:
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=_session("stamp"), tx_sample_ns=50_000, mmsg=batched)
+        await ep.start()
+        assert ep.sock is not None and ep.tx is not None
+        if ep._tx_anc is None:
+            pytest.skip("no per-packet TX stamp requests on this kernel")
+        ep._loop.remove_reader(ep.sock.fileno())  # type: ignore[union-attr]
+        if batched:
+            ep._mb, ep._queued = ep._batch_buffers(), True
+        tx = ep.tx
+        t3_of: dict[int, int] = {}
+        pairs: list[tuple[int, int]] = []
+        sent, on_stamp = tx.sent, tx.on_stamp
+
+        def rec_sent(stream, seq, t3_ns):
+            t3_of[tx.next_key] = t3_ns
+            sent(stream, seq, t3_ns)
+
+        def rec_stamp(key, ns, source):
+            if key in t3_of:
+                pairs.append((t3_of[key], ns))
+            on_stamp(key, ns, source)
+
+        tx.sent, tx.on_stamp = rec_sent, rec_stamp  # type: ignore[method-assign]
+        one_by_one = [0]
+        send_stamped = ep._send_stamped
+
+        def count_stamped(*a):
+            one_by_one[0] += 1
+            send_stamped(*a)
+
+        ep._send_stamped = count_stamped  # type: ignore[method-assign]
+        ep.now_ns = time.time_ns
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        client.bind(("127.0.0.1", 0))
+        try:
+            for k, p in enumerate(PACKETS["stamp"]):
+                client.sendto(p, ("127.0.0.1", ep.port))
+                if k % 10 == 9:  # groups of 10 back to back, 200 µs apart: the first of each stamped
+                    time.sleep(0.0002)
+            sess = ep.default
+            assert sess is not None
+            for _ in range(1000):
+                if sess.counters.received >= N:
+                    break
+                ep._on_readable()
+            for _ in range(50):
+                if not tx._pending:
+                    break
+                await asyncio.sleep(0.01)
+                ep._drain_tx()
+            return tx, pairs, one_by_one[0]
+        finally:
+            client.close()
+            ep.close()
+
+    tx, pairs, one_by_one = asyncio.run(run())
+    assert tx.stamped >= 3 and tx.unmatched == 0 and not tx._pending
+    assert tx.stamped < N  # a sample, not every reply: unstamped datagrams must not use up keys
+    assert all(t3 <= ns < t3 + 10**9 for t3, ns in pairs)
+    if batched:  # only the first stamped reply went alone (it shows the kernel takes the request)
+        assert one_by_one == 1
+    else:
+        assert one_by_one == tx.stamped

@@ -57,6 +57,10 @@ def _info_struct() -> struct.Struct:
 
 
 INFO = _info_struct()
+CTL_LEN_AT = _MsgHdr.msg_controllen.offset
+CTL_LEN = struct.Struct("=" + _Z)
+CMSG_HDR = struct.Struct("=" + _Z + "ii")  # struct cmsghdr: cmsg_len, cmsg_level, cmsg_type
+SEND_CTL = (CMSG_HDR.size + 4 + ctypes.sizeof(_SIZE_T) - 1) & ~(ctypes.sizeof(_SIZE_T) - 1)  # CMSG_SPACE(4)
 IOV = ctypes.sizeof(_IoVec)
 IOV_LEN_AT = _IoVec.iov_len.offset
 IOV_LEN = struct.Struct("=" + _Z)
@@ -101,6 +105,7 @@ class MmsgBuffers:
         self._out = ctypes.create_string_buffer(n * size)
         self._names = ctypes.create_string_buffer(n * SOCKADDR_SPACE)
         self._ctl = ctypes.create_string_buffer(n * ctl)
+        self._sctl = ctypes.create_string_buffer(n * SEND_CTL)
         self._riov = (_IoVec * n)()
         self._siov = (_IoVec * n)()
         self._rhdr = (_MMsgHdr * n)()
@@ -118,6 +123,8 @@ class MmsgBuffers:
             # The reply goes to the raw sockaddr its request came from: no conversion either way.
             s.msg_name, s.msg_namelen = a_names + i * SOCKADDR_SPACE, namelen
             s.msg_iov, s.msg_iovlen = ctypes.addressof(self._siov[i]), 1
+            # A control message of its own (set_send_cmsg), sent when msg_controllen says so.
+            s.msg_control, s.msg_controllen = ctypes.addressof(self._sctl) + i * SEND_CTL, 0
         self._rhdr_ptr = ctypes.c_void_p(ctypes.addressof(self._rhdr))
         self._shdr_ptrs = [ctypes.c_void_p(ctypes.addressof(self._shdr) + i * HDR) for i in range(n)]
         self.info = memoryview(self._rhdr).cast("B")
@@ -129,7 +136,18 @@ class MmsgBuffers:
         self.ctl = memoryview(self._ctl).cast("B")
         # Slot i's reply length goes at iov_len_at + i * IOV (set_out_len, or inlined by the caller).
         self.siov = memoryview(self._siov).cast("B")
+        # Slot i's send msg_controllen at ctl_len_at + i * HDR: 0, or SEND_CTL to send its cmsg.
+        self.sinfo = memoryview(self._shdr).cast("B")
 
+    def set_send_cmsg(self, level: int, ctype: int, data: bytes) -> None:
+        """The control message every send slot carries when its msg_controllen is set
+        (e.g. SO_TIMESTAMPING: a TX stamp asked for that one datagram)."""
+        if CMSG_HDR.size + len(data) > SEND_CTL:
+            raise ValueError("control message too long")
+        one = CMSG_HDR.pack(CMSG_HDR.size + len(data), level, ctype) + data
+        mv = memoryview(self._sctl).cast("B")
+        for i in range(self.n):
+            mv[i * SEND_CTL : i * SEND_CTL + len(one)] = one
     def recv(self, vlen: int | None = None) -> int:
         """Datagrams received into slots 0.. (MSG_DONTWAIT); 0 when none is queued.
         Raises OSError for anything else (ENOSYS included)."""
@@ -154,4 +172,4 @@ class MmsgBuffers:
         return 0, ctypes.get_errno() or errno.EIO
 
 
-__all__ = ["MmsgBuffers", "available", "INFO", "HDR", "IOV", "IOV_LEN", "IOV_LEN_AT", "SOCKADDR_SPACE", "MSG_TRUNC", "MSG_CTRUNC"]
+__all__ = ["MmsgBuffers", "available", "INFO", "HDR", "IOV", "IOV_LEN", "IOV_LEN_AT", "CTL_LEN", "CTL_LEN_AT", "SEND_CTL", "SOCKADDR_SPACE", "MSG_TRUNC", "MSG_CTRUNC"]

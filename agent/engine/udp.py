@@ -412,6 +412,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         self.bad_address = 0  # a source that is not AF_INET / AF_INET6 (batched path)
         self.batched = 0  # replies sent by sendmmsg
         self._queued = False  # the last wakeup found more than one packet: recvmmsg first
+        self._tx_ok = False  # a per-packet TX stamp request went through (_send_stamped)
 
     def _configure(self, sock: socket.socket) -> None:
         super()._configure(sock)
@@ -438,6 +439,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if anc is not None:
             try:
                 sock.sendmsg([out], anc if dscp is None else anc + [self._dscp_cmsg(sock, addr, dscp)], 0, addr)
+                self._tx_ok = True  # the kernel takes per-packet requests: sendmmsg may carry them too
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL or self.ts_config is None:
@@ -709,9 +711,12 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if sock is None:
             return None
         try:
-            return _mmsg.MmsgBuffers(sock.fileno(), MMSG_BATCH, RECV_BUF, ts.ANCILLARY_BUFSIZE,
-                                     28 if sock.family == socket.AF_INET6 else 16)
-        except (OSError, MemoryError) as e:
+            mb = _mmsg.MmsgBuffers(sock.fileno(), MMSG_BATCH, RECV_BUF, ts.ANCILLARY_BUFSIZE,
+                                   28 if sock.family == socket.AF_INET6 else 16)
+            if self._tx_anc is not None:  # the per-reply TX stamp request, for the stamped slots
+                mb.set_send_cmsg(*self._tx_anc[0])
+            return mb
+        except (OSError, MemoryError, ValueError) as e:
             self._no_mmsg(e)
             return None
 
@@ -740,18 +745,28 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         got = addrs[name] = (key, addr)
         return got
 
-    def _flush(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int]]) -> None:
-        """Write one late T3 into every pending reply (slot, T3Patch, address, length), then
-        sendmmsg them in runs of adjacent slots. A message the kernel refuses (ENOBUFS, EAGAIN,
-        EPERM...) is counted in send_errors and the rest retried after it, as sendmmsg(2) asks;
-        ENOSYS sends the rest one by one and falls back for good."""
+    def _flush(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+        """Write one late T3 into every pending reply (slot, T3Patch, address, length, TX-stamp
+        stream or None), then sendmmsg them in runs of adjacent slots. A message the kernel
+        refuses (ENOBUFS, EAGAIN, EPERM...) is counted in send_errors and the rest retried after
+        it, as sendmmsg(2) asks; ENOSYS sends the rest one by one and falls back for good.
+
+        A reply with a stream carries the per-packet SO_TIMESTAMPING request (its slot's cmsg);
+        the kernel numbers the stamped datagrams it sends, in order (OPT_ID), so ReplyTxStamps.sent
+        is called for those sent, in slot order, with the T3 they carry, as the per-packet path does."""
         t3 = self.now_ns()
         out, size, pack, last, v = mb.out, mb.size, _T3_AT.pack_into, None, 0
-        for i, p, _a, _n in pend:
+        sinfo, ctl_at, ctl_len, hdr = mb.sinfo, _mmsg.CTL_LEN_AT, _mmsg.CTL_LEN.pack_into, _mmsg.HDR
+        stamped = 0
+        for i, p, _a, _n, stream in pend:
             if p is not last:
                 v, last = p.value(t3), p
             pack(out, i * size + p.offset, v)  # type: ignore[operator]
+            if stream is not None:
+                ctl_len(sinfo, i * hdr + ctl_at, _mmsg.SEND_CTL)
+                stamped += 1
         send = mb.send
+        failed: list[int] = []
         k, n = 0, len(pend)
         while k < n:
             start = pend[k][0]
@@ -768,18 +783,29 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     run -= sent
                 elif err == errno.ENOSYS:
                     self._no_mmsg(OSError(err, "sendmmsg"))
-                    self._send_each(mb, pend[first + (start - pend[first][0]):])
-                    pend.clear()
-                    return
+                    rest = pend[first + (start - pend[first][0]):]
+                    failed.extend(e[0] for e in rest)
+                    self._send_each(mb, rest)
+                    k = n
+                    break
                 elif err != errno.EINTR:  # that reply is lost, counted; the kernel may take the next
                     self.send_errors += 1
+                    failed.append(start)
                     start += 1
                     run -= 1
+        if stamped:
+            tx = self.tx
+            for i, _p, _a, _n, stream in pend:
+                if stream is not None:
+                    ctl_len(sinfo, i * hdr + ctl_at, 0)
+                    if tx is not None and i not in failed:  # the reply's Sequence Number, for Follow-Up
+                        tx.sent(stream, _SEQ_AT0(out, i * size)[0], t3)
         pend.clear()
 
-    def _send_each(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int]]) -> None:
+    def _send_each(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+        """After sendmmsg's ENOSYS: the rest without TX stamp requests (their stamps are not kept)."""
         sock, out, size = self.sock, mb.out, mb.size
-        for i, _p, addr, n in pend:
+        for i, _p, addr, n, _s in pend:
             try:
                 if sock is None:
                     raise OSError(errno.EBADF, "closed")
@@ -818,7 +844,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         iov, iov_at, iov_len = _mmsg.IOV, _mmsg.IOV_LEN_AT, _mmsg.IOV_LEN.pack_into
         cm2, cm3 = _CM_TS_TTL.unpack_from, _CM_TS_TTL_TOS.unpack_from
         addrs = self._addrs
-        pend: list[tuple[int, T3Patch, tuple, int]] = []  # replies in send slots, in arrival order
+        pend: list[tuple[int, T3Patch, tuple, int, Hashable]] = []  # replies in send slots, in arrival order
         total = 0
         while total < self.batch:
             try:
@@ -900,20 +926,34 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if out is None:
                         continue
                     dscp = sess.reply_dscp
-                    # Unstamped (the per-packet path's test), with the socket's DSCP: into the batch,
-                    # T3 written at the flush.
-                    if dscp is None and len(out) <= size:
-                        batch = no_tx or tx_anc is not None and rx - tx_at < every
-                        if batch and asking:
-                            a = patch.ssid_at
-                            batch = (key, _SSID_AT(out, a)[0] if a is not None else 0) not in asking
-                    else:
+                    # With the socket's DSCP: into the batch, T3 written at the flush. A TX stamp
+                    # (the per-packet path's test: a sample, or a Follow-Up asker) rides on the slot's
+                    # cmsg once the kernel has taken a per-packet request (_tx_ok); socket-wide TX
+                    # stamps (tx_anc None) would number every datagram: those replies go one by one.
+                    stream = None
+                    if dscp is not None or len(out) > size:
                         batch = False
+                    elif no_tx:
+                        batch = True
+                    elif tx_anc is None:
+                        batch = False
+                    else:
+                        if rx - tx_at >= every:
+                            a = patch.ssid_at
+                            stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                        elif asking:
+                            a = patch.ssid_at
+                            stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                            if stream not in asking:
+                                stream = None
+                        batch = stream is None or self._tx_ok
+                        if batch and stream is not None:
+                            tx_at = rx
                     if batch:
                         n = len(out)
                         omv[d0 : d0 + n] = out
                         iov_len(siov, i * iov + iov_at, n)
-                        pend.append((i, patch, addr, n))
+                        pend.append((i, patch, addr, n, stream))
                         continue
                     out = bytearray(out)
                     t3 = None  # read below, after the flush
