@@ -234,6 +234,9 @@ def run_server(kind: str, rates: list[int], duration: float, pin: bool) -> dict[
 # ------------------------------------------------------------------ drain capacity
 
 
+SEND_BATCH: int | None = None  # --send-batch: replies per sendmmsg (default: agent.engine.udp.MMSG_SEND)
+
+
 def capacity(kind: str, n: int, out: mp.Queue, batched: bool = True) -> None:
     """Queue ``n`` packets on a server socket, then time (wall and CPU) answering all of them.
 
@@ -281,6 +284,8 @@ def capacity(kind: str, n: int, out: mp.Queue, batched: bool = True) -> None:
         ep.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
         if batched:  # as after the first wakeup that found a queue
             ep._mb, ep._queued = ep._batch_buffers(), True
+        if SEND_BATCH:
+            ep.mmsg_send = SEND_BATCH
         fill(ep.port)
         t0, c0 = time.perf_counter(), time.process_time()
         while sess.counters.received < n:
@@ -359,6 +364,75 @@ def wakeup_cost(kind: str, n: int, path: str, out: mp.Queue) -> None:
         ep.close()
 
     asyncio.run(run())
+
+
+def t3_lag(kind: str, n: int, batched: bool, out: mp.Queue) -> None:
+    """Drain ``n`` queued packets with every reply TX-stamped (tx_sample_ns=1): the kernel's TX
+    stamp minus the T3 written into the reply, in µs (what the late T3 misses of the send)."""
+    from agent.engine.packets import Proto
+    from agent.engine.reflector import ReflectorSession
+    from agent.engine.udp import TwampReflectorEndpoint
+
+    pkts = _packets(kind, n)
+    sess = ReflectorSession(Proto.STAMP if kind == "stamp" else Proto.TWAMP)
+
+    async def run() -> None:
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess, mmsg=batched, tx_sample_ns=1)
+        await ep.start()
+        assert ep.sock is not None and ep.tx is not None
+        ep.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
+        if batched:
+            ep._mb, ep._queued = ep._batch_buffers(), True
+        if SEND_BATCH:
+            ep.mmsg_send = SEND_BATCH
+        tx = ep.tx
+        t3_of: dict[int, int] = {}
+        lags: list[float] = []
+        sent, on_stamp = tx.sent, tx.on_stamp
+
+        def rec_sent(stream: Any, seq: int, t3_ns: int) -> None:
+            t3_of[tx.next_key] = t3_ns
+            sent(stream, seq, t3_ns)
+
+        def rec_stamp(key: int, ns: int, source: str) -> None:
+            t3 = t3_of.pop(key, None)
+            if t3 is not None:
+                lags.append((ns - t3) / 1000)
+            on_stamp(key, ns, source)
+
+        tx.sent, tx.on_stamp = rec_sent, rec_stamp  # type: ignore[method-assign]
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
+        client.connect(("127.0.0.1", ep.port))
+        for p in pkts:
+            client.send(p)
+        while sess.counters.received < n:
+            ep._on_readable()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ep._drain_tx()
+        lags.sort()
+        q = (lambda f: lags[min(len(lags) - 1, int(f * len(lags)))]) if lags else (lambda f: float("nan"))
+        out.put((len(lags), q(0.5), q(0.99), lags[-1] if lags else float("nan")))
+        ep.close()
+
+    asyncio.run(run())
+
+
+def run_t3_lag(kinds: list[str], n: int) -> None:
+    print(f"\nT3 lag under drain ({n} queued, every reply TX-stamped): kernel TX stamp - T3 written, µs")
+    print(f"{'server':9s} {'stamps':>7s} {'p50':>8s} {'p99':>8s} {'max':>8s}")
+    for kind in kinds:
+        if kind not in ("unauth", "stamp"):
+            continue
+        for batched in (True, False):
+            q: mp.Queue = mp.Queue()
+            p = mp.Process(target=t3_lag, args=(kind, n, batched, q))
+            p.start()
+            cnt, p50, p99, mx = q.get(timeout=120)
+            p.join()
+            name = kind if batched else kind + "/1"
+            print(f"{name:9s} {cnt:>7d} {p50:>8.1f} {p99:>8.1f} {mx:>8.1f}", flush=True)
 
 
 def run_wakeup(kinds: list[str], n: int, rounds: int) -> None:
@@ -447,14 +521,18 @@ def main() -> int:
                     help="drain table: skip the per-packet (recvmsg/sendto) rows measured for comparison")
     ap.add_argument("--rounds", type=int, default=3, help="drain table: rounds, each server alternated in each")
     ap.add_argument("--drain-only", action="store_true", help="only the drain-capacity table")
+    ap.add_argument("--send-batch", type=int, default=0, help="replies per sendmmsg (default: the agent's)")
     ap.add_argument("--sender-rates", default="1000,2000,5000,10000,20000",
                     help="rates (pps) for the STAMP sender path, tried until the first loss ('': skip)")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
+    global SEND_BATCH
+    SEND_BATCH = args.send_batch or None
     if args.drain_only:
         run_capacity([k.strip() for k in args.servers.split(",")], args.capacity, not args.no_single, args.rounds)
         if not args.no_single:
             run_wakeup([k.strip() for k in args.servers.split(",")], 10000, args.rounds)
+            run_t3_lag([k.strip() for k in args.servers.split(",")], 5000)
         return 0
     print(f"loopback reflector benchmark: {os.cpu_count()} CPUs, {args.duration:.1f} s per step, "
           f"{'pinned' if args.pin else 'unpinned'}", flush=True)

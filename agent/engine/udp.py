@@ -90,7 +90,11 @@ _ENOMSG, _ORIGIN_TS, _TSTAMP_SND = errno.ENOMSG, ts.SO_EE_ORIGIN_TIMESTAMPING, t
 _SEQ_AT0 = struct.Struct("!I").unpack_from
 _SSID_AT = struct.Struct("!H").unpack_from
 REPLY_TX_COUNTERS = _REPLY_TX_COUNTERS  # exported as xwamp_timestamps_total{direction="reply"}
-MMSG_BATCH = 64  # datagrams per recvmmsg / sendmmsg (bench/reflector.py: 32 and 64 cost the same per packet)
+MMSG_BATCH = 64  # datagrams per recvmmsg
+# Replies per sendmmsg, all with the T3 of one clock read: the n-th leaves after the n-1 before it
+# went through the stack (~2-5 us each on loopback), so this bounds the T3 lag under load
+# (bench/reflector.py, "T3 lag": ~330 us p99 at 64, see docs/timestamping.md).
+MMSG_SEND = 16
 MAX_ADDR_CACHE = 4096  # raw sockaddr -> (peer key, address) entries kept (spoofed sources: cleared when full)
 _SA_FAMILY = struct.Struct("=H").unpack_from  # sa_family_t at the start of every sockaddr
 _T3_AT = struct.Struct("!Q")
@@ -413,6 +417,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         self.batched = 0  # replies sent by sendmmsg
         self._queued = False  # the last wakeup found more than one packet: recvmmsg first
         self._tx_ok = False  # a per-packet TX stamp request went through (_send_stamped)
+        self.mmsg_send = MMSG_SEND
 
     def _configure(self, sock: socket.socket) -> None:
         super()._configure(sock)
@@ -844,6 +849,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         iov, iov_at, iov_len = _mmsg.IOV, _mmsg.IOV_LEN_AT, _mmsg.IOV_LEN.pack_into
         cm2, cm3 = _CM_TS_TTL.unpack_from, _CM_TS_TTL_TOS.unpack_from
         addrs = self._addrs
+        send_max = max(1, self.mmsg_send)
         pend: list[tuple[int, T3Patch, tuple, int, Hashable]] = []  # replies in send slots, in arrival order
         total = 0
         while total < self.batch:
@@ -954,6 +960,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                         omv[d0 : d0 + n] = out
                         iov_len(siov, i * iov + iov_at, n)
                         pend.append((i, patch, addr, n, stream))
+                        if len(pend) >= send_max:
+                            self._flush(mb, pend)
                         continue
                     out = bytearray(out)
                     t3 = None  # read below, after the flush
