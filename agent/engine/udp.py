@@ -25,7 +25,8 @@ API for the control plane (agent/control, agent/commands/{ping,owping,server}.py
                                      dscp=0, timeout=2.0)
     summary = agent.sessions.results.summarize(records)
 
-Sockets are non-blocking and read in batches until EAGAIN; the kernel RX stamp
+Sockets are non-blocking and read in batches until EAGAIN (the reflector, once a wakeup finds a
+queue, with recvmmsg/sendmmsg: agent.engine.mmsg); the kernel RX stamp
 (SO_TIMESTAMPING via agent.engine.timestamping, hardware where the NIC stamps), the
 received TTL / Hop Limit and (optionally) TOS come from recvmsg's ancillary data.
 The reflector asks for RX stamps only (T3 must be in the packet before it is
