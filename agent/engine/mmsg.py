@@ -172,4 +172,4 @@ class MmsgBuffers:
         return 0, ctypes.get_errno() or errno.EIO
 
 
-__all__ = ["MmsgBuffers", "available", "INFO", "HDR", "IOV", "IOV_LEN", "IOV_LEN_AT", "CTL_LEN", "CTL_LEN_AT", "SEND_CTL", "SOCKADDR_SPACE", "MSG_TRUNC", "MSG_CTRUNC"]
+__all__ = ["CTL_LEN", "CTL_LEN_AT", "HDR", "INFO", "IOV", "IOV_LEN", "IOV_LEN_AT", "MSG_CTRUNC", "MSG_TRUNC", "SEND_CTL", "SOCKADDR_SPACE", "MmsgBuffers", "available"]

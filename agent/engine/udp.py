@@ -712,13 +712,12 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
 
    # ------------------------------------------------------------------ batched path (recvmmsg/sendmmsg)
 
-    def _batch_buffers(self) -> "_mmsg.MmsgBuffers | None":
+    def _batch_buffers(self, ctl: int = ts.ANCILLARY_BUFSIZE) -> _mmsg.MmsgBuffers | None:
         sock = self.sock
         if sock is None:
             return None
         try:
-            mb = _mmsg.MmsgBuffers(sock.fileno(), MMSG_BATCH, RECV_BUF, ts.ANCILLARY_BUFSIZE,
-                                   28 if sock.family == socket.AF_INET6 else 16)
+            mb = _mmsg.MmsgBuffers(sock.fileno(), MMSG_BATCH, RECV_BUF, ctl, 28 if sock.family == socket.AF_INET6 else 16)
             if self._tx_anc is not None:  # the per-reply TX stamp request, for the stamped slots
                 mb.set_send_cmsg(*self._tx_anc[0])
             return mb
@@ -751,7 +750,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         got = addrs[name] = (key, addr)
         return got
 
-    def _flush(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+    def _flush(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
         """Write one late T3 into every pending reply (slot, T3Patch, address, length, TX-stamp
         stream or None), then sendmmsg them in runs of adjacent slots. A message the kernel
         refuses (ENOBUFS, EAGAIN, EPERM...) is counted in send_errors and the rest retried after
@@ -808,7 +807,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                         tx.sent(stream, _SEQ_AT0(out, i * size)[0], t3)
         pend.clear()
 
-    def _send_each(self, mb: "_mmsg.MmsgBuffers", pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+    def _send_each(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
         """After sendmmsg's ENOSYS: the rest without TX stamp requests (their stamps are not kept)."""
         sock, out, size = self.sock, mb.out, mb.size
         for i, _p, addr, n, _s in pend:
@@ -819,7 +818,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             except OSError:
                 self.send_errors += 1
 
-    def _on_readable_batch(self, mb: "_mmsg.MmsgBuffers") -> int:
+    def _on_readable_batch(self, mb: _mmsg.MmsgBuffers) -> int:
         """The per-packet path's logic over recvmmsg batches. Replies whose T3 can be written last
         (T3Patch.offset), with no DSCP of their own and no TX stamp asked, are copied into send
         slots and go out in one sendmmsg after one clock read; the others flush what is pending
