@@ -848,6 +848,9 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         unpack_info, hdr, size, csz, vlen = _mmsg.INFO.unpack_from, _mmsg.HDR, mb.size, mb.ctl_size, mb.n
         iov, iov_at, iov_len = _mmsg.IOV, _mmsg.IOV_LEN_AT, _mmsg.IOV_LEN.pack_into
         cm2, cm3 = _CM_TS_TTL.unpack_from, _CM_TS_TTL_TOS.unpack_from
+        # Locals for the per-message checks (no global lookups in the loop).
+        len2, len3, ts_len, int_len, sol_socket, scm_ts = _CM2_LEN, _CM3_LEN, _CM_TS_LEN, _CM_INT_LEN, _SOL_SOCKET, _SCM_TS
+        ttl_types, tos_types, ss = _TTL_TYPES, _TOS_TYPES, _mmsg.SOCKADDR_SPACE
         addrs = self._addrs
         send_max = max(1, self.mmsg_send)
         pend: list[tuple[int, T3Patch, tuple, int, Hashable]] = []  # replies in send slots, in arrival order
@@ -881,13 +884,13 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 src = "sw"
                 # The common control messages in the kernel's order (SCM_TIMESTAMPING, then TTL /
                 # Hop Limit, then TOS / Traffic Class) in one unpack; anything else: the general decode.
-                if fast and clen == _CM2_LEN:
+                if fast and clen == len2:
                     l0, v0, t0, sec, nsec, l1, v1, t1, ttl = cm2(cmv, c0)
-                    ok = l0 == _CM_TS_LEN and v0 == _SOL_SOCKET and t0 == _SCM_TS and l1 == _CM_INT_LEN and (v1, t1) in _TTL_TYPES
-                elif fast and clen == _CM3_LEN:
+                    ok = l0 == ts_len and v0 == sol_socket and t0 == scm_ts and l1 == int_len and (v1, t1) in ttl_types
+                elif fast and clen == len3:
                     l0, v0, t0, sec, nsec, l1, v1, t1, ttl, l2, v2, t2, tos = cm3(cmv, c0)
-                    ok = (l0 == _CM_TS_LEN and v0 == _SOL_SOCKET and t0 == _SCM_TS and l1 == _CM_INT_LEN
-                          and (v1, t1) in _TTL_TYPES and (v2, t2, l2) in _TOS_TYPES)
+                    ok = (l0 == ts_len and v0 == sol_socket and t0 == scm_ts and l1 == int_len
+                          and (v1, t1) in ttl_types and (v2, t2, l2) in tos_types)
                     if ok and v2 == _SOL_IPV6:
                         tos = _INT.unpack_from(cmv, c0 + _CM3_TOS_AT)[0] & 0xFF
                 else:
@@ -902,7 +905,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     n_user += 1
                 else:
                     n_sw += 1
-                name = bytes(nmv[i * _mmsg.SOCKADDR_SPACE : i * _mmsg.SOCKADDR_SPACE + namelen])
+                name = bytes(nmv[i * ss : i * ss + namelen])
                 ka = addrs.get(name)
                 if ka is None:
                     ka = self._addr_of(name)
