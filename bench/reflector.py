@@ -408,12 +408,14 @@ def t3_lag(kind: str, n: int, batched: bool, out: mp.Queue) -> None:
             client.send(p)
         while sess.counters.received < n:
             ep._on_readable()
-        for _ in range(20):
+        for _ in range(300):  # up to 3 s for the last stamps
             await asyncio.sleep(0.01)
             ep._drain_tx()
+            if not tx._pending:
+                break
         lags.sort()
         q = (lambda f: lags[min(len(lags) - 1, int(f * len(lags)))]) if lags else (lambda f: float("nan"))
-        out.put((len(lags), q(0.5), q(0.99), lags[-1] if lags else float("nan")))
+        out.put((len(lags), q(0.5), q(0.99), lags[-1] if lags else float("nan"), tx.unmatched, len(tx._pending), ep.send_errors))
         ep.close()
 
     asyncio.run(run())
@@ -421,7 +423,7 @@ def t3_lag(kind: str, n: int, batched: bool, out: mp.Queue) -> None:
 
 def run_t3_lag(kinds: list[str], n: int) -> None:
     print(f"\nT3 lag under drain ({n} queued, every reply TX-stamped): kernel TX stamp - T3 written, µs")
-    print(f"{'server':9s} {'stamps':>7s} {'p50':>8s} {'p99':>8s} {'max':>8s}")
+    print(f"{'server':9s} {'stamps':>7s} {'p50':>8s} {'p99':>8s} {'max':>8s} {'unmatched':>10s} {'pending':>8s}")
     for kind in kinds:
         if kind not in ("unauth", "stamp"):
             continue
@@ -429,10 +431,10 @@ def run_t3_lag(kinds: list[str], n: int) -> None:
             q: mp.Queue = mp.Queue()
             p = mp.Process(target=t3_lag, args=(kind, n, batched, q))
             p.start()
-            cnt, p50, p99, mx = q.get(timeout=120)
+            cnt, p50, p99, mx, unmatched, pending, _errors = q.get(timeout=120)
             p.join()
             name = kind if batched else kind + "/1"
-            print(f"{name:9s} {cnt:>7d} {p50:>8.1f} {p99:>8.1f} {mx:>8.1f}", flush=True)
+            print(f"{name:9s} {cnt:>7d} {p50:>8.1f} {p99:>8.1f} {mx:>8.1f} {unmatched:>10d} {pending:>8d}", flush=True)
 
 
 def run_wakeup(kinds: list[str], n: int, rounds: int) -> None:
