@@ -155,6 +155,18 @@ class T3Patch:
             ts = hi | (rem if self.ptp else (rem << 32) // 1_000_000_000)
         _Q.pack_into(reply, self.offset, ts)
 
+    def value(self, now_ns: int) -> int:
+        """The 64-bit Timestamp :meth:`patch` writes for ``now_ns``, same cache (a batch of replies
+        sent in one sendmmsg shares one clock read; agent.engine.udp packs it into each)."""
+        start, hi = self._sec
+        rem = now_ns - start
+        if not 0 <= rem < 1_000_000_000:
+            ts = ptp_from_unix_ns(now_ns) if self.ptp else ntp_from_unix_ns(now_ns)
+            rem = now_ns % 1_000_000_000
+            self._sec = (now_ns - rem, ts & 0xFFFFFFFF00000000)
+            return ts
+        return hi | (rem if self.ptp else (rem << 32) // 1_000_000_000)
+
     def read_ns(self, reply: bytes | bytearray) -> int | None:
         """The T3 a reply carries, when it is in clear."""
         if self.read_at is None or len(reply) < self.read_at + 8:

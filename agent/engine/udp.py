@@ -25,7 +25,8 @@ API for the control plane (agent/control, agent/commands/{ping,owping,server}.py
                                      dscp=0, timeout=2.0)
     summary = agent.sessions.results.summarize(records)
 
-Sockets are non-blocking and read in batches until EAGAIN; the kernel RX stamp
+Sockets are non-blocking and read in batches until EAGAIN (the reflector, once a wakeup finds a
+queue, with recvmmsg/sendmmsg: agent.engine.mmsg); the kernel RX stamp
 (SO_TIMESTAMPING via agent.engine.timestamping, hardware where the NIC stamps), the
 received TTL / Hop Limit and (optionally) TOS come from recvmsg's ancillary data.
 The reflector asks for RX stamps only (T3 must be in the packet before it is
@@ -44,6 +45,7 @@ import struct
 import time
 from typing import Any, Callable, Hashable, Iterable
 
+from agent.engine import mmsg as _mmsg
 from agent.engine import timestamping as ts
 from agent.engine import tlv as _tlv
 from agent.engine.clock import STAMP_COUNTERS, StampCounters
@@ -89,6 +91,52 @@ _ENOMSG, _ORIGIN_TS, _TSTAMP_SND = errno.ENOMSG, ts.SO_EE_ORIGIN_TIMESTAMPING, t
 _SEQ_AT0 = struct.Struct("!I").unpack_from
 _SSID_AT = struct.Struct("!H").unpack_from
 REPLY_TX_COUNTERS = _REPLY_TX_COUNTERS  # exported as xwamp_timestamps_total{direction="reply"}
+MMSG_BATCH = 64  # datagrams per recvmmsg
+# Replies per sendmmsg, all with the T3 of one clock read: the n-th leaves after the n-1 before it
+# went through the stack (~2-5 us each on loopback), so this bounds the T3 lag under load
+# (bench/reflector.py, "T3 lag": ~330 us p99 at 64, see docs/timestamping.md).
+MMSG_SEND = 16
+MAX_ADDR_CACHE = 4096  # raw sockaddr -> (peer key, address) entries kept (spoofed sources: cleared when full)
+_SA_FAMILY = struct.Struct("=H").unpack_from  # sa_family_t at the start of every sockaddr
+_T3_AT = struct.Struct("!Q")
+# The batched path's control messages in the kernel's order (__sock_recv_timestamp, then
+# ip_cmsg_recv / ip6_datagram_recv_ctl): SCM_TIMESTAMPING (64-bit struct scm_timestamping),
+# IP_TTL / IPV6_HOPLIMIT (int), then IP_TOS (1 octet) / IPV6_TCLASS (int) when asked; LP64 layout.
+_CM_TS_LEN, _CM_INT_LEN = socket.CMSG_LEN(48), socket.CMSG_LEN(4)
+_CM2_LEN = socket.CMSG_SPACE(48) + socket.CMSG_SPACE(4)
+_CM3_LEN = _CM2_LEN + socket.CMSG_SPACE(4)
+_CM_TS_TTL = struct.Struct("=Qiiqq32xQiii")
+_CM_TS_TTL_TOS = struct.Struct("=Qiiqq32xQiii4xQiiB")
+_CM3_TOS_AT = _CM2_LEN + socket.CMSG_LEN(0)
+_TTL_TYPES = frozenset({(_SOL_IP, 2), (_SOL_IPV6, 52)})  # IP_TTL, IPV6_HOPLIMIT
+_TOS_TYPES = frozenset({(_SOL_IP, IP_TOS, socket.CMSG_LEN(1)), (_SOL_IPV6, IPV6_TCLASS, _CM_INT_LEN)})
+_CMSG_HDR = struct.Struct("=" + ("Q" if struct.calcsize("P") == 8 else "I") + "ii")
+_CMSG_ALIGN = struct.calcsize("P") - 1
+
+
+_MMSG_LOGGED: list[bool] = []
+
+
+def _no_mmsg_once(e: BaseException | None = None) -> None:
+    """One log line per process, however many endpoints fall back."""
+    if not _MMSG_LOGGED:
+        _MMSG_LOGGED.append(True)
+        log.info("reflector: no recvmmsg/sendmmsg (%s): one recvmsg and sendto per packet",
+                 e if e is not None else "not in libc")
+
+
+def _cmsgs(buf: memoryview, off: int, length: int) -> list[tuple[int, int, bytes]]:
+    """The control messages in ``buf[off:off+length]`` as socket.recvmsg lists them."""
+    anc = []
+    end, hl = off + length, _CMSG_HDR.size
+    p = off
+    while p + hl <= end:
+        ln, level, ctype = _CMSG_HDR.unpack_from(buf, p)
+        if ln < hl:
+            break
+        anc.append((level, ctype, bytes(buf[p + hl : min(p + ln, end)])))
+        p += (ln + _CMSG_ALIGN) & ~_CMSG_ALIGN
+    return anc
 
 
 def _family_of(host: str) -> int:
@@ -333,7 +381,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
     def __init__(self, local_addr: tuple[str, int] = ("::", DEFAULT_PORT), *, default: ReflectorSession | None = None,
                  iface: str | None = None, hardware: bool = True, recv_tos: bool | None = None, batch: int = 512,
                  log_interval: float = 10.0, now_ns: Callable[[], int] = time.time_ns, tx_stamps: bool = True,
-                 late_t3: bool = True, tx_sample_ns: int = TX_SAMPLE_NS) -> None:
+                 late_t3: bool = True, tx_sample_ns: int = TX_SAMPLE_NS, mmsg: bool = True) -> None:
         """``tx_stamps``: keep replies' kernel TX stamps (Follow-Up Telemetry for STAMP senders
         that ask, RFC 8972 §4.7; the T3 lag histogram). ``late_t3``: build each reply completely,
         then read the clock and write only T3, where no HMAC/cipher covers it (docs/timestamping.md);
@@ -342,7 +390,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         ``tx_sample_ns``: which replies are stamped. Every reply of a session whose sender asked
         for Follow-Up Telemetry, and one other reply per ``tx_sample_ns`` of receive time (the lag
         histogram and the Error Estimate's lag bound need a sample, not every reply); each stamp
-        costs a recvmsg on the error queue, about as much as answering. 0: every reply."""
+        costs a recvmsg on the error queue, about as much as answering. 0: every reply.
+
+        ``mmsg``: under load (more than one packet queued at a wakeup) receive with recvmmsg(2)
+        and answer with sendmmsg(2) (agent.engine.mmsg); False keeps recvmsg/sendto per packet."""
         if recv_tos is None:
             recv_tos = default is not None and default.proto is Proto.STAMP  # CoS TLV needs it
         super().__init__(local_addr, iface=iface, hardware=hardware, recv_tos=recv_tos, batch=batch,
@@ -356,6 +407,18 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         self.tx_sample_ns = tx_sample_ns
         self._tx_anc: list[tuple[int, int, bytes]] | None = None  # per-reply TX stamp request (cmsg)
         self._tx_at = -(1 << 62)  # receive time of the last packet whose reply was stamped
+        self.mmsg = mmsg and _mmsg.available()
+        if mmsg and not self.mmsg:
+            _no_mmsg_once()
+        self._mb: _mmsg.MmsgBuffers | None = None  # allocated at the first wakeup with a queue
+        self._addrs: dict[bytes, tuple[tuple, tuple]] = {}  # raw sockaddr -> (peer key, address)
+        self.truncated = 0  # longer than RECV_BUF (MSG_TRUNC): dropped
+        self.ctrunc = 0  # control messages cut short (MSG_CTRUNC): answered with what arrived
+        self.bad_address = 0  # a source that is not AF_INET / AF_INET6 (batched path)
+        self.batched = 0  # replies sent by sendmmsg
+        self._queued = False  # the last wakeup found more than one packet: recvmmsg first
+        self._tx_ok = False  # a per-packet TX stamp request went through (_send_stamped)
+        self.mmsg_send = MMSG_SEND
 
     def _configure(self, sock: socket.socket) -> None:
         super()._configure(sock)
@@ -382,6 +445,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if anc is not None:
             try:
                 sock.sendmsg([out], anc if dscp is None else anc + [self._dscp_cmsg(sock, addr, dscp)], 0, addr)
+                self._tx_ok = True  # the kernel takes per-packet requests: sendmmsg may carry them too
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL or self.ts_config is None:
@@ -485,6 +549,9 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
 
     def counters(self) -> dict[str, int]:
         total: dict[str, int] = {"unknown_peer": self.unknown_peer, "send_errors": self.send_errors}
+        for k in ("truncated", "ctrunc", "bad_address"):  # only once seen: hostile or broken input
+            if getattr(self, k, 0):
+                total[k] = getattr(self, k)
         sessions = list(self._sessions.values()) + ([self.default] if self.default else [])
         for s in sessions:
             if isinstance(s, ReflectorSession):
@@ -493,9 +560,32 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         return total
 
     def _on_readable(self) -> None:
+        # Batching pays only when packets queue up (bench/reflector.py: one packet per wakeup costs
+        # ~0.7 us more through ctypes). So: per packet until a wakeup finds a second packet, then
+        # recvmmsg/sendmmsg for the rest of it and for every later wakeup that still finds more
+        # than one; buffers are allocated at the first queue (idle endpoints never hold them).
+        if self._queued:
+            mb = self._mb
+            if mb is not None:
+                self._queued = self._on_readable_batch(mb) > 1
+                return
+        if not self.mmsg:
+            self._on_readable_single(self.batch)
+        elif self._on_readable_single(2) == 2:
+            mb = self._mb
+            if mb is None:
+                mb = self._mb = self._batch_buffers()
+            if mb is not None:
+                self._queued = True
+                self._on_readable_batch(mb)
+            else:
+                self._on_readable_single(self.batch)
+
+    def _on_readable_single(self, limit: int) -> int:
+        """recvmsg and sendto per packet, up to ``limit`` packets; the packets received."""
         sock = self.sock
         if sock is None:
-            return
+            return 0
         recvmsg, sendto = sock.recvmsg, sock.sendto
         cfg = self.ts_config
         hw = cfg if (cfg is not None and cfg.raw_hardware) else None
@@ -513,7 +603,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         patches = self._patches
         last_sess: ReflectorSession | None = None
         patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
-        for _ in range(self.batch):
+        for _ in range(limit):
             try:
                 data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
             except (BlockingIOError, InterruptedError):
@@ -522,6 +612,12 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                     break
                 continue
+            if _flags:
+                if _flags & _mmsg.MSG_TRUNC:  # longer than any test packet we answer: dropped
+                    self.truncated += 1
+                    continue
+                if _flags & _mmsg.MSG_CTRUNC:
+                    self.ctrunc += 1
             # Inline of decode_ancillary() for the common software-stamp case (hot path).
             rx = ttl = tos = None
             src = "sw"
@@ -604,9 +700,314 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         if tx is not None:
             self._drain_tx()  # the stamps of this batch's replies, if the kernel has them already
         if self._rl.due():
-            c = self.counters()
-            if c.get("bad_hmac") or c.get("short") or c.get("unknown_peer") or c.get("replayed") or c.get("tlv_over_cap"):
-                self._rl.maybe(c, ("bad_hmac", "short", "unknown_peer", "malformed_tlv", "replayed", "tlv_over_cap"))
+            self._log_drops()
+        return n_sw + n_user
+
+    def _log_drops(self) -> None:
+        c = self.counters()
+        if (c.get("bad_hmac") or c.get("short") or c.get("unknown_peer") or c.get("replayed") or c.get("tlv_over_cap")
+                or c.get("truncated") or c.get("bad_address")):
+            self._rl.maybe(c, ("bad_hmac", "short", "unknown_peer", "malformed_tlv", "replayed", "tlv_over_cap",
+                               "truncated", "bad_address"))
+
+   # ------------------------------------------------------------------ batched path (recvmmsg/sendmmsg)
+
+    def _batch_buffers(self, ctl: int = ts.ANCILLARY_BUFSIZE) -> _mmsg.MmsgBuffers | None:
+        sock = self.sock
+        if sock is None:
+            return None
+        try:
+            mb = _mmsg.MmsgBuffers(sock.fileno(), MMSG_BATCH, RECV_BUF, ctl, 28 if sock.family == socket.AF_INET6 else 16)
+            if self._tx_anc is not None:  # the per-reply TX stamp request, for the stamped slots
+                mb.set_send_cmsg(*self._tx_anc[0])
+            return mb
+        except (OSError, MemoryError, ValueError) as e:
+            self._no_mmsg(e)
+            return None
+
+    def _no_mmsg(self, e: BaseException) -> None:
+        self.mmsg = False
+        self._mb = None
+        self._queued = False
+        _no_mmsg_once(e)
+
+    def _addr_of(self, name: bytes) -> tuple[tuple, tuple] | None:
+        """(peer key, address tuple as socket.recvmsg gives it) of a raw sockaddr; None for
+        another family or a short one. Cached by the raw octets (bounded: spoofed sources)."""
+        fam = _SA_FAMILY(name)[0] if len(name) >= 2 else -1
+        if fam == socket.AF_INET and len(name) >= 8:
+            addr: tuple = (socket.inet_ntop(socket.AF_INET, name[4:8]), _SSID_AT(name, 2)[0])
+            key: tuple = addr
+        elif fam == socket.AF_INET6 and len(name) >= 28:
+            addr = (socket.inet_ntop(socket.AF_INET6, name[8:24]), _SSID_AT(name, 2)[0], _SEQ_AT0(name, 4)[0],
+                    _U32.unpack_from(name, 24)[0])
+            key = peer_key(addr)
+        else:
+            return None
+        addrs = self._addrs
+        if len(addrs) >= MAX_ADDR_CACHE:
+            addrs.clear()
+        got = addrs[name] = (key, addr)
+        return got
+
+    def _flush(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+        """Write one late T3 into every pending reply (slot, T3Patch, address, length, TX-stamp
+        stream or None), then sendmmsg them in runs of adjacent slots. A message the kernel
+        refuses (ENOBUFS, EAGAIN, EPERM...) is counted in send_errors and the rest retried after
+        it, as sendmmsg(2) asks; ENOSYS sends the rest one by one and falls back for good.
+
+        A reply with a stream carries the per-packet SO_TIMESTAMPING request (its slot's cmsg);
+        the kernel numbers the stamped datagrams it sends, in order (OPT_ID), so ReplyTxStamps.sent
+        is called for those sent, in slot order, with the T3 they carry, as the per-packet path does."""
+        t3 = self.now_ns()
+        out, size, pack, last, v = mb.out, mb.size, _T3_AT.pack_into, None, 0
+        sinfo, ctl_at, ctl_len, hdr = mb.sinfo, _mmsg.CTL_LEN_AT, _mmsg.CTL_LEN.pack_into, _mmsg.HDR
+        stamped = 0
+        for i, p, _a, _n, stream in pend:
+            if p is not last:
+                v, last = p.value(t3), p
+            pack(out, i * size + p.offset, v)  # type: ignore[operator]
+            if stream is not None:
+                ctl_len(sinfo, i * hdr + ctl_at, _mmsg.SEND_CTL)
+                stamped += 1
+        send = mb.send
+        failed: list[int] = []
+        k, n = 0, len(pend)
+        while k < n:
+            start = pend[k][0]
+            run = 1
+            while k + run < n and pend[k + run][0] == start + run:
+                run += 1
+            first = k
+            k += run
+            while run:
+                sent, err = send(start, run)
+                if sent:
+                    self.batched += sent
+                    start += sent
+                    run -= sent
+                elif err == errno.ENOSYS:
+                    self._no_mmsg(OSError(err, "sendmmsg"))
+                    rest = pend[first + (start - pend[first][0]):]
+                    failed.extend(e[0] for e in rest)
+                    self._send_each(mb, rest)
+                    k = n
+                    break
+                elif err != errno.EINTR:  # that reply is lost, counted; the kernel may take the next
+                    self.send_errors += 1
+                    failed.append(start)
+                    start += 1
+                    run -= 1
+        if stamped:
+            tx = self.tx
+            for i, _p, _a, _n, stream in pend:
+                if stream is not None:
+                    ctl_len(sinfo, i * hdr + ctl_at, 0)
+                    if tx is not None and i not in failed:  # the reply's Sequence Number, for Follow-Up
+                        tx.sent(stream, _SEQ_AT0(out, i * size)[0], t3)
+        pend.clear()
+
+    def _send_each(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+        """After sendmmsg's ENOSYS: the rest without TX stamp requests (their stamps are not kept)."""
+        sock, out, size = self.sock, mb.out, mb.size
+        for i, _p, addr, n, _s in pend:
+            try:
+                if sock is None:
+                    raise OSError(errno.EBADF, "closed")
+                sock.sendto(out[i * size : i * size + n], addr)
+            except OSError:
+                self.send_errors += 1
+
+    def _on_readable_batch(self, mb: _mmsg.MmsgBuffers) -> int:
+        """The per-packet path's logic over recvmmsg batches. Replies whose T3 can be written last
+        (T3Patch.offset), with no DSCP of their own and no TX stamp asked, are copied into send
+        slots and go out in one sendmmsg after one clock read; the others flush what is pending
+        (order kept) and take the per-packet send, TX-stamp bookkeeping unchanged."""
+        sock = self.sock
+        if sock is None:
+            return 0
+        cfg = self.ts_config
+        hw = cfg if (cfg is not None and cfg.raw_hardware) else None
+        fast = hw is None and ts._LP64
+        # No TX stamp can come (no kernel stamps, or none on transmit): every reply may be batched.
+        no_tx = self.tx is None or cfg is None or not cfg.flags & _TX_BITS
+        now = self.now_ns
+        default = self.default
+        by_peer = self._by_peer
+        sessions = self._sessions
+        n_sw = n_user = 0
+        tx = self.tx
+        asking = tx.asking if tx is not None else {}
+        if tx is not None:
+            self._drain_tx()
+        tx_anc, tx_at, every = self._tx_anc, self._tx_at, self.tx_sample_ns
+        patches = self._patches
+        last_sess: ReflectorSession | None = None
+        patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
+        info, dmv, cmv, nmv, omv, siov = mb.info, mb.data, mb.ctl, mb.names, mb.out, mb.siov
+        unpack_info, hdr, size, csz, vlen = _mmsg.INFO.unpack_from, _mmsg.HDR, mb.size, mb.ctl_size, mb.n
+        iov, iov_at, iov_len = _mmsg.IOV, _mmsg.IOV_LEN_AT, _mmsg.IOV_LEN.pack_into
+        cm2, cm3 = _CM_TS_TTL.unpack_from, _CM_TS_TTL_TOS.unpack_from
+        # Locals for the per-message checks (no global lookups in the loop).
+        len2, len3, ts_len, int_len, sol_socket, scm_ts = _CM2_LEN, _CM3_LEN, _CM_TS_LEN, _CM_INT_LEN, _SOL_SOCKET, _SCM_TS
+        ttl_types, tos_types, ss = _TTL_TYPES, _TOS_TYPES, _mmsg.SOCKADDR_SPACE
+        addrs = self._addrs
+        send_max = max(1, self.mmsg_send)
+        pend: list[tuple[int, T3Patch, tuple, int, Hashable]] = []  # replies in send slots, in arrival order
+        total = 0
+        while total < self.batch:
+            try:
+                got = mb.recv()
+            except OSError as e:
+                if e.errno == errno.ENOSYS:
+                    self._no_mmsg(e)
+                    break
+                if e.errno == errno.EINTR:
+                    continue
+                total += 1  # e.g. ECONNREFUSED from an ICMP error: keep reading, bounded
+                continue
+            if not got:
+                break
+            total += got
+            for i in range(got):
+                namelen, clen, flags, mlen = unpack_info(info, i * hdr)
+                if flags:
+                    if flags & _mmsg.MSG_TRUNC:  # longer than any test packet we answer: dropped
+                        self.truncated += 1
+                        continue
+                    if flags & _mmsg.MSG_CTRUNC:
+                        self.ctrunc += 1
+                d0 = i * size
+                data = bytes(dmv[d0 : d0 + mlen])
+                c0 = i * csz
+                rx = ttl = tos = None
+                src = "sw"
+                # The common control messages in the kernel's order (SCM_TIMESTAMPING, then TTL /
+                # Hop Limit, then TOS / Traffic Class) in one unpack; anything else: the general decode.
+                if fast and clen == len2:
+                    l0, v0, t0, sec, nsec, l1, v1, t1, ttl = cm2(cmv, c0)
+                    ok = l0 == ts_len and v0 == sol_socket and t0 == scm_ts and l1 == int_len and (v1, t1) in ttl_types
+                elif fast and clen == len3:
+                    l0, v0, t0, sec, nsec, l1, v1, t1, ttl, l2, v2, t2, tos = cm3(cmv, c0)
+                    ok = (l0 == ts_len and v0 == sol_socket and t0 == scm_ts and l1 == int_len
+                          and (v1, t1) in ttl_types and (v2, t2, l2) in tos_types)
+                    if ok and v2 == _SOL_IPV6:
+                        tos = _INT.unpack_from(cmv, c0 + _CM3_TOS_AT)[0] & 0xFF
+                else:
+                    ok = False
+                if ok:
+                    if sec > 0 and 0 <= nsec < 1_000_000_000:
+                        rx = sec * 1_000_000_000 + nsec
+                else:
+                    rx, src, ttl, tos = decode_ancillary(_cmsgs(cmv, c0, min(clen, csz)), hw)
+                if rx is None:
+                    rx, src = now(), "user"
+                    n_user += 1
+                else:
+                    n_sw += 1
+                name = bytes(nmv[i * ss : i * ss + namelen])
+                ka = addrs.get(name)
+                if ka is None:
+                    ka = self._addr_of(name)
+                    if ka is None:
+                        self.bad_address += 1
+                        continue
+                key, addr = ka
+                sess = sessions.get(by_peer.get(key)) if by_peer else None
+                if sess is None:
+                    sess = self._lookup(key) if sessions else None
+                    if sess is None:
+                        sess = default
+                        if sess is None:
+                            self.unknown_peer += 1
+                            continue
+                if sess is not last_sess:  # a batch is mostly one session's packets
+                    pe = patches.get(id(sess))
+                    patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
+                    last_sess = sess
+                if patch.offset is None:
+                    out = sess.reflect(data, rx, ttl, now, tos, key, src)
+                    if out is None:
+                        continue
+                    t3 = patch.read_ns(out) if tx is not None else None
+                else:
+                    out = sess.reflect(data, rx, ttl, LATE_T3, tos, key, src)
+                    if out is None:
+                        continue
+                    dscp = sess.reply_dscp
+                    # With the socket's DSCP: into the batch, T3 written at the flush. A TX stamp
+                    # (the per-packet path's test: a sample, or a Follow-Up asker) rides on the slot's
+                    # cmsg once the kernel has taken a per-packet request (_tx_ok); socket-wide TX
+                    # stamps (tx_anc None) would number every datagram: those replies go one by one.
+                    stream = None
+                    if dscp is not None or len(out) > size:
+                        batch = False
+                    elif no_tx:
+                        batch = True
+                    elif tx_anc is None:
+                        batch = False
+                    else:
+                        if rx - tx_at >= every:
+                            a = patch.ssid_at
+                            stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                        elif asking:
+                            a = patch.ssid_at
+                            stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                            if stream not in asking:
+                                stream = None
+                        batch = stream is None or self._tx_ok
+                        if batch and stream is not None:
+                            tx_at = rx
+                    if batch:
+                        n = len(out)
+                        omv[d0 : d0 + n] = out
+                        iov_len(siov, i * iov + iov_at, n)
+                        pend.append((i, patch, addr, n, stream))
+                        if len(pend) >= send_max:
+                            self._flush(mb, pend)
+                        continue
+                    out = bytearray(out)
+                    t3 = None  # read below, after the flush
+                if pend:
+                    self._flush(mb, pend)  # replies leave in the order their requests came
+                if patch.offset is not None:
+                    t3 = now()
+                    patch.patch(out, t3)  # type: ignore[arg-type]
+                dscp = sess.reply_dscp
+                stamped = False
+                if tx is not None and t3 is not None and (tx_anc is None or rx - tx_at >= every or asking):
+                    a = patch.ssid_at  # T3Patch.ssid, inlined
+                    stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                    stamped = tx_anc is None or rx - tx_at >= every or stream in asking
+                try:
+                    if stamped:
+                        self._send_stamped(sock, out, addr, dscp)
+                        tx_anc, tx_at = self._tx_anc, rx
+                    elif dscp is None:
+                        sock.sendto(out, addr)
+                    else:
+                        self._send_with_dscp(sock, out, addr, dscp)
+                except OSError:
+                    self.send_errors += 1
+                else:
+                    if stamped:  # the reply's Sequence Number, for the Follow-Up answer
+                        tx.sent(stream, _SEQ_AT0(out)[0], t3)  # type: ignore[union-attr]
+            if pend:
+                self._flush(mb, pend)
+            if got < vlen:  # the queue is empty (level-triggered: a later packet wakes us again)
+                break
+        self._tx_at = tx_at
+        if n_sw and hw is None:
+            STAMP_COUNTERS.add("rx", "sw", n_sw)
+        if n_user:
+            STAMP_COUNTERS.add("rx", "user", n_user)
+        if tx is not None:
+            self._drain_tx()
+        if self._rl.due():
+            self._log_drops()
+        if not self.mmsg:  # ENOSYS: what is still queued goes the per-packet way
+            self._on_readable_single(self.batch)
+        return total
 
     @staticmethod
     def _dscp_cmsg(sock: socket.socket, addr: tuple, dscp: int) -> tuple[int, int, bytes]:
