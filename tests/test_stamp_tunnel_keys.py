@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 
 from agent.daemon import config as cfg
