@@ -554,11 +554,16 @@ class ReflectorSession:
             t2 = hi | (rem if ptp else (rem << 32) // _NS)
             if ttl is None:
                 ttl = TTL_UNKNOWN
-            extra = data[STAMP_BASE:]
-            self.reply_dscp = self.dscp
-            if extra and extra.count(0) != len(extra):
-                self._stream = (peer, ssid)
-                extra = tlvs(extra, data, seq, rx_source, tos, err)
+            if len(data) > STAMP_BASE:
+                extra = data[STAMP_BASE:]
+                self.reply_dscp = self.dscp
+                if extra.count(0) != len(extra):
+                    self._stream = (peer, ssid)
+                    extra = tlvs(extra, data, seq, rx_source, tos, err)
+            else:  # no TLVs: nothing to append, and only a CoS TLV changes reply_dscp
+                extra = b""
+                if self.reply_dscp is not self.dscp:
+                    self.reply_dscp = self.dscp
             if now_ns is late:
                 t3 = 0
             else:
