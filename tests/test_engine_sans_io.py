@@ -263,3 +263,31 @@ def test_stateful_peer_table_is_bounded() -> None:
     for p in range(5):
         ref.reflect(d, T0, 64, clock(), None, ("192.0.2.1", 1000 + p))
     assert ref.peers == 3
+
+
+def test_stateful_stamp_counters_per_sender_and_ssid() -> None:
+    """RFC 8762 §4.3.1 stateful reflector: its own Sequence Number per (sender, SSID),
+    whether the sender's address object is reused (the fast path's cached cell) or new
+    each time; forget_peer restarts a sender even while its cell is cached."""
+    ref = ReflectorSession(Proto.STAMP, error_estimate=1)
+
+    def pkt(ssid: int) -> bytes:  # RFC 8762 §4.2.1 unauthenticated: SSID at octets 16-17
+        return struct.pack("!IQHH", 7, ntp_from_unix_ns(T0), 1, ssid) + bytes(28)
+
+    def seq(peer, ssid: int) -> int:
+        out = ref.reflect(pkt(ssid), T0, 64, clock(), None, peer)
+        assert out is not None
+        return struct.unpack_from("!I", out)[0]
+
+    a, b = ("192.0.2.1", 1000), ("192.0.2.2", 1000)
+    got = [seq(a, 1), seq(a, 1), seq(b, 1), seq(a, 2), seq(a, 1), seq(("192.0.2.1", 1000), 1), seq(b, 1)]
+    assert got == [0, 1, 0, 0, 2, 3, 1]
+    ref.forget_peer(a)
+    assert seq(a, 1) == 0 and seq(a, 1) == 1 and seq(b, 1) == 2
+    assert ref.peers == 2  # (a, 1) and (b, 1)
+    ref.forget_peer(b)  # while b's cell is the cached one
+    assert seq(b, 1) == 0 and ref.peers == 2 and seq(a, 1) == 2 and seq(b, 1) == 1
+    ref.max_peers = 2  # (c, 1) evicts the oldest, (a, 1), which then restarts
+    c = ("192.0.2.3", 1000)
+    assert seq(a, 1) == 3 and seq(c, 1) == 0 and ref.peers == 2
+    assert seq(b, 1) == 2 and seq(a, 1) == 0

@@ -60,6 +60,7 @@ NowNs = Callable[[], int]
 _compare = _hmac.compare_digest
 _NS = 1_000_000_000
 _M32 = 0xFFFFFFFF
+_UNSET: Hashable = object()  # matches no peer (None is a valid one)
 
 
 def LATE_T3() -> int:
@@ -183,7 +184,10 @@ class ReflectorSession:
         if reflect is not None and (proto is not Proto.TWAMP or reflect[0] < 0 or not 0 <= reflect[1] <= 0xFFFF):
             raise ValueError("reflect octets: TWAMP only, (offset >= 0, length 0..65535)")
         self._reflect = reflect if reflect and reflect[1] else None
-        self._seqs: dict[tuple[Hashable, int], int] = {}
+        # Stateful STAMP: (peer, SSID) -> [next Sequence Number], a cell so the fast path can
+        # keep the last sender's cell and count without hashing (peer objects are reused by
+        # the endpoint's address cache).
+        self._seqs: dict[tuple[Hashable, int], list[int]] = {}
         self._window = ReplayWindow()  # authenticated TWAMP: one sender per session
         self._windows: dict[tuple[Hashable, int], ReplayWindow] = {}  # authenticated STAMP: per (peer, SSID)
         self._verified: StampCrypto | None = None  # set only while reflecting a packet already verified with it
@@ -446,12 +450,13 @@ class ReflectorSession:
             return sseq  # RFC 8762 §4.3.1 stateless: copy the sender's sequence number
         key = (peer, ssid)
         seqs = self._seqs
-        seq = seqs.get(key)
-        if seq is None:
-            seq = 0
+        cell = seqs.get(key)
+        if cell is None:
             if len(seqs) >= self.max_peers:  # bounded state: forget the oldest sender
-                del seqs[next(iter(seqs))]
-        seqs[key] = (seq + 1) & 0xFFFFFFFF
+                seqs.pop(next(iter(seqs)))[0] = -1  # -1: a dropped cell, never reused
+            cell = seqs[key] = [0]
+        seq = cell[0]
+        cell[0] = (seq + 1) & 0xFFFFFFFF
         return seq
 
     def _stamp_window(self, peer: Hashable, ssid: int) -> ReplayWindow:
@@ -527,23 +532,30 @@ class ReflectorSession:
         tlvs = self._stamp_tlvs
         late = LATE_T3
         start, hi = _second_of(time.time_ns(), ptp)
+        last_peer: Hashable = _UNSET  # the last sender's counter cell, found by identity
+        last_ssid, last_cell = -1, [0]
 
         def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
-            nonlocal start, hi
+            nonlocal start, hi, last_peer, last_ssid, last_cell
             if len(data) < STAMP_BASE:
                 return general(data, rx_ns, ttl, now_ns, tos, peer, rx_source)
             c.received += 1
             self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
             sseq, sts, serr, ssid = unpack(data)
             if stateful:  # RFC 8762 §4.3.1: own counter per (sender, SSID); bounded state
-                key = (peer, ssid)
-                seq = seqs.get(key)
-                if seq is None:
-                    seq = 0
-                    if len(seqs) >= self.max_peers:  # forget the oldest sender
-                        del seqs[next(iter(seqs))]
-                seqs[key] = (seq + 1) & _M32
+                if peer is last_peer and ssid == last_ssid and last_cell[0] >= 0:
+                    cell = last_cell
+                else:
+                    key = (peer, ssid)
+                    cell = seqs.get(key)
+                    if cell is None:
+                        if len(seqs) >= self.max_peers:  # forget the oldest sender
+                            seqs.pop(next(iter(seqs)))[0] = -1  # -1: a dropped cell, never reused
+                        cell = seqs[key] = [0]
+                    last_peer, last_ssid, last_cell = peer, ssid, cell
+                seq = cell[0]
+                cell[0] = (seq + 1) & _M32
             else:  # stateless: copy the sender's sequence number
                 seq = sseq
             err = err_get(rx_ns)
@@ -621,7 +633,7 @@ class ReflectorSession:
     def forget_peer(self, peer: Hashable) -> None:
         """Drop a stateful STAMP peer's counters (SSID state, RFC 8762 §4.3.1)."""
         for k in [k for k in self._seqs if k[0] == peer]:
-            del self._seqs[k]
+            self._seqs.pop(k)[0] = -1  # -1: a dropped cell, never reused (the fast path may hold it)
 
     @property
     def peers(self) -> int:
