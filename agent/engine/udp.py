@@ -29,9 +29,11 @@ Sockets are non-blocking and read in batches until EAGAIN (the reflector, once a
 queue, with recvmmsg/sendmmsg: agent.engine.mmsg); the kernel RX stamp
 (SO_TIMESTAMPING via agent.engine.timestamping, hardware where the NIC stamps), the
 received TTL / Hop Limit and (optionally) TOS come from recvmsg's ancillary data.
-The reflector asks for RX stamps only (T3 must be in the packet before it is
-sent, so a TX stamp could not be used); the sender asks for TX stamps too and
-stores them as T1 kernel.
+T3 must be in a reply before it is sent, so the reflector writes it as late as it can and
+asks TX stamps of some replies only: every reply to a sender that asks for RFC 8972
+Follow-Up Telemetry (the real T3, sent in the next reply) and one sample per ms otherwise
+(the lag that widens the Error Estimate), requested per reply with an SO_TIMESTAMPING
+control message. The sender asks for TX stamps of every packet and stores them as T1 kernel.
 """
 
 from __future__ import annotations
