@@ -44,6 +44,16 @@ from bench.sas import bystander_lines, ip_batch  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def stop_agent(p: subprocess.Popen) -> None:
+    """SIGTERM (the agent's clean shutdown), then SIGKILL after 60 s."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,12 +217,7 @@ def scale_one(n: int, args: argparse.Namespace) -> dict[str, float]:
             body = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
                                    f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{exp}/metrics',"
                                    f" timeout=60).read().decode())"], capture_output=True, text=True).stdout
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_agent(p)
         vals: dict[str, float] = {}
         for line in body.splitlines():
             if line.startswith(("xwamp_sa_", "xwamp_packets_sent_total", "xwamp_packets_received_total")):
@@ -324,12 +329,7 @@ def main() -> int:
             t_scrape = time.monotonic() - t_scrape
             rss, hwm = proc_rss_mb(p.pid)
             kids = children_rss_mb(p.pid)
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_agent(p)
             errf.seek(0)
             err = errf.read()
         finally:
