@@ -132,10 +132,15 @@ def test_stamp_agents_keyed_from_the_tunnel_survive_a_rekey() -> None:
         sent0, got0 = s[f"xwamp_packets_sent_total{{{sess}}}"], s[f"xwamp_packets_received_total{{{sess}}}"]
         r0 = _scrape("b")
         _rekey()
-        s = wait_cycles(before + 3)
+        # The scrape of B and the rekey take seconds in a loaded TCG guest: cycles may end on the
+        # old pair meanwhile (make-before-break keeps it valid). A cycle that starts after the old
+        # SAs are gone can only take the new pair, so count from here: the cycle in progress
+        # now, then one that started after the rekey.
+        after = _scrape("a")[f"xwamp_cycles_total{{{sess}}}"]
+        s = wait_cycles(max(before + 3, after + 2))
         sent = s[f"xwamp_packets_sent_total{{{sess}}}"] - sent0
         got = s[f"xwamp_packets_received_total{{{sess}}}"] - got0
-        assert s[f"xwamp_session_rebinds_total{{{sess}}}"] >= 1.0  # a cycle started on the new pair
+        assert s[f"xwamp_session_rebinds_total{{{sess}}}"] >= 1.0, (before, after, s[f"xwamp_cycles_total{{{sess}}}"])
         r = _scrape("b")
         print("reflector B across the rekey:", {k: v - r0.get(k, 0) for k, v in r.items() if "stamp_reflector" in k},
               f"sender A: sent {sent:.0f} received {got:.0f}")
