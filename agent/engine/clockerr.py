@@ -50,7 +50,18 @@ class PackedErrorEstimate:
 
     def get(self, now_ns: int) -> int:
         fn = self._fn
-        if fn is not None and now_ns - self._at >= _REFRESH_NS:
+        # Read again after a second, or when time went back (a stepped clock; stamps from another
+        # clock): "at least 1 s later" alone would keep a stale value until time caught up.
+        if fn is not None and not 0 <= now_ns - self._at < _REFRESH_NS:
+            self._value = self._z(fn())
+            self._at = now_ns
+        return self._value
+
+    def read(self, now_ns: int) -> int:
+        """The estimate read now, whatever the cache's age: for callers that keep it themselves
+        (the reflector's fast paths hold one per second of receive time)."""
+        fn = self._fn
+        if fn is not None:
             self._value = self._z(fn())
             self._at = now_ns
         return self._value

@@ -250,18 +250,20 @@ class ReflectorSession:
         MBZ, Receive Timestamp (T2), the sender's Sequence Number, Timestamp and Error Estimate
         copied, MBZ, Sender TTL, then the padding (:meth:`_padding`)."""
         c = self.counters
-        err_get = self._err.get
+        err_read = self._err.read  # once per second of receive time, with the T2/T3 second cache
         ptp = self.ptp
         pack = S_REFL_UNAUTH.pack
         unpack = S_SENDER_UNAUTH.unpack_from
         padding = self._padding
         plain = self._reflect is None  # no Reflect Octets: a 41-octet reply has no padding
         late = LATE_T3
-        start, hi = _second_of(time.time_ns(), ptp)
+        now0 = time.time_ns()
+        start, hi = _second_of(now0, ptp)
+        err = err_read(now0)
 
         def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
-            nonlocal start, hi
+            nonlocal start, hi, err
             c.received += 1
             self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
             n = len(data)
@@ -275,10 +277,10 @@ class ReflectorSession:
             sseq, sts, serr = unpack(data)
             seq = self.seq
             self.seq = (seq + 1) & _M32
-            err = err_get(rx_ns)
             rem = rx_ns - start
             if not 0 <= rem < _NS:
                 start, hi = _second_of(rx_ns, ptp)
+                err = err_read(rx_ns)
                 rem = rx_ns - start
             t2 = hi | (rem if ptp else (rem << 32) // _NS)
             if ttl is None:
@@ -306,7 +308,7 @@ class ReflectorSession:
         depends on its Sequence Number only, so it is built alone and the rest packed after it
         in one go, HMAC included. Encrypted mode and the 96-octet span use :meth:`_twamp_auth`."""
         c = self.counters
-        err_get = self._err.get
+        err_read = self._err.read  # once per second of receive time, with the T2/T3 second cache
         ptp = self.ptp
         enc, dec, mac = self._fast
         window = self._window
@@ -319,11 +321,13 @@ class ReflectorSession:
         plain = self._reflect is None
         compare = _compare
         late = LATE_T3
-        start, hi = _second_of(time.time_ns(), ptp)
+        now0 = time.time_ns()
+        start, hi = _second_of(now0, ptp)
+        err = err_read(now0)
 
         def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
-            nonlocal start, hi
+            nonlocal start, hi, err
             c.received += 1
             self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
             n = len(data)
@@ -351,10 +355,10 @@ class ReflectorSession:
             sts, serr = ts_err(data, 16)
             seq = self.seq
             self.seq = (seq + 1) & _M32
-            err = err_get(rx_ns)
             rem = rx_ns - start
             if not 0 <= rem < _NS:
                 start, hi = _second_of(rx_ns, ptp)
+                err = err_read(rx_ns)
                 rem = rx_ns - start
             t2 = hi | (rem if ptp else (rem << 32) // _NS)
             if ttl is None:
@@ -522,7 +526,7 @@ class ReflectorSession:
         (RFC 8972, :meth:`_stamp_tlvs`) or its zero padding reflected. Shorter requests take the
         general path (:meth:`_stamp`: TWAMP-Light fallback or ``short``)."""
         c = self.counters
-        err_get = self._err.get
+        err_read = self._err.read  # once per second of receive time, with the T2/T3 second cache
         ptp = self.ptp
         pack = S_STAMP_REFL_UNAUTH.pack
         unpack = S_STAMP_SENDER_UNAUTH.unpack_from
@@ -531,14 +535,18 @@ class ReflectorSession:
         seqs = self._seqs
         tlvs = self._stamp_tlvs
         late = LATE_T3
-        start, hi = _second_of(time.time_ns(), ptp)
+        now0 = time.time_ns()
+        start, hi = _second_of(now0, ptp)
+        err = err_read(now0)
         last_peer: Hashable = _UNSET  # the last sender's counter cell, found by identity
         last_ssid, last_cell = -1, [0]
+        tlvs_seen = False  # the last packet's TLVs may have set reply_dscp (RFC 8972 §4.4 CoS)
 
         def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
                     peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
-            nonlocal start, hi, last_peer, last_ssid, last_cell
-            if len(data) < STAMP_BASE:
+            nonlocal start, hi, err, last_peer, last_ssid, last_cell, tlvs_seen
+            n = len(data)
+            if n < STAMP_BASE:
                 return general(data, rx_ns, ttl, now_ns, tos, peer, rx_source)
             c.received += 1
             self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
@@ -558,24 +566,25 @@ class ReflectorSession:
                 cell[0] = (seq + 1) & _M32
             else:  # stateless: copy the sender's sequence number
                 seq = sseq
-            err = err_get(rx_ns)
             rem = rx_ns - start
             if not 0 <= rem < _NS:
                 start, hi = _second_of(rx_ns, ptp)
+                err = err_read(rx_ns)
                 rem = rx_ns - start
             t2 = hi | (rem if ptp else (rem << 32) // _NS)
             if ttl is None:
                 ttl = TTL_UNKNOWN
-            if len(data) > STAMP_BASE:
+            if n > STAMP_BASE:
                 extra = data[STAMP_BASE:]
                 self.reply_dscp = self.dscp
                 if extra.count(0) != len(extra):
                     self._stream = (peer, ssid)
                     extra = tlvs(extra, data, seq, rx_source, tos, err)
-            else:  # no TLVs: nothing to append, and only a CoS TLV changes reply_dscp
+                    tlvs_seen = True
+            else:  # no TLVs: nothing to append, and only a CoS TLV (a packet with TLVs) changes reply_dscp
                 extra = b""
-                if self.reply_dscp is not self.dscp:
-                    self.reply_dscp = self.dscp
+                if tlvs_seen:
+                    self.reply_dscp, tlvs_seen = self.dscp, False
             if now_ns is late:
                 t3 = 0
             else:
