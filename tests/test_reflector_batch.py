@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from agent.engine import mmsg
+from agent.engine import mmsg, udp
 from agent.engine import timestamping as ts
 from agent.engine.keys import TestKeys
 from agent.engine.packets import Proto, Security
@@ -66,7 +66,8 @@ def _session(kind: str) -> ReflectorSession:
 
 
 async def _answer(kind: str, packets: list[bytes], batched: bool, monkeypatch, stamps: bool = True,
-                  family: int = socket.AF_INET) -> tuple[list[bytes], TwampReflectorEndpoint, int, int]:
+                  family: int = socket.AF_INET, tos: int | None = None
+                  ) -> tuple[list[bytes], TwampReflectorEndpoint, int, int]:
     if not stamps:
         def no_stamps(*a, **k):
             raise OSError(errno.EOPNOTSUPP, "off in this test")
@@ -81,6 +82,13 @@ async def _answer(kind: str, packets: list[bytes], batched: bool, monkeypatch, s
     client = socket.socket(family, socket.SOCK_DGRAM)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     client.bind((host, 0))
+    if tos is not None:  # the TOS / Traffic Class octet every request carries, and TTL 200
+        if family == socket.AF_INET6:
+            client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
+            client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 200)
+        else:
+            client.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+            client.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 200)
     try:
         t0 = time.time_ns()
         for p in packets:
@@ -140,6 +148,38 @@ def test_batched_replies_identical_without_kernel_stamps(kind: str, family: int,
     old, _, _, _ = asyncio.run(_answer(kind, pkts, False, monkeypatch, stamps=False, family=family))
     new, ep, _, _ = asyncio.run(_answer(kind, pkts, True, monkeypatch, stamps=False, family=family))
     assert len(new) == N and old == new and ep.batched == N
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_received_tos_and_ttl_from_the_batched_decode(family: int, monkeypatch) -> None:
+    """Requests with an RFC 8972 §4.4 Class of Service TLV (Type 4, DSCP1 46), sent with DSCP 10 and
+    ECN 1: the batched path reads TTL and TOS / Traffic Class from the kernel's control messages
+    (IP_TOS is one octet, IPV6_TCLASS an int) and answers what the per-packet path answers: DSCP2
+    and ECN as received, and the Session-Sender TTL (RFC 8762 §4.3.1) as sent."""
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    cos = struct.pack("!BBHI", 0, 4, 4, 46 << 26)
+    pkts = [_stamp(i, cos) for i in range(N)]
+    tos = (10 << 2) | 1
+    old, _, _, _ = asyncio.run(_answer("stamp", pkts, False, monkeypatch, family=family, tos=tos))
+    general: list[int] = []  # the batched path's general cmsg decode: must not be needed here
+
+    def decode(*a, **k):
+        general.append(1)
+        return real(*a, **k)
+
+    real = udp.decode_ancillary
+    monkeypatch.setattr(udp, "decode_ancillary", decode)
+    new, ep, _, _ = asyncio.run(_answer("stamp", pkts, True, monkeypatch, family=family, tos=tos))
+    assert not general
+    assert len(old) == len(new) == N
+    for a, b in zip(old, new):
+        assert a[:16] + a[24:] == b[:16] + b[24:]
+        flags, typ, length, word = struct.unpack_from("!BBHI", b, 44)
+        assert (typ, length) == (4, 4) and not flags & 0x80  # U flag clear: understood
+        assert (word >> 26, (word >> 20) & 0x3F, (word >> 18) & 3) == (46, 10, 1)
+        assert b[40] == 200  # Session-Sender TTL (octet 40), as sent
+    assert ep.counters()["malformed_tlv"] == 0
 
 
 def test_address_cache_matches_recvmsg() -> None:

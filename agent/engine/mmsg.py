@@ -138,6 +138,9 @@ class MmsgBuffers:
         self.siov = memoryview(self._siov).cast("B")
         # Slot i's send msg_controllen at ctl_len_at + i * HDR: 0, or SEND_CTL to send its cmsg.
         self.sinfo = memoryview(self._shdr).cast("B")
+        # Per slot, its offsets: (i, in info, in data and out, in ctl, in names, of its send iov_len),
+        # computed once rather than per datagram.
+        self.slots = [(i, i * HDR, i * size, i * ctl, i * SOCKADDR_SPACE, i * IOV + IOV_LEN_AT) for i in range(n)]
 
     def set_send_cmsg(self, level: int, ctype: int, data: bytes) -> None:
         """The control message every send slot carries when its msg_controllen is set

@@ -104,14 +104,23 @@ _T3_AT = struct.Struct("!Q")
 # The batched path's control messages in the kernel's order (__sock_recv_timestamp, then
 # ip_cmsg_recv / ip6_datagram_recv_ctl): SCM_TIMESTAMPING (64-bit struct scm_timestamping),
 # IP_TTL / IPV6_HOPLIMIT (int), then IP_TOS (1 octet) / IPV6_TCLASS (int) when asked; LP64 layout.
-_CM_TS_LEN, _CM_INT_LEN = socket.CMSG_LEN(48), socket.CMSG_LEN(4)
 _CM2_LEN = socket.CMSG_SPACE(48) + socket.CMSG_SPACE(4)
 _CM3_LEN = _CM2_LEN + socket.CMSG_SPACE(4)
-_CM_TS_TTL = struct.Struct("=Qiiqq32xQiii")
-_CM_TS_TTL_TOS = struct.Struct("=Qiiqq32xQiii4xQiiB")
+# Each cmsg is told by (cmsg_level, cmsg_type) read as one native u64; its length follows from
+# its type (put_cmsg of a fixed-size value), and the total is checked against the expected one.
+_CM_TS_TTL = struct.Struct("=8xQqq32x8xQi")  # (level, type), sec, nsec; (level, type), TTL
+_CM_TS_TTL_TOS = struct.Struct("=8xQqq32x8xQi4x8xQB")  # ... then (level, type), TOS (its first octet)
 _CM3_TOS_AT = _CM2_LEN + socket.CMSG_LEN(0)
-_TTL_TYPES = frozenset({(_SOL_IP, 2), (_SOL_IPV6, 52)})  # IP_TTL, IPV6_HOPLIMIT
-_TOS_TYPES = frozenset({(_SOL_IP, IP_TOS, socket.CMSG_LEN(1)), (_SOL_IPV6, IPV6_TCLASS, _CM_INT_LEN)})
+
+
+def _cm_kind(level: int, ctype: int) -> int:
+    """cmsg_level and cmsg_type as the one native u64 the batched path reads."""
+    return struct.unpack("=Q", struct.pack("=ii", level, ctype))[0]
+
+
+_K_TS = _cm_kind(_SOL_SOCKET, _SCM_TS)
+_K_TTL, _K_HOPLIMIT = _cm_kind(_SOL_IP, 2), _cm_kind(_SOL_IPV6, 52)  # IP_TTL, IPV6_HOPLIMIT
+_K_TOS, _K_TCLASS = _cm_kind(_SOL_IP, IP_TOS), _cm_kind(_SOL_IPV6, IPV6_TCLASS)  # 1 octet; an int
 _CMSG_HDR = struct.Struct("=" + ("Q" if struct.calcsize("P") == 8 else "I") + "ii")
 _CMSG_ALIGN = struct.calcsize("P") - 1
 
@@ -604,7 +613,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         tx_anc, tx_at, every = self._tx_anc, self._tx_at, self.tx_sample_ns
         patches = self._patches
         last_sess: ReflectorSession | None = None
-        patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
+        # Set with last_sess: its T3Patch, its reflect function, whether T3 is written at send time.
+        patch: T3Patch = None  # type: ignore[assignment]
+        reflect: Callable[..., bytes | None] = None  # type: ignore[assignment]
+        late_t3, late = False, LATE_T3
         for _ in range(limit):
             try:
                 data, anc, _flags, addr = recvmsg(RECV_BUF, ts.ANCILLARY_BUFSIZE)
@@ -660,15 +672,15 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             if sess is not last_sess:  # a batch is mostly one session's packets
                 pe = patches.get(id(sess))
                 patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
-                last_sess = sess
-            if patch.offset is None:
-                out = sess.reflect(data, rx, ttl, now, tos, key, src)
+                last_sess, reflect, late_t3 = sess, sess.reflect, patch.offset is not None
+            if not late_t3:
+                out = reflect(data, rx, ttl, now, tos, key, src)
                 if out is None:
                     continue
                 t3 = patch.read_ns(out) if tx is not None else None
             else:
                 # Everything first, the clock last: only T3 is written after the read (followup.T3Patch).
-                out = sess.reflect(data, rx, ttl, LATE_T3, tos, key, src)
+                out = reflect(data, rx, ttl, late, tos, key, src)
                 if out is None:
                     continue
                 out = bytearray(out)
@@ -775,11 +787,15 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         send = mb.send
         failed: list[int] = []
         k, n = 0, len(pend)
+        adjacent = pend[-1][0] - pend[0][0] == n - 1  # nothing dropped in between: one run
         while k < n:
             start = pend[k][0]
-            run = 1
-            while k + run < n and pend[k + run][0] == start + run:
-                run += 1
+            if adjacent and not k:
+                run = n
+            else:
+                run = 1
+                while k + run < n and pend[k + run][0] == start + run:
+                    run += 1
             first = k
             k += run
             while run:
@@ -845,14 +861,17 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         tx_anc, tx_at, every = self._tx_anc, self._tx_at, self.tx_sample_ns
         patches = self._patches
         last_sess: ReflectorSession | None = None
-        patch: T3Patch = None  # type: ignore[assignment]  # set with last_sess
+        # Set with last_sess: its T3Patch, its reflect function, whether T3 is written at send time.
+        patch: T3Patch = None  # type: ignore[assignment]
+        reflect: Callable[..., bytes | None] = None  # type: ignore[assignment]
+        late_t3, late = False, LATE_T3
         info, dmv, cmv, nmv, omv, siov = mb.info, mb.data, mb.ctl, mb.names, mb.out, mb.siov
-        unpack_info, hdr, size, csz, vlen = _mmsg.INFO.unpack_from, _mmsg.HDR, mb.size, mb.ctl_size, mb.n
-        iov, iov_at, iov_len = _mmsg.IOV, _mmsg.IOV_LEN_AT, _mmsg.IOV_LEN.pack_into
+        unpack_info, size, csz, vlen, slots = _mmsg.INFO.unpack_from, mb.size, mb.ctl_size, mb.n, mb.slots
+        iov_len = _mmsg.IOV_LEN.pack_into
         cm2, cm3 = _CM_TS_TTL.unpack_from, _CM_TS_TTL_TOS.unpack_from
-        # Locals for the per-message checks (no global lookups in the loop).
-        len2, len3, ts_len, int_len, sol_socket, scm_ts = _CM2_LEN, _CM3_LEN, _CM_TS_LEN, _CM_INT_LEN, _SOL_SOCKET, _SCM_TS
-        ttl_types, tos_types, ss = _TTL_TYPES, _TOS_TYPES, _mmsg.SOCKADDR_SPACE
+        # Locals for the per-message checks (no global lookups in the loop); -1: never the fast decode.
+        len2, len3 = (_CM2_LEN, _CM3_LEN) if fast else (-1, -1)
+        k_ts, k_ttl, k_hop, k_tos, k_tclass = _K_TS, _K_TTL, _K_HOPLIMIT, _K_TOS, _K_TCLASS
         addrs = self._addrs
         send_max = max(1, self.mmsg_send)
         pend: list[tuple[int, T3Patch, tuple, int, Hashable]] = []  # replies in send slots, in arrival order
@@ -871,35 +890,31 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             if not got:
                 break
             total += got
-            for i in range(got):
-                namelen, clen, flags, mlen = unpack_info(info, i * hdr)
+            for i, h0, d0, c0, s0, v0 in (slots if got == vlen else slots[:got]):
+                namelen, clen, flags, mlen = unpack_info(info, h0)
                 if flags:
                     if flags & _mmsg.MSG_TRUNC:  # longer than any test packet we answer: dropped
                         self.truncated += 1
                         continue
                     if flags & _mmsg.MSG_CTRUNC:
                         self.ctrunc += 1
-                d0 = i * size
-                data = bytes(dmv[d0 : d0 + mlen])
-                c0 = i * csz
-                rx = ttl = tos = None
-                src = "sw"
+                data = dmv[d0 : d0 + mlen].tobytes()  # half the cost of bytes(view)
                 # The common control messages in the kernel's order (SCM_TIMESTAMPING, then TTL /
                 # Hop Limit, then TOS / Traffic Class) in one unpack; anything else: the general decode.
-                if fast and clen == len2:
-                    l0, v0, t0, sec, nsec, l1, v1, t1, ttl = cm2(cmv, c0)
-                    ok = l0 == ts_len and v0 == sol_socket and t0 == scm_ts and l1 == int_len and (v1, t1) in ttl_types
-                elif fast and clen == len3:
-                    l0, v0, t0, sec, nsec, l1, v1, t1, ttl, l2, v2, t2, tos = cm3(cmv, c0)
-                    ok = (l0 == ts_len and v0 == sol_socket and t0 == scm_ts and l1 == int_len
-                          and (v1, t1) in ttl_types and (v2, t2, l2) in tos_types)
-                    if ok and v2 == _SOL_IPV6:
+                if clen == len2:
+                    k0, sec, nsec, k1, ttl = cm2(cmv, c0)
+                    ok = k0 == k_ts and (k1 == k_ttl or k1 == k_hop)
+                    tos = None
+                elif clen == len3:
+                    k0, sec, nsec, k1, ttl, k2, tos = cm3(cmv, c0)
+                    ok = k0 == k_ts and (k1 == k_ttl or k1 == k_hop) and (k2 == k_tos or k2 == k_tclass)
+                    if ok and k2 == k_tclass:
                         tos = _INT.unpack_from(cmv, c0 + _CM3_TOS_AT)[0] & 0xFF
                 else:
                     ok = False
                 if ok:
-                    if sec > 0 and 0 <= nsec < 1_000_000_000:
-                        rx = sec * 1_000_000_000 + nsec
+                    src = "sw"
+                    rx = sec * 1_000_000_000 + nsec if sec > 0 and 0 <= nsec < 1_000_000_000 else None
                 else:
                     rx, src, ttl, tos = decode_ancillary(_cmsgs(cmv, c0, min(clen, csz)), hw)
                 if rx is None:
@@ -907,7 +922,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     n_user += 1
                 else:
                     n_sw += 1
-                name = bytes(nmv[i * ss : i * ss + namelen])
+                name = nmv[s0 : s0 + namelen].tobytes()
                 ka = addrs.get(name)
                 if ka is None:
                     ka = self._addr_of(name)
@@ -926,14 +941,14 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 if sess is not last_sess:  # a batch is mostly one session's packets
                     pe = patches.get(id(sess))
                     patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
-                    last_sess = sess
-                if patch.offset is None:
-                    out = sess.reflect(data, rx, ttl, now, tos, key, src)
+                    last_sess, reflect, late_t3 = sess, sess.reflect, patch.offset is not None
+                if not late_t3:
+                    out = reflect(data, rx, ttl, now, tos, key, src)
                     if out is None:
                         continue
                     t3 = patch.read_ns(out) if tx is not None else None
                 else:
-                    out = sess.reflect(data, rx, ttl, LATE_T3, tos, key, src)
+                    out = reflect(data, rx, ttl, late, tos, key, src)
                     if out is None:
                         continue
                     dscp = sess.reply_dscp
@@ -944,8 +959,8 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     stream = None
                     if dscp is not None or len(out) > size:
                         batch = False
-                    elif no_tx:
-                        batch = True
+                    elif no_tx or (rx - tx_at < every and not asking and tx_anc is not None):
+                        batch = True  # the common case: no TX stamp due
                     elif tx_anc is None:
                         batch = False
                     else:
@@ -963,7 +978,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     if batch:
                         n = len(out)
                         omv[d0 : d0 + n] = out
-                        iov_len(siov, i * iov + iov_at, n)
+                        iov_len(siov, v0, n)
                         pend.append((i, patch, addr, n, stream))
                         if len(pend) >= send_max:
                             self._flush(mb, pend)
@@ -972,7 +987,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     t3 = None  # read below, after the flush
                 if pend:
                     self._flush(mb, pend)  # replies leave in the order their requests came
-                if patch.offset is not None:
+                if late_t3:
                     t3 = now()
                     patch.patch(out, t3)  # type: ignore[arg-type]
                 dscp = sess.reply_dscp
