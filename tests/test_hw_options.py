@@ -193,3 +193,61 @@ iface = "lo"
     # The server's side of TWAMP/OWAMP (its reflector / receiver endpoints; our OWAMP receiver) too.
     if protocol != "stamp":
         assert endpoints and all(e[1] == "lo" for e in endpoints), endpoints
+
+
+def test_reload_puts_back_a_nic_no_key_names_any_more(tmp_path, monkeypatch) -> None:
+    """SIGHUP that drops ``iface`` from [reflector] puts that NIC's stamping back at once (what used
+    it has restarted), keeping the NICs still named; before, it stayed on until shutdown."""
+    from agent.daemon import supervisor as dm
+    from tests.test_daemon import FakeSAs, _free_port
+
+    monkeypatch.setattr(ts, "configure_nic", lambda iface: None)
+    monkeypatch.setattr(ts, "_OPTED_IN", set())
+    kept: list[frozenset[str]] = []
+    monkeypatch.setattr(ts, "restore_nic_configs", lambda keep=(): kept.append(frozenset(keep)) or [])
+    port = _free_port()
+    path = tmp_path / "x.toml"
+
+    def write(reflector_iface: str) -> None:
+        path.write_text(f"""
+[server]
+enabled = false
+iface = "eth7"
+[exporter]
+enabled = false
+[reflector]
+enabled = true
+listen = ["127.0.0.1"]
+port = {port}
+{reflector_iface}
+""")
+
+    write('iface = "lo"')
+
+    async def main() -> None:
+        d = dm.Daemon(cfg.load(path), str(path), sa_source=FakeSAs([]), notify=lambda *a: True, exporter=False)
+        task = asyncio.ensure_future(d.run())
+        await asyncio.wait_for(d.ready.wait(), 20)
+        write("")
+        assert await d.reload()
+        assert kept == [frozenset({"eth7"})]  # lo is no longer named; [server]'s eth7 still is
+        d.request_stop()
+        assert await asyncio.wait_for(task, 20) == 0
+        assert kept[-1] == frozenset()  # shutdown: everything
+
+    asyncio.run(main())
+
+
+def test_restore_keeps_the_nics_still_named(monkeypatch) -> None:
+    from agent.engine import ethtool
+
+    cur = {"eth0": ethtool.HwTstampConfig(0, 1, ethtool.HWTSTAMP_FILTER_ALL)}
+    monkeypatch.setattr(ethtool, "get_hwtstamp", lambda iface: cur[iface])
+    monkeypatch.setattr(ethtool, "set_hwtstamp", lambda iface, c: cur.__setitem__(iface, c))
+    monkeypatch.setattr(ts, "_NIC_CHANGED", {"eth0": ethtool.HwTstampConfig(0, 0, 0)})
+    monkeypatch.setattr(ts, "_NIC_APPLIED", {"eth0": cur["eth0"]})
+    monkeypatch.setattr(ts, "_OPTED_IN", {"eth0", "eth1"})
+    assert ts.restore_nic_configs(keep={"eth0"}) == [] and ts._OPTED_IN == {"eth0"}
+    assert cur["eth0"].rx_filter == ethtool.HWTSTAMP_FILTER_ALL
+    assert ts.restore_nic_configs() == ["eth0"] and cur["eth0"] == ethtool.HwTstampConfig(0, 0, 0)
+    assert ts._OPTED_IN == set()

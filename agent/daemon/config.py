@@ -197,6 +197,12 @@ class Config:
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     reflector: ReflectorSection = field(default_factory=ReflectorSection)
 
+    def ifaces(self) -> frozenset[str]:
+        """The NICs whose hardware stamping the ``iface`` keys switch on."""
+        named = [self.server.iface, self.discovery.session.iface, self.reflector.iface]
+        named += [p.session.iface for p in self.peers]
+        return frozenset(i for i in named if i)
+
 
 # --------------------------------------------------------------------- validation
 

@@ -254,13 +254,13 @@ class Daemon:
             self.exporter = None
         self._restore_nics()
 
-    def _restore_nics(self) -> None:
+    def _restore_nics(self, keep: frozenset[str] = frozenset()) -> None:
         """Put back the NIC stamping configs the ``iface`` keys switched on (unless ptp4l has
-        taken them over since): the NIC is left as we found it."""
+        taken them over since): the NIC is left as we found it. ``keep``: still named (a reload)."""
         from agent.engine import timestamping as ts
 
         with contextlib.suppress(Exception):
-            for iface in ts.restore_nic_configs():
+            for iface in ts.restore_nic_configs(keep):
                 log.info("NIC hardware stamping put back", extra={"iface": iface})
 
     async def _watchdog(self, interval: float) -> None:
@@ -678,6 +678,8 @@ class Daemon:
                 self.reflector = None
             if new.reflector.enabled:
                 await self._start_reflector(new.reflector)
+        # A NIC no key names any more is put back now, not at shutdown (what uses it has restarted).
+        self._restore_nics(keep=new.ifaces() | (old.ifaces() if not ok else frozenset()))
         self.metrics.reloaded(ok)
         log.info("configuration reloaded", extra={"sessions": len(self.slots)})
         self._notify(f"STATUS={self.status()}")

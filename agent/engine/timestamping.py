@@ -47,6 +47,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 from agent.engine.clock import STAMP_COUNTERS, StampCounters, set_conversion_error
 
@@ -520,13 +521,17 @@ def hardware_opt_in(iface: str | None) -> bool:
 _OPTED_IN: set[str] = set()
 
 
-def restore_nic_configs() -> list[str]:
+def restore_nic_configs(keep: Iterable[str] = ()) -> list[str]:
     """Put back the hwtstamp configs enable_timestamping(configure_nic=True) changed, unless
-    someone (ptp4l) has changed them since; call at agent shutdown. Returns the ifaces restored."""
+    someone (ptp4l) has changed them since; call at shutdown, or with ``keep`` (the ifaces the
+    configuration still names) after an agent reload. Returns the ifaces restored."""
     from agent.engine import ethtool
 
+    kept = set(keep)
     done = []
     for iface, before in list(_NIC_CHANGED.items()):
+        if iface in kept:
+            continue
         try:
             cur = ethtool.get_hwtstamp(iface)
             applied = _NIC_APPLIED.pop(iface, None)
@@ -539,7 +544,7 @@ def restore_nic_configs() -> list[str]:
         except (OSError, ValueError) as e:
             log.warning("%s: could not restore hwtstamp config: %s", iface, e)
         del _NIC_CHANGED[iface]
-    _OPTED_IN.clear()
+    _OPTED_IN.intersection_update(kept)  # named again later: opted in (and configured) afresh
     return done
 
 
