@@ -99,3 +99,28 @@ def test_widened_error_adds_lag_and_conversion(monkeypatch):
     got = ErrorEstimate.unpack(widened_error("reflector", lag=lag)())
     assert got.synced and got.seconds >= 20e-6 + 3e-6 + 40e-6
     assert got.seconds <= (20e-6 + 3e-6 + 40e-6) * 1.02  # two round-ups at most, each < 1/128
+
+
+
+def test_doctor_reports_the_conversion_bound(monkeypatch):
+    """``xwamp doctor`` takes a second PHC reading one refresh interval after the first, as the
+    agent does, and reports the drift and the bound the Error Estimate would carry (its text
+    line is checked on the emulated igb, tests/kernel_hw/test_hwstamp.py)."""
+    from agent.commands import doctor
+
+    dev = FakePtpDevice({ts.PTP_SYS_OFFSET_EXTENDED})
+    real = ts.PhcClock
+
+    def fake_phc(index: int) -> ts.PhcClock:
+        phc = real(index, fd=-1, ioctl=dev.ioctl)
+        phc.close = lambda: None  # type: ignore[method-assign]  # no fd to close
+        return phc
+
+    monkeypatch.setattr(ts, "PhcClock", fake_phc)
+    monkeypatch.setattr(doctor.time, "sleep", lambda s: setattr(dev, "rt", dev.rt + int(s * NS)))
+    monkeypatch.setattr(doctor, "phc2sys_processes", list)
+    d = doctor._probe_phc(3, "eth0")
+    assert d["readable"] and d["conversion_steps"] == 0 and d["conversion_span_s"] == 1.0
+    assert abs(d["drift_ppm"] - 50) < 0.01  # the fake PHC runs 50 ppm fast
+    u = d["uncertainty_ns"]
+    assert u < d["conversion_error_ns"] <= 4 * u  # the read windows, not a free-running 100 µs

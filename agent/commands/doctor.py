@@ -133,6 +133,15 @@ def _probe_phc(index: int, iface: str = "") -> dict[str, Any]:
         phc_ns, off = phc._last
         d.update(readable=True, method=phc.method, uncertainty_ns=phc.uncertainty_ns,
                  phc_minus_realtime_s=off / 1e9)
+        # What the Error Estimate adds for the conversion (RFC 4656 §4.1.2): it needs the drift, so
+        # a second reading one refresh interval later, as the agent has after its first second.
+        time.sleep(phc.refresh_ns / 1e9)
+        try:
+            phc.refresh()
+            d.update(conversion_error_ns=phc.conversion_error_ns, drift_ppm=phc._slope * 1e6,
+                     conversion_steps=phc.steps, conversion_span_s=phc.refresh_ns / 1e9)
+        except OSError as e:
+            d["conversion_error"] = f"second PHC reading failed: {e}"
         if abs(off / 1e9 - round(off / 1e9)) < 1e-3 and 30 <= round(off / 1e9) <= 40:
             d["note"] = "PHC looks like TAI (ptp4l); converted per stamp, phc2sys not required"
         # CLOCK_REALTIME disciplined to this PHC: a phc2sys follows it and has marked the
@@ -352,6 +361,12 @@ def render_text(r: dict[str, Any]) -> str:
             if p.get("readable"):
                 out.append(_line("PHC-REALTIME", f"{p['phc_minus_realtime_s']:.9f} s via {p['method']} "
                                  f"(±{p['uncertainty_ns']} ns)"))
+                if "conversion_error_ns" in p:
+                    out.append(_line("conversion", f"±{p['conversion_error_ns']} ns added to the Error Estimate "
+                                     f"(drift {p['drift_ppm']:+.3f} ppm over {p['conversion_span_s']:g} s"
+                                     + (", a step seen: drift unknown" if p["conversion_steps"] else "") + ")"))
+                elif "conversion_error" in p:
+                    out.append(_line("conversion", p["conversion_error"]))
             else:
                 out.append(_line("PHC", f"{p['device']} not readable: {p.get('error')}"))
             if p.get("note"):

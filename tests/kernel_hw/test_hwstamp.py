@@ -61,8 +61,12 @@ def test_doctor_reports_phc_filters_and_discipline(igb: IgbPair) -> None:
     # No phc2sys here and nothing synchronises the guest: not disciplined, and the Error
     # Estimate says unsynchronised (S=0) whatever the PHC offset looks like.
     assert phc["phc2sys"] == [] and phc["disciplined"] is False
+    # Two readings 1 s apart give the drift: the conversion bound is the windows' (well under the
+    # 100 µs a free-running oscillator's 100 ppm would give over the refresh interval).
+    assert phc["conversion_steps"] == 0 and phc["uncertainty_ns"] <= phc["conversion_error_ns"] < 100_000, phc
     text = xwamp(igb.a.ns, "doctor", igb.a.ifname).stdout
     assert "hardware RX:    software (driver grants only" in text and "disciplined:    no" in text
+    assert "conversion:     ±" in text and "added to the Error Estimate" in text, text
     clock = json.loads(r.stdout)["clock"]
     if not clock["synced"]:
         assert clock["error_estimate"]["S"] == 0
