@@ -152,3 +152,45 @@ def test_late_t3_patch_octets_across_seconds(use_ptp: bool) -> None:
         buf = bytearray(41)
         p.patch(buf, now)
         assert buf == bytes(4) + struct.pack("!Q", fmt(now)) + bytes(29), now
+
+
+def hmac_sha256_16(key: bytes, data: bytes) -> bytes:
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()[:16]
+
+
+@pytest.mark.parametrize("use_ptp", [False, True])
+@pytest.mark.parametrize("stateful", [True, False])
+def test_stamp_authenticated_reply_octets(use_ptp: bool, stateful: bool) -> None:
+    """RFC 8762 §4.2.2 request / §4.3.2 reply in authenticated mode: the RFC 5357 §4.2.1
+    authenticated layout with the SSID after the Error Estimate, HMAC-SHA-256 truncated to 16
+    octets over octets 0..95. Replays and a wrong HMAC are dropped and counted."""
+    key = bytes(range(100, 132))
+    r = ReflectorSession(Proto.STAMP, Security.AUTH, stamp_key=Secret(key), ptp=use_ptp, stateful=stateful,
+                         error_estimate=ERR)
+    fmt = ptp if use_ptp else ntp
+    err = ERR | (0x4000 if use_ptp else 0)
+
+    def request(seq: int, ssid: int, pad: int = 0) -> bytes:
+        # Seq, MBZ(12), Timestamp, Error Estimate, SSID, MBZ(68), HMAC; zero padding after.
+        body = struct.pack("!I12xQHH68x", seq, 0x0102030405060708 + seq, 0x0A03, ssid)
+        return body + hmac_sha256_16(key, body) + bytes(pad)
+
+    peer = ("192.0.2.1", 862)
+    for i, (rx, now) in enumerate(TIMES):
+        req = request(500 + i, 0x4321, pad=i * 4)
+        out = r.reflect(req, rx, 44, lambda now=now: now, None, peer)
+        seq = i if stateful else 500 + i
+        # Seq, MBZ(12), Timestamp, Error Estimate, SSID, MBZ(4), Receive Timestamp, MBZ(8), Sender Seq,
+        # MBZ(12), Sender Timestamp, Sender Error Estimate, MBZ(6), Sender TTL, MBZ(15), HMAC.
+        body = struct.pack("!I12xQHH4xQ8xI12xQH6xB15x", seq, fmt(now), err, 0x4321, fmt(rx), 500 + i,
+                           0x0102030405060708 + 500 + i, 0x0A03, 44)
+        assert out == body + hmac_sha256_16(key, body) + bytes(i * 4), i
+    assert r.reflect(request(500, 0x4321), S, 44, lambda: S, None, peer) is None and r.counters.replayed == 1
+    assert r.reflect(request(500, 0x4322), S, 44, lambda: S, None, peer) is not None  # another SSID: its own window
+    bad = bytearray(request(900, 0x4321))
+    bad[30] ^= 1
+    assert r.reflect(bytes(bad), S, 44, lambda: S, None, peer) is None and r.counters.bad_hmac == 1
+    assert r.reflect(request(901, 0x4321)[:111], S, 44, lambda: S, None, peer) is None and r.counters.short == 1
+    assert r.counters.received == len(TIMES) + 4 and r.counters.reflected == len(TIMES) + 1

@@ -190,11 +190,17 @@ def test_keyed_reflector_checks_each_packets_hmac_once(monkeypatch: pytest.Monke
     ab, ba = _pair(0xA1, 0xB1)
     _t, sender, refl, _c = _views([ab, ba])
     key, _tag = sender.sender_key(SND, REF)
-    r = refl.reflector()
     pkt = _packet(key, 1)
-    calls = []
-    real = StampCrypto.mac
+    calls = []  # HMAC computations: StampCrypto.mac, or a fresh keyed HMAC from fast_mac()
+    real, real_fast = StampCrypto.mac, StampCrypto.fast_mac
     monkeypatch.setattr(StampCrypto, "mac", lambda self, *parts: calls.append(1) or real(self, *parts))
+
+    def fast_mac(self):
+        new = real_fast(self)
+        return lambda: calls.append(1) or new()
+
+    monkeypatch.setattr(StampCrypto, "fast_mac", fast_mac)
+    r = refl.reflector()  # its fast path takes fast_mac per key
     out = _reflect(r, pkt)
     assert out is not None and len(calls) == 2
     h = hmac.HMAC(_spec_key(ab, ba), hashes.SHA256())

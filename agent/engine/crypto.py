@@ -30,6 +30,7 @@ Key material never appears in ``repr`` or exceptions.
 from __future__ import annotations
 
 import hmac as _stdlib_hmac  # only for compare_digest (constant-time comparison)
+from typing import Callable
 
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -145,3 +146,7 @@ class StampCrypto:
 
     def verify(self, tag: bytes | memoryview, *parts: bytes | bytearray | memoryview) -> bool:
         return _compare(self.mac(*parts), bytes(tag))
+
+    def fast_mac(self) -> Callable[[], hmac.HMAC]:
+        """The keyed HMAC prototype's ``copy``, for hot loops: each call gives a fresh keyed HMAC."""
+        return self._mac.copy

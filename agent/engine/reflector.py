@@ -24,7 +24,7 @@ import hmac as _hmac
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from agent.engine import tlv as _tlv
 from agent.engine.clockerr import ErrSource, PackedErrorEstimate
@@ -218,7 +218,7 @@ class ReflectorSession:
         elif security is Security.UNAUTH:
             self.reflect = self._fast_stamp_unauth()  # type: ignore[method-assign]
         else:
-            self.reflect = self._stamp  # type: ignore[method-assign]
+            self.reflect = self._fast_stamp_auth()  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"<ReflectorSession {self.proto.value} {self.security.value} seq={self.seq}>"
@@ -596,6 +596,94 @@ class ReflectorSession:
                     t3 = ptp_from_unix_ns(now) if ptp else ntp_from_unix_ns(now)
             c.reflected += 1
             return pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl) + extra
+
+        return reflect
+
+    def _fast_stamp_auth(self) -> Callable[..., bytes | None]:
+        """RFC 8762 §4.2.2 / §4.3.2 authenticated STAMP without TLVs (112 octets, or zero padding
+        after them): HMAC-SHA-256/16 over octets 0..95 checked (unless agent.engine.keyed_reflector
+        just did, with the key it set), the replay window and counter of (sender, SSID), then the
+        96-octet reply in one pack and its HMAC. T3 is read before the HMAC, which covers it.
+        Shorter requests and requests with TLVs take the general path (:meth:`_stamp`)."""
+        c = self.counters
+        err_read = self._err.read  # once per second of receive time, with the T2/T3 second cache
+        ptp = self.ptp
+        pack = S_REFL_AUTH.pack
+        unpack = S_STAMP_SENDER_AUTH.unpack_from
+        general = self._stamp
+        stateful = self.stateful
+        windows, seqs = self._windows, self._seqs
+        compare = _compare
+        base = STAMP_AUTH_BASE
+        late = LATE_T3
+        now0 = time.time_ns()
+        start, hi = _second_of(now0, ptp)
+        err = err_read(now0)
+        last_crypto: StampCrypto | None = None  # the keyed reflector may set another key per packet
+        new_mac: Callable[[], Any] = None  # type: ignore[assignment]
+
+        def reflect(data: bytes, rx_ns: int, ttl: int | None, now_ns: NowNs, tos: int | None = None,
+                    peer: Hashable = None, rx_source: str = "sw") -> bytes | None:
+            nonlocal start, hi, err, last_crypto, new_mac
+            n = len(data)
+            if n != base and (n < base or data.count(0, base) != n - base):
+                return general(data, rx_ns, ttl, now_ns, tos, peer, rx_source)
+            c.received += 1
+            self.last_rx_ns = rx_ns  # REFWAIT (RFC 5357 §4.2) is the control plane's timer
+            sc = self._scrypto
+            if sc is not last_crypto:
+                last_crypto, new_mac = sc, sc.fast_mac()  # type: ignore[union-attr]
+            if sc is not self._verified:
+                h = new_mac()
+                h.update(data[:96])
+                if not compare(h.finalize()[:16], data[96:112]):
+                    c.bad_hmac += 1
+                    return None
+            sseq, sts, serr, ssid = unpack(data)
+            key = (peer, ssid)
+            w = windows.get(key)
+            if w is None:
+                if len(windows) >= self.max_peers:  # bounded state: forget the oldest sender
+                    del windows[next(iter(windows))]
+                w = windows[key] = ReplayWindow()
+            if not w.fresh(sseq):
+                c.replayed += 1
+                return None
+            if stateful:  # RFC 8762 §4.3.1: own counter per (sender, SSID); bounded state
+                cell = seqs.get(key)
+                if cell is None:
+                    if len(seqs) >= self.max_peers:
+                        seqs.pop(next(iter(seqs)))[0] = -1  # -1: a dropped cell, never reused
+                    cell = seqs[key] = [0]
+                seq = cell[0]
+                cell[0] = (seq + 1) & _M32
+            else:
+                seq = sseq
+            rem = rx_ns - start
+            if not 0 <= rem < _NS:
+                start, hi = _second_of(rx_ns, ptp)
+                err = err_read(rx_ns)
+                rem = rx_ns - start
+            t2 = hi | (rem if ptp else (rem << 32) // _NS)
+            if ttl is None:
+                ttl = TTL_UNKNOWN
+            if self.reply_dscp is not self.dscp:  # a CoS TLV (general path) set it for its reply only
+                self.reply_dscp = self.dscp
+            if now_ns is late:
+                t3 = 0
+            else:
+                now = now_ns()
+                rem = now - start
+                if 0 <= rem < _NS:
+                    t3 = hi | (rem if ptp else (rem << 32) // _NS)
+                else:  # another second than T2's: convert without moving the cache
+                    t3 = ptp_from_unix_ns(now) if ptp else ntp_from_unix_ns(now)
+            body = pack(seq, t3, err, ssid, t2, sseq, sts, serr, ttl)
+            h = new_mac()
+            h.update(body)
+            c.reflected += 1
+            out = body + h.finalize()[:16]
+            return out + data[base:] if n > base else out
 
         return reflect
 
