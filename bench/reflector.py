@@ -7,7 +7,8 @@ process at rising rates (1 s per step, then up to 1 s to collect late replies):
 * ``echo``   — the ceiling of Python on this machine: a blocking recvfrom/sendto loop;
 * ``unauth`` — xwamp's TwampReflectorEndpoint, TWAMP unauthenticated (41-octet packets);
 * ``auth``   — the same in TWAMP authenticated mode (112-octet packets, AES + HMAC-SHA1);
-* ``stamp``  — STAMP unauthenticated (44 octets) through the same endpoint (optional).
+* ``stamp``  — STAMP unauthenticated (44 octets) through the same endpoint (optional);
+* ``stamp-auth`` — STAMP authenticated (112 octets, HMAC-SHA-256; optional).
 
 A second part queues packets on each server's socket and times answering them all
 (wall time and CPU time): the CPU-time rate is the per-core cost of the code, much
@@ -21,7 +22,7 @@ replies, the send rate achieved and the sender's CPU time per packet.
 It prints figures; it asserts nothing. The machine is shared, so numbers are noisy:
 each rate is tried twice before it counts as failed.
 
-    python3 bench/reflector.py [--duration 1] [--rates 10000,20000,...] [--servers echo,unauth,auth,stamp] [--pin]
+    python3 bench/reflector.py [--duration 1] [--rates 10000,20000,...] [--servers echo,unauth,auth,stamp,stamp-auth] [--pin]
                                [--sender-rates 1000,2000,5000,...]
 """
 
@@ -62,6 +63,20 @@ def _bufs(s: socket.socket) -> None:
             s.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
 
 
+def _session(kind: str):
+    """The reflector session a ``kind`` of server runs (the keys the sender side uses too)."""
+    from agent.engine.keys import TestKeys
+    from agent.engine.packets import Proto, Security
+    from agent.engine.reflector import ReflectorSession
+    from netlink.secret import Secret
+
+    if kind == "auth":
+        return ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)))
+    if kind == "stamp-auth":
+        return ReflectorSession(Proto.STAMP, Security.AUTH, stamp_key=Secret(KEY_HMAC))
+    return ReflectorSession(Proto.STAMP if kind == "stamp" else Proto.TWAMP)
+
+
 # ------------------------------------------------------------------------- servers
 
 
@@ -84,18 +99,9 @@ def echo_server(port_q: mp.Queue, stop: Event, cpu: int | None) -> None:
 
 def xwamp_server(kind: str, port_q: mp.Queue, stop: Event, cpu: int | None, stats_q: mp.Queue) -> None:
     _pin(cpu)
-    from agent.engine.keys import TestKeys
-    from agent.engine.packets import Proto, Security
-    from agent.engine.reflector import ReflectorSession
     from agent.engine.udp import TwampReflectorEndpoint
-    from netlink.secret import Secret
 
-    if kind == "auth":
-        sess = ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)))
-    elif kind == "stamp":
-        sess = ReflectorSession(Proto.STAMP)
-    else:
-        sess = ReflectorSession(Proto.TWAMP)
+    sess = _session(kind)
 
     async def main() -> None:
         ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess)
@@ -125,6 +131,8 @@ def _packets(kind: str, n: int, first: int = 0) -> list[bytes]:
 
     if kind == "auth":
         s = TestSender(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)), error_estimate=1)
+    elif kind == "stamp-auth":
+        s = TestSender(Proto.STAMP, Security.AUTH, stamp_key=Secret(KEY_HMAC), error_estimate=1)
     elif kind == "stamp":
         s = TestSender(Proto.STAMP, error_estimate=1)
     else:  # echo and unauth: the 41-octet symmetric TWAMP sender packet
@@ -207,7 +215,7 @@ def run_server(kind: str, rates: list[int], duration: float, pin: bool) -> dict[
                 break
             if achieved < 0.97 * rate:
                 break  # the sender itself cannot go faster: no point retrying
-        line = f"  {kind:6s} {rate:>7d} pps: sent {sent:>7d} at {achieved:>9.0f} pps, answered {got:>7d}"
+        line = f"  {kind:10s} {rate:>7d} pps: sent {sent:>7d} at {achieved:>9.0f} pps, answered {got:>7d}"
         print(line + ("" if ok else f"  LOSS {sent - got}" if got < sent else "  (sender-limited)"), flush=True)
         if ok:
             best, best_achieved = rate, achieved
@@ -243,11 +251,7 @@ def capacity(kind: str, n: int, out: mp.Queue, batched: bool = True) -> None:
     Less exposed to a noisy shared machine than the paced test: the CPU-time figure is
     what the code costs per packet, on whatever core it got.
     """
-    from agent.engine.keys import TestKeys
-    from agent.engine.packets import Proto, Security
-    from agent.engine.reflector import ReflectorSession
     from agent.engine.udp import TwampReflectorEndpoint
-    from netlink.secret import Secret
 
     pkts = _packets(kind, n)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -270,12 +274,7 @@ def capacity(kind: str, n: int, out: mp.Queue, batched: bool = True) -> None:
             sendto(data, addr)
         out.put((n / (time.perf_counter() - t0), n / max(1e-9, time.process_time() - c0)))
         return
-    if kind == "auth":
-        sess = ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)))
-    elif kind == "stamp":
-        sess = ReflectorSession(Proto.STAMP)
-    else:
-        sess = ReflectorSession(Proto.TWAMP)
+    sess = _session(kind)
 
     async def run() -> None:
         ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess, mmsg=batched)
@@ -302,7 +301,7 @@ def run_capacity(kinds: list[str], n: int, single: bool = True, rounds: int = 3)
     rows = [(k, True) for k in kinds] + ([(k, False) for k in kinds if k != "echo"] if single else [])
     rows.sort(key=lambda r: kinds.index(r[0]))
     print(f"\ndrain capacity ({n} queued packets answered back to back; best of {rounds}):")
-    print(f"{'server':9s} {'pps (wall)':>12s} {'pps per CPU-second':>20s} {'per-round ratio':>17s} {'vs echo':>8s}")
+    print(f"{'server':12s} {'pps (wall)':>12s} {'pps per CPU-second':>20s} {'per-round ratio':>17s} {'vs echo':>8s}")
     got: dict[tuple[str, bool], list[tuple[float, float]]] = {r: [] for r in rows}
     for _ in range(rounds):
         for kind, batched in rows:
@@ -322,7 +321,7 @@ def run_capacity(kinds: list[str], n: int, single: bool = True, rounds: int = 3)
         ratios = [x[1] / e for x, e in zip(runs, echoes)] if echoes else []
         span = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else f"{min(x[1] for x in runs):.0f}-{hi:.0f}"
         name = kind if batched or kind == "echo" else kind + "/1"
-        print(f"{name:9s} {best[0]:>12.0f} {hi:>20.0f} {span:>17s} {rel:>8s}", flush=True)
+        print(f"{name:12s} {best[0]:>12.0f} {hi:>20.0f} {span:>17s} {rel:>8s}", flush=True)
     if single:
         print("(/1: the per-packet path, recvmsg + sendto, as before recvmmsg; per-round ratio: lowest and highest "
               "of each round's rate over the echo loop's in the same round; vs echo: best over best)")
@@ -332,17 +331,10 @@ def wakeup_cost(kind: str, n: int, path: str, out: mp.Queue) -> None:
     """One packet per wakeup (a light load): send one request, run the callback once, read the
     reply; CPU µs per packet, client included (the same for every path). ``path``: "shipped"
     (per packet until a queue shows), "batch" (recvmmsg/sendmmsg forced), "single" (mmsg=False)."""
-    from agent.engine.keys import TestKeys
-    from agent.engine.packets import Proto, Security
-    from agent.engine.reflector import ReflectorSession
     from agent.engine.udp import TwampReflectorEndpoint
-    from netlink.secret import Secret
 
     pkts = _packets(kind, n)
-    if kind == "auth":
-        sess = ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(KEY_AES), Secret(KEY_HMAC)))
-    else:
-        sess = ReflectorSession(Proto.STAMP if kind == "stamp" else Proto.TWAMP)
+    sess = _session(kind)
 
     async def run() -> None:
         ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess, mmsg=path != "single")
@@ -369,12 +361,10 @@ def wakeup_cost(kind: str, n: int, path: str, out: mp.Queue) -> None:
 def t3_lag(kind: str, n: int, batched: bool, out: mp.Queue) -> None:
     """Drain ``n`` queued packets with every reply TX-stamped (tx_sample_ns=1): the kernel's TX
     stamp minus the T3 written into the reply, in µs (what the late T3 misses of the send)."""
-    from agent.engine.packets import Proto
-    from agent.engine.reflector import ReflectorSession
     from agent.engine.udp import TwampReflectorEndpoint
 
     pkts = _packets(kind, n)
-    sess = ReflectorSession(Proto.STAMP if kind == "stamp" else Proto.TWAMP)
+    sess = _session(kind)
 
     async def run() -> None:
         ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=sess, mmsg=batched, tx_sample_ns=1)
@@ -423,7 +413,7 @@ def t3_lag(kind: str, n: int, batched: bool, out: mp.Queue) -> None:
 
 def run_t3_lag(kinds: list[str], n: int) -> None:
     print(f"\nT3 lag under drain ({n} queued, every reply TX-stamped): kernel TX stamp - T3 written, µs")
-    print(f"{'server':9s} {'stamps':>7s} {'p50':>8s} {'p99':>8s} {'max':>8s} {'unmatched':>10s} {'pending':>8s}")
+    print(f"{'server':12s} {'stamps':>7s} {'p50':>8s} {'p99':>8s} {'max':>8s} {'unmatched':>10s} {'pending':>8s}")
     for kind in kinds:
         if kind not in ("unauth", "stamp"):
             continue
@@ -434,14 +424,14 @@ def run_t3_lag(kinds: list[str], n: int) -> None:
             cnt, p50, p99, mx, unmatched, pending, _errors = q.get(timeout=120)
             p.join()
             name = kind if batched else kind + "/1"
-            print(f"{name:9s} {cnt:>7d} {p50:>8.1f} {p99:>8.1f} {mx:>8.1f} {unmatched:>10d} {pending:>8d}", flush=True)
+            print(f"{name:12s} {cnt:>7d} {p50:>8.1f} {p99:>8.1f} {mx:>8.1f} {unmatched:>10d} {pending:>8d}", flush=True)
 
 
 def run_wakeup(kinds: list[str], n: int, rounds: int) -> None:
     print(f"\none packet per wakeup ({n} request/reply pairs, client in the same process; µs of CPU per packet, "
           f"best and worst of {rounds}):")
     paths = ("shipped", "batch", "single")
-    print(f"{'server':8s} {'shipped':>16s} {'batch forced':>16s} {'per packet':>16s}")
+    print(f"{'server':10s} {'shipped':>16s} {'batch forced':>16s} {'per packet':>16s}")
     for kind in kinds:
         if kind == "echo":
             continue
@@ -454,7 +444,7 @@ def run_wakeup(kinds: list[str], n: int, rounds: int) -> None:
                 got[b].append(q.get(timeout=120))
                 p.join()
         cell = {b: f"{min(v):.2f} ({max(v):.2f})" for b, v in got.items()}
-        print(f"{kind:8s} " + " ".join(f"{cell[b]:>16s}" for b in paths), flush=True)
+        print(f"{kind:10s} " + " ".join(f"{cell[b]:>16s}" for b in paths), flush=True)
     print("(shipped: per packet until a wakeup finds a second packet; batch forced: recvmmsg/sendmmsg "
           "for the single packet; per packet: mmsg=False)")
 
@@ -513,7 +503,7 @@ def run_sender_path(rates: list[int], duration: float, pin: bool) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=1.0, help="seconds per rate step")
-    ap.add_argument("--servers", default="echo,unauth,auth", help="comma list: echo,unauth,auth,stamp")
+    ap.add_argument("--servers", default="echo,unauth,auth", help="comma list: echo,unauth,auth,stamp,stamp-auth")
     ap.add_argument("--rates", default="10000,20000,30000,40000,50000,60000,70000,80000,90000,100000,120000,140000,160000",
                     help="comma list of rates (pps), tried in order until the first loss")
     ap.add_argument("--pin", action="store_true",
@@ -542,12 +532,12 @@ def main() -> int:
     for kind in args.servers.split(","):
         results.append(run_server(kind.strip(), rates, args.duration, args.pin))
     print()
-    print(f"{'server':8s} {'max pps, 0 % loss':>18s}  {'vs echo':>8s}  {'answered per server CPU-second':>31s}")
+    print(f"{'server':10s} {'max pps, 0 % loss':>18s}  {'vs echo':>8s}  {'answered per server CPU-second':>31s}")
     echo = next((r["max_pps_no_loss"] for r in results if r["server"] == "echo"), 0)
     for r in results:
         rel = f"{100 * r['max_pps_no_loss'] / echo:.0f} %" if echo else "-"
         pc = f"{r['pps_per_cpu_s']:.0f}" if r.get("pps_per_cpu_s") else "-"
-        print(f"{r['server']:8s} {r['max_pps_no_loss']:>18d}  {rel:>8s}  {pc:>31s}")
+        print(f"{r['server']:10s} {r['max_pps_no_loss']:>18d}  {rel:>8s}  {pc:>31s}")
     print("(the last column is what one core would sustain if the reflector had it to itself; "
           "the machine is shared, so the 0 % loss column is noisy)")
     if args.capacity:

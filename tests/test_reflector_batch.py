@@ -58,7 +58,19 @@ def _twamp_auth(i: int) -> bytes:
     return enc.update(b0) + enc.finalize() + struct.pack("!QH6x", 0x0102030405060708 + i, 0x0A02) + h.finalize()[:16] + bytes(64)
 
 
+def _stamp_auth(i: int) -> bytes:
+    """RFC 8762 §4.2.2: Seq, MBZ(12), Timestamp, Error Estimate, SSID, MBZ(68), HMAC-SHA-256/16."""
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    body = struct.pack("!I12xQHH68x", i, 0x0102030405060708 + i, 0x0A04, 0x0777)
+    h = hmac.HMAC(HMAC_KEY, hashes.SHA256())
+    h.update(body)
+    return body + h.finalize()[:16]
+
+
 def _session(kind: str) -> ReflectorSession:
+    if kind == "stamp-auth":
+        return ReflectorSession(Proto.STAMP, Security.AUTH, stamp_key=Secret(HMAC_KEY), error_estimate=ERR)
     if kind == "auth":
         return ReflectorSession(Proto.TWAMP, Security.AUTH, keys=TestKeys(Secret(AES_KEY), Secret(HMAC_KEY)),
                                 error_estimate=ERR)
@@ -113,34 +125,48 @@ async def _answer(kind: str, packets: list[bytes], batched: bool, monkeypatch, s
         ep.close()
 
 
+def _t3_at(kind: str) -> int:
+    return 16 if kind in ("auth", "stamp-auth") else 4  # RFC 5357 §4.2.1 / RFC 8762 §4.3.1, §4.3.2 Timestamp
+
+
 def _t2_at(kind: str) -> int:
-    return 32 if kind == "auth" else 16  # RFC 5357 §4.2.1 / RFC 8762 §4.3.1 Receive Timestamp
+    return 32 if kind in ("auth", "stamp-auth") else 16  # RFC 5357 §4.2.1 / RFC 8762 §4.3.1, §4.3.2 Receive Timestamp
 
 
 PACKETS = {
     "unauth": [_twamp(i, 41 + (i % 3) * 20) for i in range(N)],
     "stamp": [_stamp(i, bytes(i % 5 * 4)) for i in range(N)],
     "auth": [_twamp_auth(i) for i in range(N)],
+    "stamp-auth": [_stamp_auth(i) for i in range(N)],
 }
 
 
-@pytest.mark.parametrize("kind", ["unauth", "stamp", "auth"])
+@pytest.mark.parametrize("kind", ["unauth", "stamp", "auth", "stamp-auth"])
 def test_batched_replies_match_per_packet(kind: str, monkeypatch) -> None:
+    """(Authenticated STAMP: its HMAC covers T3, read before it, and T2, which differs between the
+    runs: the HMAC is checked with raw cryptography instead of compared.)"""
     pkts = PACKETS[kind]
     old, ep_old, _, _ = asyncio.run(_answer(kind, pkts, False, monkeypatch))
     new, ep_new, t0, t1 = asyncio.run(_answer(kind, pkts, True, monkeypatch))
     assert len(old) == len(new) == N
     assert ep_new.batched > N // 2 and ep_old.batched == 0  # most went through sendmmsg
     at = _t2_at(kind)
+    end = 96 if kind == "stamp-auth" else None
     for i, (a, b) in enumerate(zip(old, new)):
-        assert a[:at] + a[at + 8:] == b[:at] + b[at + 8:], i
+        assert a[:at] + a[at + 8:end] == b[:at] + b[at + 8:end], i
         assert t0 - 10**9 <= _ntp_ns(struct.unpack_from("!Q", b, at)[0]) <= t1 + 10**9, i  # a kernel RX stamp
-        assert struct.unpack_from("!Q", b, 4 if kind != "auth" else 16)[0] != 0  # the late T3 was written
+        assert struct.unpack_from("!Q", b, _t3_at(kind))[0] != 0  # T3 written
+        if kind == "stamp-auth":
+            from cryptography.hazmat.primitives import hashes, hmac
+
+            h = hmac.HMAC(HMAC_KEY, hashes.SHA256())
+            h.update(b[:96])
+            assert b[96:] == h.finalize()[:16], i
     assert ep_new.counters() == ep_old.counters()
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-@pytest.mark.parametrize("kind", ["unauth", "stamp"])
+@pytest.mark.parametrize("kind", ["unauth", "stamp", "stamp-auth"])
 def test_batched_replies_identical_without_kernel_stamps(kind: str, family: int, monkeypatch) -> None:
     if family == socket.AF_INET6 and not socket.has_ipv6:
         pytest.skip("no IPv6")
@@ -194,23 +220,25 @@ def test_address_cache_matches_recvmsg() -> None:
     assert ep._addr_of(b"\x02") is None
 
 
-def _send_in_groups(client: socket.socket, port: int) -> None:
-    for k, p in enumerate(PACKETS["stamp"]):
+def _send_in_groups(client: socket.socket, port: int, kind: str = "stamp") -> None:
+    for k, p in enumerate(PACKETS[kind]):
         client.sendto(p, ("127.0.0.1", port))
         if k % 10 == 9:  # groups of 10 back to back, 200 µs apart: the first of each stamped
             time.sleep(0.0002)
 
 
+@pytest.mark.parametrize("kind", ["stamp", "stamp-auth"])
 @pytest.mark.parametrize("batched", [True, False])
-def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool) -> None:
+def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool, kind: str) -> None:
     """Replies stamped by sample (one per 50 µs of receive time: some stamped, most not) ride in
     sendmmsg with their own SO_TIMESTAMPING cmsg. The kernel numbers only the stamped datagrams
     (OPT_ID): every stamp must find its reply (none unmatched, none left pending), and each comes
-    after the T3 written into that reply."""
+    after the T3 written into that reply (written at the flush; or, authenticated STAMP, read
+    before its HMAC and carried into the batch)."""
     from agent.engine.followup import ReplyTxStamps
 
     async def run() -> tuple[ReplyTxStamps, list[tuple[int, int]], int]:
-        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=_session("stamp"), tx_sample_ns=50_000, mmsg=batched)
+        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=_session(kind), tx_sample_ns=50_000, mmsg=batched)
         await ep.start()
         assert ep.sock is not None and ep.tx is not None
         if ep._tx_anc is None:
@@ -221,10 +249,12 @@ def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool) ->
         tx = ep.tx
         t3_of: dict[int, int] = {}
         pairs: list[tuple[int, int]] = []
+        seq_t3: list[tuple[int, int]] = []  # (reply Sequence Number, the T3 its stamp is matched with)
         sent, on_stamp = tx.sent, tx.on_stamp
 
         def rec_sent(stream, seq, t3_ns):
             t3_of[tx.next_key] = t3_ns
+            seq_t3.append((seq, t3_ns))
             sent(stream, seq, t3_ns)
 
         def rec_stamp(key, ns, source):
@@ -246,7 +276,7 @@ def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool) ->
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         client.bind(("127.0.0.1", 0))
         try:
-            _send_in_groups(client, ep.port)
+            _send_in_groups(client, ep.port, kind)
             sess = ep.default
             assert sess is not None
             for _ in range(1000):
@@ -258,6 +288,12 @@ def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool) ->
                     break
                 await asyncio.sleep(0.01)
                 ep._drain_tx()
+            client.settimeout(1.0)
+            carried = {}  # reply Sequence Number -> the T3 field it carries (RFC 8762 §4.3.1 / §4.3.2)
+            for _ in range(N):
+                r = client.recv(2048)
+                carried[struct.unpack_from("!I", r)[0]] = struct.unpack_from("!Q", r, _t3_at(kind))[0]
+            assert seq_t3 and all(abs(_ntp_ns(carried[q]) - t3) <= 1 for q, t3 in seq_t3)  # (NTP rounding)
             return tx, pairs, one_by_one[0]
         finally:
             client.close()

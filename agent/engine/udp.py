@@ -98,6 +98,7 @@ MMSG_BATCH = 64  # datagrams per recvmmsg
 # went through the stack (~2-5 us each on loopback), so this bounds the T3 lag under load
 # (bench/reflector.py, "T3 lag": ~330 us p99 at 64, see docs/timestamping.md).
 MMSG_SEND = 16
+_NO_PATCH = object()  # _flush: before the first reply's T3Patch
 MAX_ADDR_CACHE = 4096  # raw sockaddr -> (peer key, address) entries kept (spoofed sources: cleared when full)
 _SA_FAMILY = struct.Struct("=H").unpack_from  # sa_family_t at the start of every sockaddr
 _T3_AT = struct.Struct("!Q")
@@ -764,9 +765,9 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         got = addrs[name] = (key, addr)
         return got
 
-    def _flush(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
-        """Write one late T3 into every pending reply (slot, T3Patch, address, length, TX-stamp
-        stream or None), then sendmmsg them in runs of adjacent slots. A message the kernel
+    def _flush(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch | None, tuple, int, Hashable, int | None]]) -> None:
+        """Write one late T3 into every pending reply (slot, T3Patch or None when T3 is in it already,
+        address, length, TX-stamp stream or None, that T3 already in it or None), then sendmmsg them in runs of adjacent slots. A message the kernel
         refuses (ENOBUFS, EAGAIN, EPERM...) is counted in send_errors and the rest retried after
         it, as sendmmsg(2) asks; ENOSYS sends the rest one by one and falls back for good.
 
@@ -774,13 +775,14 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         the kernel numbers the stamped datagrams it sends, in order (OPT_ID), so ReplyTxStamps.sent
         is called for those sent, in slot order, with the T3 they carry, as the per-packet path does."""
         t3 = self.now_ns()
-        out, size, pack, last, v = mb.out, mb.size, _T3_AT.pack_into, None, 0
+        out, size, pack, last, v = mb.out, mb.size, _T3_AT.pack_into, _NO_PATCH, None
         sinfo, ctl_at, ctl_len, hdr = mb.sinfo, _mmsg.CTL_LEN_AT, _mmsg.CTL_LEN.pack_into, _mmsg.HDR
         stamped = 0
-        for i, p, _a, _n, stream in pend:
+        for i, p, _a, _n, stream, _t in pend:
             if p is not last:
-                v, last = p.value(t3), p
-            pack(out, i * size + p.offset, v)  # type: ignore[operator]
+                v, last = p.value(t3) if p is not None else None, p
+            if v is not None:  # (None: a reply whose T3 its HMAC covers, written already)
+                pack(out, i * size + p.offset, v)  # type: ignore[operator, union-attr]
             if stream is not None:
                 ctl_len(sinfo, i * hdr + ctl_at, _mmsg.SEND_CTL)
                 stamped += 1
@@ -818,17 +820,17 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     run -= 1
         if stamped:
             tx = self.tx
-            for i, _p, _a, _n, stream in pend:
+            for i, _p, _a, _n, stream, own in pend:
                 if stream is not None:
                     ctl_len(sinfo, i * hdr + ctl_at, 0)
                     if tx is not None and i not in failed:  # the reply's Sequence Number, for Follow-Up
-                        tx.sent(stream, _SEQ_AT0(out, i * size)[0], t3)
+                        tx.sent(stream, _SEQ_AT0(out, i * size)[0], t3 if own is None else own)
         pend.clear()
 
-    def _send_each(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch, tuple, int, Hashable]]) -> None:
+    def _send_each(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch | None, tuple, int, Hashable, int | None]]) -> None:
         """After sendmmsg's ENOSYS: the rest without TX stamp requests (their stamps are not kept)."""
         sock, out, size = self.sock, mb.out, mb.size
-        for i, _p, addr, n, _s in pend:
+        for i, _p, addr, n, _s, _t in pend:
             try:
                 if sock is None:
                     raise OSError(errno.EBADF, "closed")
@@ -874,7 +876,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         k_ts, k_ttl, k_hop, k_tos, k_tclass = _K_TS, _K_TTL, _K_HOPLIMIT, _K_TOS, _K_TCLASS
         addrs = self._addrs
         send_max = max(1, self.mmsg_send)
-        pend: list[tuple[int, T3Patch, tuple, int, Hashable]] = []  # replies in send slots, in arrival order
+        pend: list[tuple[int, T3Patch | None, tuple, int, Hashable, int | None]] = []  # replies in send slots, in arrival order
         total = 0
         while total < self.batch:
             try:
@@ -942,49 +944,54 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     pe = patches.get(id(sess))
                     patch = pe[1] if pe is not None and pe[0] is sess else self._patch_for(sess)
                     last_sess, reflect, late_t3 = sess, sess.reflect, patch.offset is not None
-                if not late_t3:
-                    out = reflect(data, rx, ttl, now, tos, key, src)
-                    if out is None:
-                        continue
-                    t3 = patch.read_ns(out) if tx is not None else None
+                # T3 written at the flush (late_t3), or read inside reflect where an HMAC or the
+                # cipher covers it (authenticated STAMP, TWAMP's wider spans): then the reply waits
+                # for the flush with its T3 already in, a lag the sampled TX stamps measure too.
+                out = reflect(data, rx, ttl, late if late_t3 else now, tos, key, src)
+                if out is None:
+                    continue
+                dscp = sess.reply_dscp
+                # With the socket's DSCP: into the batch. A TX stamp (the per-packet path's test: a
+                # sample, or a Follow-Up asker) rides on the slot's cmsg once the kernel has taken a
+                # per-packet request (_tx_ok), matched with the T3 the reply carries; socket-wide
+                # TX stamps (tx_anc None) would number every datagram: those go one by one.
+                stream = None
+                if dscp is not None or len(out) > size:
+                    batch = False
+                elif no_tx or (rx - tx_at < every and not asking and tx_anc is not None):
+                    batch = True  # the common case: no TX stamp due
+                elif tx_anc is None:
+                    batch = False
                 else:
-                    out = reflect(data, rx, ttl, late, tos, key, src)
-                    if out is None:
-                        continue
-                    dscp = sess.reply_dscp
-                    # With the socket's DSCP: into the batch, T3 written at the flush. A TX stamp
-                    # (the per-packet path's test: a sample, or a Follow-Up asker) rides on the slot's
-                    # cmsg once the kernel has taken a per-packet request (_tx_ok); socket-wide TX
-                    # stamps (tx_anc None) would number every datagram: those replies go one by one.
-                    stream = None
-                    if dscp is not None or len(out) > size:
-                        batch = False
-                    elif no_tx or (rx - tx_at < every and not asking and tx_anc is not None):
-                        batch = True  # the common case: no TX stamp due
-                    elif tx_anc is None:
-                        batch = False
-                    else:
-                        if rx - tx_at >= every:
-                            a = patch.ssid_at
-                            stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
-                        elif asking:
-                            a = patch.ssid_at
-                            stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
-                            if stream not in asking:
-                                stream = None
-                        batch = stream is None or self._tx_ok
-                        if batch and stream is not None:
-                            tx_at = rx
-                    if batch:
-                        n = len(out)
-                        omv[d0 : d0 + n] = out
-                        iov_len(siov, v0, n)
-                        pend.append((i, patch, addr, n, stream))
-                        if len(pend) >= send_max:
-                            self._flush(mb, pend)
-                        continue
+                    if rx - tx_at >= every:
+                        a = patch.ssid_at
+                        stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                    elif asking:
+                        a = patch.ssid_at
+                        stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
+                        if stream not in asking:
+                            stream = None
+                    batch = stream is None or self._tx_ok
+                    if batch and stream is not None:
+                        tx_at = rx
+                if batch:
+                    own = None  # the T3 a reply carries already (not late_t3), for its TX stamp
+                    if stream is not None and not late_t3:
+                        own = patch.read_ns(out)
+                        if own is None:  # enciphered: no T3 to match a stamp with
+                            stream = None
+                    n = len(out)
+                    omv[d0 : d0 + n] = out
+                    iov_len(siov, v0, n)
+                    pend.append((i, patch if late_t3 else None, addr, n, stream, own))
+                    if len(pend) >= send_max:
+                        self._flush(mb, pend)
+                    continue
+                if late_t3:
                     out = bytearray(out)
                     t3 = None  # read below, after the flush
+                else:
+                    t3 = patch.read_ns(out) if tx is not None else None
                 if pend:
                     self._flush(mb, pend)  # replies leave in the order their requests came
                 if late_t3:
