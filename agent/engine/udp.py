@@ -99,6 +99,9 @@ MMSG_BATCH = 64  # datagrams per recvmmsg
 # (bench/reflector.py, "T3 lag": ~330 us p99 at 64, see docs/timestamping.md).
 MMSG_SEND = 16
 _NO_PATCH = object()  # _flush: before the first reply's T3Patch
+# A reply waiting in its send slot: (slot, T3Patch to write T3 at the flush or None, address,
+# length, TX-stamp stream or None, the T3 it carries already (ns) or None).
+_Pending = tuple[int, T3Patch | None, tuple, int, Hashable, int | None]
 MAX_ADDR_CACHE = 4096  # raw sockaddr -> (peer key, address) entries kept (spoofed sources: cleared when full)
 _SA_FAMILY = struct.Struct("=H").unpack_from  # sa_family_t at the start of every sockaddr
 _T3_AT = struct.Struct("!Q")
@@ -765,11 +768,12 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         got = addrs[name] = (key, addr)
         return got
 
-    def _flush(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch | None, tuple, int, Hashable, int | None]]) -> None:
-        """Write one late T3 into every pending reply (slot, T3Patch or None when T3 is in it already,
-        address, length, TX-stamp stream or None, that T3 already in it or None), then sendmmsg them in runs of adjacent slots. A message the kernel
-        refuses (ENOBUFS, EAGAIN, EPERM...) is counted in send_errors and the rest retried after
-        it, as sendmmsg(2) asks; ENOSYS sends the rest one by one and falls back for good.
+    def _flush(self, mb: _mmsg.MmsgBuffers, pend: list[_Pending]) -> None:
+        """Write one late T3 into every pending reply (_Pending: slot, T3Patch or None when T3 is
+        in it already, address, length, TX-stamp stream or None, the T3 already in it or None),
+        then sendmmsg them in runs of adjacent slots. A message the kernel refuses (ENOBUFS,
+        EAGAIN, EPERM...) is counted in send_errors and the rest retried after it, as
+        sendmmsg(2) asks; ENOSYS sends the rest one by one and falls back for good.
 
         A reply with a stream carries the per-packet SO_TIMESTAMPING request (its slot's cmsg);
         the kernel numbers the stamped datagrams it sends, in order (OPT_ID), so ReplyTxStamps.sent
@@ -827,7 +831,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                         tx.sent(stream, _SEQ_AT0(out, i * size)[0], t3 if own is None else own)
         pend.clear()
 
-    def _send_each(self, mb: _mmsg.MmsgBuffers, pend: list[tuple[int, T3Patch | None, tuple, int, Hashable, int | None]]) -> None:
+    def _send_each(self, mb: _mmsg.MmsgBuffers, pend: list[_Pending]) -> None:
         """After sendmmsg's ENOSYS: the rest without TX stamp requests (their stamps are not kept)."""
         sock, out, size = self.sock, mb.out, mb.size
         for i, _p, addr, n, _s, _t in pend:
@@ -879,7 +883,7 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
         # Replies with T3 in already wait for the rest of their batch to be built (~4 µs each):
         # half the batch keeps their T3 lag near the late-T3 replies' (bench/reflector.py "T3 lag").
         send_early = max(1, send_max // 2)
-        pend: list[tuple[int, T3Patch | None, tuple, int, Hashable, int | None]] = []  # replies in send slots, in arrival order
+        pend: list[_Pending] = []  # replies in send slots, in arrival order
         total = 0
         while total < self.batch:
             try:
