@@ -693,10 +693,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
             dscp = sess.reply_dscp
             stamped = False
             # Socket-wide stamps (tx_anc None): every reply; else Follow-Up askers and a sample.
-            if tx is not None and t3 is not None and (tx_anc is None or rx - tx_at >= every or asking):
+            if tx is not None and t3 is not None and (tx_anc is None or not 0 <= rx - tx_at < every or asking):
                 a = patch.ssid_at  # T3Patch.ssid, inlined
                 stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
-                stamped = tx_anc is None or rx - tx_at >= every or stream in asking
+                stamped = tx_anc is None or not 0 <= rx - tx_at < every or stream in asking
             try:
                 if stamped:
                     self._send_stamped(sock, out, addr, dscp)
@@ -965,12 +965,14 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                 stream = None
                 if dscp is not None or len(out) > size:
                     batch = False
-                elif no_tx or (rx - tx_at < every and not asking and tx_anc is not None):
+                # (A sample is due once `every` has passed, or at once if receive time went back:
+                # a clock stepped back, or a user-space time among kernel stamps, must not stop them.)
+                elif no_tx or (0 <= rx - tx_at < every and not asking and tx_anc is not None):
                     batch = True  # the common case: no TX stamp due
                 elif tx_anc is None:
                     batch = False
                 else:
-                    if rx - tx_at >= every:
+                    if not 0 <= rx - tx_at < every:
                         a = patch.ssid_at
                         stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
                     elif asking:
@@ -1006,10 +1008,10 @@ class TwampReflectorEndpoint(_DatagramEndpoint):
                     patch.patch(out, t3)  # type: ignore[arg-type]
                 dscp = sess.reply_dscp
                 stamped = False
-                if tx is not None and t3 is not None and (tx_anc is None or rx - tx_at >= every or asking):
+                if tx is not None and t3 is not None and (tx_anc is None or not 0 <= rx - tx_at < every or asking):
                     a = patch.ssid_at  # T3Patch.ssid, inlined
                     stream = (key, _SSID_AT(out, a)[0] if a is not None else 0)
-                    stamped = tx_anc is None or rx - tx_at >= every or stream in asking
+                    stamped = tx_anc is None or not 0 <= rx - tx_at < every or stream in asking
                 try:
                     if stamped:
                         self._send_stamped(sock, out, addr, dscp)
