@@ -227,6 +227,21 @@ def _send_in_groups(client: socket.socket, port: int, kind: str = "stamp") -> No
             time.sleep(0.0002)
 
 
+async def _stamping_endpoint(kind: str, batched: bool, **kw) -> TwampReflectorEndpoint:
+    """A started endpoint that asks TX stamps per reply (skips where the kernel cannot), driven
+    by hand (no reader on the loop), batch buffers ready when ``batched``."""
+    ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=_session(kind), mmsg=batched, **kw)
+    await ep.start()
+    assert ep.sock is not None and ep.tx is not None
+    if ep._tx_anc is None:
+        ep.close()
+        pytest.skip("no per-packet TX stamp requests on this kernel")
+    ep._loop.remove_reader(ep.sock.fileno())  # type: ignore[union-attr]
+    if batched:
+        ep._mb, ep._queued = ep._batch_buffers(), True
+    return ep
+
+
 @pytest.mark.parametrize("kind", ["stamp", "stamp-auth"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool, kind: str) -> None:
@@ -238,15 +253,9 @@ def test_tx_stamp_keys_stay_right_with_batched_stamped_replies(batched: bool, ki
     from agent.engine.followup import ReplyTxStamps
 
     async def run() -> tuple[ReplyTxStamps, list[tuple[int, int]], int]:
-        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=_session(kind), tx_sample_ns=50_000, mmsg=batched)
-        await ep.start()
-        assert ep.sock is not None and ep.tx is not None
-        if ep._tx_anc is None:
-            pytest.skip("no per-packet TX stamp requests on this kernel")
-        ep._loop.remove_reader(ep.sock.fileno())  # type: ignore[union-attr]
-        if batched:
-            ep._mb, ep._queued = ep._batch_buffers(), True
+        ep = await _stamping_endpoint(kind, batched, tx_sample_ns=50_000)
         tx = ep.tx
+        assert tx is not None
         t3_of: dict[int, int] = {}
         pairs: list[tuple[int, int]] = []
         seq_t3: list[tuple[int, int]] = []  # (reply Sequence Number, the T3 its stamp is matched with)
@@ -316,14 +325,8 @@ def test_tx_stamp_samples_resume_when_receive_time_goes_back(batched: bool) -> N
     up. Before, `rx - tx_at >= every` stayed false, and the T3 lag histogram behind the Error
     Estimate froze; seen in the bench as a run that stamped 243 replies of 2000 instead of all."""
     async def run() -> int:
-        ep = TwampReflectorEndpoint(("127.0.0.1", 0), default=_session("stamp"), mmsg=batched)
-        await ep.start()
-        assert ep.sock is not None and ep.tx is not None
-        if ep._tx_anc is None:
-            pytest.skip("no per-packet TX stamp requests on this kernel")
-        ep._loop.remove_reader(ep.sock.fileno())  # type: ignore[union-attr]
-        if batched:
-            ep._mb, ep._queued = ep._batch_buffers(), True
+        ep = await _stamping_endpoint("stamp", batched)
+        assert ep.tx is not None
         ep._tx_at = time.time_ns() + 3600 * 10**9
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         client.bind(("127.0.0.1", 0))
