@@ -449,18 +449,23 @@ class ReflectorSession:
 
     # ------------------------------------------------------------------ STAMP
 
-    def _next_seq(self, sseq: int, peer: Hashable, ssid: int) -> int:
-        if not self.stateful:
-            return sseq  # RFC 8762 §4.3.1 stateless: copy the sender's sequence number
-        key = (peer, ssid)
+    def _seq_cell(self, key: tuple[Hashable, int]) -> list[int]:
+        """The counter cell of (sender, SSID), made on first use; bounded state: a new one
+        forgets the oldest sender, whose cell is marked -1 (a fast path may still hold it)."""
         seqs = self._seqs
         cell = seqs.get(key)
         if cell is None:
-            if len(seqs) >= self.max_peers:  # bounded state: forget the oldest sender
+            if len(seqs) >= self.max_peers:
                 seqs.pop(next(iter(seqs)))[0] = -1  # -1: a dropped cell, never reused
             cell = seqs[key] = [0]
+        return cell
+
+    def _next_seq(self, sseq: int, peer: Hashable, ssid: int) -> int:
+        if not self.stateful:
+            return sseq  # RFC 8762 §4.3.1 stateless: copy the sender's sequence number
+        cell = self._seq_cell((peer, ssid))
         seq = cell[0]
-        cell[0] = (seq + 1) & 0xFFFFFFFF
+        cell[0] = (seq + 1) & _M32
         return seq
 
     def _stamp_window(self, peer: Hashable, ssid: int) -> ReplayWindow:
@@ -532,7 +537,7 @@ class ReflectorSession:
         unpack = S_STAMP_SENDER_UNAUTH.unpack_from
         general = self._stamp
         stateful = self.stateful
-        seqs = self._seqs
+        seqs, seq_cell = self._seqs, self._seq_cell
         tlvs = self._stamp_tlvs
         late = LATE_T3
         now0 = time.time_ns()
@@ -556,11 +561,7 @@ class ReflectorSession:
                     cell = last_cell
                 else:
                     key = (peer, ssid)
-                    cell = seqs.get(key)
-                    if cell is None:
-                        if len(seqs) >= self.max_peers:  # forget the oldest sender
-                            seqs.pop(next(iter(seqs)))[0] = -1  # -1: a dropped cell, never reused
-                        cell = seqs[key] = [0]
+                    cell = seqs.get(key) or seq_cell(key)  # (a cell, [n], is never falsy)
                     last_peer, last_ssid, last_cell = peer, ssid, cell
                 seq = cell[0]
                 cell[0] = (seq + 1) & _M32
@@ -612,7 +613,8 @@ class ReflectorSession:
         unpack = S_STAMP_SENDER_AUTH.unpack_from
         general = self._stamp
         stateful = self.stateful
-        windows, seqs = self._windows, self._seqs
+        windows, stamp_window = self._windows, self._stamp_window
+        seqs, seq_cell = self._seqs, self._seq_cell
         compare = _compare
         base = STAMP_AUTH_BASE
         late = LATE_T3
@@ -641,20 +643,12 @@ class ReflectorSession:
                     return None
             sseq, sts, serr, ssid = unpack(data)
             key = (peer, ssid)
-            w = windows.get(key)
-            if w is None:
-                if len(windows) >= self.max_peers:  # bounded state: forget the oldest sender
-                    del windows[next(iter(windows))]
-                w = windows[key] = ReplayWindow()
-            if not w.fresh(sseq):
+            # Per (sender, SSID), made on first use with bounded state (_stamp_window, _seq_cell).
+            if not (windows.get(key) or stamp_window(peer, ssid)).fresh(sseq):
                 c.replayed += 1
                 return None
-            if stateful:  # RFC 8762 §4.3.1: own counter per (sender, SSID); bounded state
-                cell = seqs.get(key)
-                if cell is None:
-                    if len(seqs) >= self.max_peers:
-                        seqs.pop(next(iter(seqs)))[0] = -1  # -1: a dropped cell, never reused
-                    cell = seqs[key] = [0]
+            if stateful:  # RFC 8762 §4.3.1: own counter per (sender, SSID)
+                cell = seqs.get(key) or seq_cell(key)
                 seq = cell[0]
                 cell[0] = (seq + 1) & _M32
             else:
