@@ -164,3 +164,29 @@ def test_replay_window_unit() -> None:
     assert w.fresh(0xFFFFFFFE) and w.fresh(0xFFFFFFFF) and w.fresh(0)  # wraps (serial arithmetic)
     assert not w.fresh(0xFFFFFFFF) and w.fresh(5) and w.fresh(3) and not w.fresh(3)
     assert w.fresh(5 + 64) and not w.fresh(5) and w.fresh(6)  # 5 fell out of the window; 6 is still in
+
+
+def test_stamp_authenticated_state_is_bounded_and_forgeries_make_none() -> None:
+    """Authenticated STAMP keeps a replay window and a counter per (sender, SSID): senders
+    holding the key and cycling SSIDs keep at most max_peers of each (the oldest forgotten),
+    and packets with a wrong HMAC are dropped before any state is made for them."""
+    from agent.engine.packets import Proto, Security
+    from agent.engine.reflector import ReflectorSession
+    from netlink.secret import Secret
+
+    key = bytes(range(32))
+    r = ReflectorSession(Proto.STAMP, Security.AUTH, stamp_key=Secret(key), error_estimate=0x8001)
+    r.max_peers = 8
+
+    def packet(seq: int, ssid: int, k: bytes = key) -> bytes:  # RFC 8762 §4.2.2
+        body = struct.pack("!I12xQHH68x", seq, 1, 0x0001, ssid)
+        return body + hmac.new(k, body, hashlib.sha256).digest()[:16]
+
+    now = time.time_ns()
+    for i in range(100):
+        assert r.reflect(packet(0, i), now, 64, lambda: now, None, ("192.0.2.1", 862)) is not None
+    assert len(r._windows) == 8 and r.peers == 8
+    for i in range(100):
+        assert r.reflect(packet(0, 1000 + i, bytes(32)), now, 64, lambda: now, None, ("192.0.2.9", i)) is None
+    assert r.counters.bad_hmac == 100 and len(r._windows) == 8 and r.peers == 8
+    assert all(k[1] >= 92 for k in r._windows) and all(k[1] >= 92 for k in r._seqs)  # the newest kept
