@@ -25,8 +25,8 @@ supervisor is tested with fakes and the real control/test planes are wired in be
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import random
 import signal
